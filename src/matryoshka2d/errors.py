@@ -1,0 +1,31 @@
+"""Exceptions raised for bad input.
+
+Every error a user can cause derives from :class:`Matryoshka2dError` (itself a ``ValueError``), so
+callers can catch one type, and the CLI turns any of them into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class Matryoshka2dError(ValueError):
+    """Base class of every user-facing error in matryoshka2d."""
+
+
+class InvalidLayersError(Matryoshka2dError):
+    """A layer count outside ``1..num_layers``."""
+
+
+class InvalidDimError(Matryoshka2dError):
+    """An embedding size outside ``1..model.dim``."""
+
+
+class InvalidInputError(Matryoshka2dError):
+    """Texts or arrays passed to a function are empty, of the wrong type or the wrong shape."""
+
+
+class ModelLoadError(Matryoshka2dError):
+    """A model folder or hub id that cannot be read as an embedding model."""
+
+
+class DataFileError(Matryoshka2dError):
+    """A data file that is missing, empty, lacks a column or holds an unusable value."""

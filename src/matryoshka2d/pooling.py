@@ -1,0 +1,75 @@
+"""Pooling token embeddings into one sentence embedding (the sentence-transformers pooling modes)."""
+
+from __future__ import annotations
+
+import torch
+
+from matryoshka2d.errors import ModelLoadError
+
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+
+# sentence-transformers (< 6) wrote one boolean per mode; 6.x writes "pooling_mode": "<mode>".
+_LEGACY_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def pooling_mode_from_config(config: dict, where: str) -> str:
+    """The single pooling mode described by a sentence-transformers pooling ``config.json``."""
+    mode = config.get("pooling_mode")
+    if isinstance(mode, list):
+        mode = mode[0] if len(mode) == 1 else mode
+    if mode is None:
+        modes = [name for key, name in _LEGACY_KEYS.items() if config.get(key)]
+        if len(modes) != 1:
+            raise ModelLoadError(f"{where}: expected exactly one pooling mode, found {modes or 'none'}")
+        mode = modes[0]
+    if mode == "mean_tokens":
+        mode = "mean"
+    if mode not in POOLING_MODES:
+        raise ModelLoadError(f"{where}: unsupported pooling mode {mode!r}; supported: {list(POOLING_MODES)}")
+    return mode
+
+
+def pooling_config(mode: str, dim: int) -> dict:
+    """A pooling ``config.json`` that both old and new sentence-transformers versions read."""
+    config: dict[str, object] = {"word_embedding_dimension": dim}
+    config.update({key: name == mode for key, name in _LEGACY_KEYS.items()})
+    config["include_prompt"] = True
+    return config
+
+
+def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool ``(batch, seq, hidden)`` token embeddings into ``(batch, hidden)``, ignoring padding.
+
+    Args:
+        token_embeddings: hidden states of one layer.
+        attention_mask: ``(batch, seq)`` with 1 for real tokens and 0 for padding.
+        mode: one of :data:`POOLING_MODES`.
+    """
+    mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+    if mode == "mean":
+        return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if mode == "cls":
+        return token_embeddings[:, 0]
+    if mode == "max":
+        masked = token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min)
+        return masked.max(1).values
+    if mode == "mean_sqrt_len_tokens":
+        return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9).sqrt()
+    if mode == "weightedmean":
+        positions = torch.arange(1, token_embeddings.shape[1] + 1, device=mask.device, dtype=mask.dtype)
+        weights = mask * positions.view(1, -1, 1)
+        return (token_embeddings * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    if mode == "lasttoken":
+        # Index of the last real token in each row (works for left and right padding).
+        seq = attention_mask.shape[1]
+        flipped_first = attention_mask.flip(1).argmax(1)
+        last = seq - 1 - flipped_first
+        return token_embeddings[torch.arange(token_embeddings.shape[0], device=last.device), last]
+    raise ValueError(f"unknown pooling mode {mode!r}")

@@ -1,0 +1,334 @@
+"""Retrieval quality (recall@k, MRR@10, nDCG@10) over the whole layers x dims grid, from one pass.
+
+Like the STS grid evaluator, every text (queries and corpus) is encoded once with
+:meth:`EmbeddingModel.encode_layers`, which returns every requested layer count from one forward pass;
+each dim is a slice of those arrays, re-normalised. Each grid cell is then scored with exact cosine
+search (queries x corpus in chunks), so the numbers measure the embeddings, not an approximate index.
+
+Metrics (binary relevance, averaged over queries):
+
+* ``recall@k``: the fraction of a query's relevant documents found in its top ``k``.
+* ``mrr@10``: ``1 / rank`` of the first relevant document if it is in the top 10, else 0.
+* ``ndcg@10``: ``sum(1 / log2(rank + 1))`` over relevant documents in the top 10, divided by the same sum
+  for an ideal ranking (Järvelin and Kekäläinen, 2002).
+
+Retrieval sets:
+
+* SNLI (:func:`load_snli_retrieval`): each premise is a query, its entailed hypotheses are relevant,
+  and the corpus is every distinct hypothesis of the file (entailed, neutral and contradicting ones
+  alike), so a model must rank entailment above mere topical overlap.
+* STS Benchmark (:func:`load_sts_retrieval`): each sentence1 of a pair scored >= 4 is a query, that
+  sentence2 is relevant, and the corpus is every sentence2 of the file. Use it for models trained on
+  the SNLI files, for which the SNLI set is not held out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matryoshka2d.data import load_sts, read_rows, require_columns, text_column
+from matryoshka2d.errors import DataFileError, InvalidInputError
+from matryoshka2d.evaluation import resolve_grid
+from matryoshka2d.model import EmbeddingModel
+from matryoshka2d.truncation import truncate_dims
+
+#: The metrics every evaluation reports, besides ``recall@k`` for each requested ``k``.
+RANKED_METRICS = ("mrr@10", "ndcg@10")
+
+
+@dataclass(frozen=True)
+class RetrievalData:
+    """Queries, a corpus, and for each query the corpus positions of its relevant documents.
+
+    Raises:
+        InvalidInputError: empty queries or corpus, a relevance list per query missing, a query with no
+            relevant document, or a position outside the corpus.
+    """
+
+    queries: list[str]
+    corpus: list[str]
+    relevant: list[list[int]]
+
+    def __post_init__(self) -> None:
+        if not self.queries or not self.corpus:
+            raise InvalidInputError(
+                f"a retrieval set needs queries and a corpus, got {len(self.queries)} queries and "
+                f"{len(self.corpus)} documents"
+            )
+        if len(self.relevant) != len(self.queries):
+            raise InvalidInputError(
+                f"got {len(self.relevant)} relevance lists for {len(self.queries)} queries"
+            )
+        for i, rel in enumerate(self.relevant):
+            if not rel:
+                raise InvalidInputError(f"query {i} ({self.queries[i]!r:.60}) has no relevant document")
+            bad = [p for p in rel if not 0 <= p < len(self.corpus)]
+            if bad:
+                raise InvalidInputError(
+                    f"query {i}: relevant positions {bad} are outside the corpus (0..{len(self.corpus) - 1})"
+                )
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def pairs_to_retrieval(
+    queries: Sequence[str], documents: Sequence[str], relevant: Sequence[bool]
+) -> RetrievalData:
+    """A retrieval set from aligned (query, document, is-relevant) pairs.
+
+    The corpus is every distinct document (relevant or not), in order of first appearance; the queries
+    are the distinct queries with at least one relevant document.
+    """
+    corpus = list(dict.fromkeys(documents))
+    position = {text: i for i, text in enumerate(corpus)}
+    found: dict[str, list[int]] = {}
+    for query, document, keep in zip(queries, documents, relevant, strict=True):
+        if keep:
+            docs = found.setdefault(query, [])
+            if position[document] not in docs:
+                docs.append(position[document])
+    if not found:
+        raise InvalidInputError("no query has a relevant document")
+    return RetrievalData(queries=list(found), corpus=corpus, relevant=list(found.values()))
+
+
+def load_snli_retrieval(
+    path: str | os.PathLike, relevant_labels: Sequence[str] = ("entailment",)
+) -> RetrievalData:
+    """A retrieval set from an SNLI pair-class file (columns premise, hypothesis, label).
+
+    Each distinct premise with at least one hypothesis labelled in ``relevant_labels`` is a query; the
+    corpus is every distinct hypothesis of the file (all labels), in file order.
+
+    Args:
+        path: e.g. ``../shared/data/snli/pair-class-test.tsv``.
+        relevant_labels: labels that make a hypothesis relevant to its premise.
+
+    Raises:
+        DataFileError: missing file or columns, or no premise with a relevant hypothesis.
+    """
+    rows = read_rows(path)
+    require_columns(rows, ["premise", "hypothesis", "label"], path)
+    labels = [str(row["label"]).strip() for row in rows]
+    wanted = set(relevant_labels)
+    if not wanted & set(labels):
+        raise DataFileError(
+            f"{path}: no premise has a hypothesis labelled {sorted(wanted)} "
+            f"(labels found: {sorted(set(labels))[:10]})"
+        )
+    premises, hypotheses = text_column(rows, "premise", path), text_column(rows, "hypothesis", path)
+    return pairs_to_retrieval(premises, hypotheses, [label in wanted for label in labels])
+
+
+def load_sts_retrieval(path: str | os.PathLike, min_score: float = 4.0) -> RetrievalData:
+    """A retrieval set from scored pairs (STS Benchmark format: sentence1, sentence2, score).
+
+    Each sentence1 with a pair scored ``>= min_score`` is a query and those sentence2s are relevant; the
+    corpus is every distinct sentence2 of the file. With the STS Benchmark test split this gives a
+    retrieval set that models trained on SNLI have not seen.
+
+    Raises:
+        DataFileError: missing file or columns, unusable scores, or no pair scored ``>= min_score``.
+    """
+    data = load_sts(path)
+    keep = [score >= min_score for score in data.scores]
+    if not any(keep):
+        raise DataFileError(f"{path}: no pair has a score >= {min_score} (the highest is {max(data.scores)})")
+    return pairs_to_retrieval(data.sentence1, data.sentence2, keep)
+
+
+def load_retrieval(path: str | os.PathLike, min_score: float = 4.0) -> RetrievalData:
+    """Load an SNLI-style (premise, hypothesis, label) or STS-style (sentence1, sentence2, score) file.
+
+    The format is chosen by the file's columns; see :func:`load_snli_retrieval` and
+    :func:`load_sts_retrieval`.
+    """
+    columns = set(read_rows(path)[0])
+    if {"premise", "hypothesis", "label"} <= columns:
+        return load_snli_retrieval(path)
+    if {"sentence1", "sentence2", "score"} <= columns:
+        return load_sts_retrieval(path, min_score=min_score)
+    raise DataFileError(
+        f"{path}: expected columns premise, hypothesis, label (SNLI style) or sentence1, sentence2, score "
+        f"(STS style); the file has {sorted(columns)}"
+    )
+
+
+def retrieval_metrics(
+    query_embeddings: np.ndarray,
+    corpus_embeddings: np.ndarray,
+    relevant: Sequence[Sequence[int]],
+    recall_at: Sequence[int] = (1, 10, 100),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """recall@k (for each k in ``recall_at``), MRR@10 and nDCG@10 of exact cosine search.
+
+    Args:
+        query_embeddings: ``(num_queries, dim)`` array (normalised here).
+        corpus_embeddings: ``(num_docs, dim)`` array (normalised here).
+        relevant: for each query, the corpus positions of its relevant documents.
+        recall_at: cut-offs for recall; each is clamped to the corpus size.
+        chunk_size: queries scored at once (memory: ``chunk_size * num_docs`` floats).
+
+    Returns:
+        ``{"recall@1": ..., "recall@10": ..., "mrr@10": ..., "ndcg@10": ...}`` (means over queries, 0-1).
+    """
+    if (
+        query_embeddings.ndim != 2
+        or corpus_embeddings.ndim != 2
+        or query_embeddings.shape[1] != corpus_embeddings.shape[1]
+    ):
+        raise InvalidInputError(
+            f"query and corpus embeddings must be 2-D with the same width, got {query_embeddings.shape} "
+            f"and {corpus_embeddings.shape}"
+        )
+    if len(relevant) != len(query_embeddings):
+        raise InvalidInputError(f"got {len(relevant)} relevance lists for {len(query_embeddings)} queries")
+    if not recall_at or any(
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in recall_at
+    ):
+        raise InvalidInputError(f"recall_at must be positive integers, got {list(recall_at)!r}")
+    num_docs = len(corpus_embeddings)
+    depth = min(max(*recall_at, 10), num_docs)
+    queries = truncate_dims(np.asarray(query_embeddings, dtype=np.float32), None, normalize=True)
+    corpus = np.ascontiguousarray(
+        truncate_dims(np.asarray(corpus_embeddings, dtype=np.float32), None, normalize=True)
+    )
+
+    ranked = np.empty((len(queries), depth), dtype=np.int64)
+    for start in range(0, len(queries), chunk_size):
+        scores = queries[start : start + chunk_size] @ corpus.T
+        top = (
+            np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            if depth < num_docs
+            else np.argsort(-scores, axis=1)
+        )
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        ranked[start : start + len(scores)] = np.take_along_axis(top, order, axis=1)
+
+    # hits[q, r]: is the document at rank r relevant to query q (pairs encoded as q * num_docs + doc).
+    pairs = np.fromiter(
+        (q * num_docs + d for q, rel in enumerate(relevant) for d in set(rel)), dtype=np.int64
+    )
+    hits = np.isin(ranked + np.arange(len(queries))[:, None] * num_docs, pairs)
+    num_relevant = np.array([len(set(rel)) for rel in relevant], dtype=np.float64)
+
+    metrics = {
+        f"recall@{k}": float(np.mean(hits[:, : min(k, depth)].sum(1) / num_relevant)) for k in recall_at
+    }
+    top10 = hits[:, : min(10, depth)]
+    first = np.where(top10.any(1), top10.argmax(1) + 1, 0)
+    metrics["mrr@10"] = float(np.mean(np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)))
+    discounts = 1.0 / np.log2(np.arange(2, top10.shape[1] + 2))
+    ideal = np.array([discounts[: int(min(n, len(discounts)))].sum() for n in num_relevant])
+    metrics["ndcg@10"] = float(np.mean((top10 * discounts).sum(1) / ideal))
+    return metrics
+
+
+@dataclass
+class RetrievalGridResult:
+    """Retrieval metrics for every (layers, dims) cell.
+
+    ``metrics[name][i][j]`` is metric ``name`` at ``layers[i]``, ``dims[j]``; ``to_dict`` gives the
+    ``eval-retrieval --json`` format.
+    """
+
+    model: str
+    layers: list[int]
+    dims: list[int]
+    metrics: dict[str, list[list[float]]]
+    num_queries: int = 0
+    num_docs: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "layers": self.layers,
+            "dims": self.dims,
+            "num_queries": self.num_queries,
+            "num_docs": self.num_docs,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RetrievalGridResult:
+        return cls(
+            data["model"],
+            list(data["layers"]),
+            list(data["dims"]),
+            {name: [list(row) for row in grid] for name, grid in data["metrics"].items()},
+            int(data.get("num_queries", 0)),
+            int(data.get("num_docs", 0)),
+        )
+
+    def cell(self, layers: int, dim: int, metric: str = "ndcg@10") -> float:
+        """One metric at one (layers, dim) cell."""
+        if metric not in self.metrics:
+            raise InvalidInputError(f"unknown metric {metric!r}; have {list(self.metrics)}")
+        return self.metrics[metric][self.layers.index(layers)][self.dims.index(dim)]
+
+    def table(self, metric: str = "ndcg@10", precision: int = 4) -> str:
+        """A plain-text table of one metric: one row per layer count, one column per dim."""
+        if metric not in self.metrics:
+            raise InvalidInputError(f"unknown metric {metric!r}; have {list(self.metrics)}")
+        head = [f"{metric}: layers \\ dims"] + [str(d) for d in self.dims]
+        rows = [
+            [str(k)] + [f"{v:.{precision}f}" for v in row]
+            for k, row in zip(self.layers, self.metrics[metric], strict=True)
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+        return "\n".join(fmt.format(*r) for r in [head, *rows])
+
+
+def evaluate_retrieval(
+    model: EmbeddingModel,
+    data: RetrievalData | str | os.PathLike,
+    layers: Sequence[int] | None = None,
+    dims: Sequence[int] | None = None,
+    recall_at: Sequence[int] = (1, 10, 100),
+    batch_size: int = 32,
+    show_progress: bool | None = None,
+) -> RetrievalGridResult:
+    """Retrieval metrics for every (layers, dims) cell, encoding every distinct text once.
+
+    Args:
+        model: the model to evaluate.
+        data: a :class:`RetrievalData`, or the path of an SNLI pair-class or STS file (see
+            :func:`load_retrieval`).
+        layers: layer counts to evaluate (default: 1..num_layers).
+        dims: embedding sizes to evaluate (default: the model's full dim).
+        recall_at: cut-offs for recall@k.
+        batch_size: encoding batch size.
+        show_progress: tqdm bars while encoding and scoring (default: for more than 20 batches).
+    """
+    if not isinstance(data, RetrievalData):
+        data = load_retrieval(data)
+    layers, dims = resolve_grid(model, layers, dims)
+    texts = list(dict.fromkeys(data.queries + data.corpus))
+    position = {text: i for i, text in enumerate(texts)}
+    query_rows = np.array([position[t] for t in data.queries])
+    corpus_rows = np.array([position[t] for t in data.corpus])
+    by_layer = model.encode_layers(texts, layers, batch_size=batch_size, show_progress=show_progress)
+    cells = [(k, d) for k in layers for d in dims]
+    show = show_progress if show_progress is not None else len(texts) > 20 * batch_size
+    results: dict[tuple[int, int], dict[str, float]] = {}
+    for k, d in tqdm(cells, desc="Scoring cells", unit="cell", disable=not show):
+        emb = truncate_dims(by_layer[k], d, normalize=True)
+        results[k, d] = retrieval_metrics(emb[query_rows], emb[corpus_rows], data.relevant, recall_at)
+    names = list(results[cells[0]])
+    grid = {name: [[results[k, d][name] for d in dims] for k in layers] for name in names}
+    return RetrievalGridResult(
+        model=str(model.name_or_path),
+        layers=layers,
+        dims=dims,
+        metrics=grid,
+        num_queries=len(data.queries),
+        num_docs=len(data.corpus),
+    )

@@ -1,0 +1,260 @@
+"""The m2d command line: happy paths and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SENTENCES
+
+from matryoshka2d import EmbeddingModel
+from matryoshka2d.cli import main
+
+
+def test_encode(tiny_model_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "emb.npy"
+    assert (
+        main(
+            [
+                "encode",
+                str(tiny_model_dir),
+                "--input",
+                str(texts),
+                "--layers",
+                "2",
+                "--dim",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    emb = np.load(out)
+    expected = EmbeddingModel.load(tiny_model_dir).encode(SENTENCES, layers=2, dim=8)
+    np.testing.assert_allclose(emb, expected, atol=1e-6)
+
+
+def test_eval_sts_json(tiny_model_dir, sts_file, tmp_path, capsys):
+    out = tmp_path / "grid.json"
+    code = main(
+        [
+            "eval-sts",
+            str(tiny_model_dir),
+            "--data",
+            str(sts_file),
+            "--layers",
+            "1,2",
+            "--dims",
+            "32,8",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["layers"] == [1, 2] and result["dims"] == [32, 8]
+    assert np.array(result["spearman"]).shape == (2, 2) and result["model"] == str(tiny_model_dir)
+    table = capsys.readouterr().out
+    assert "layers" in table and f"{result['spearman'][1][1]:.2f}" in table
+
+
+def test_truncate(tiny_model_dir, tmp_path):
+    out = tmp_path / "small"
+    assert main(["truncate", str(tiny_model_dir), "--layers", "2", "--dim", "16", "--out", str(out)]) == 0
+    small = EmbeddingModel.load(out)
+    assert (small.num_layers, small.dim) == (2, 16)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["truncate", "{model}", "--layers", "7", "--out", "{tmp}/x"],
+            "layers=7 is out of range: the model has 1..4",
+        ),
+        (["truncate", "{model}", "--dim", "99", "--out", "{tmp}/x"], "dim=99 is out of range"),
+        (["eval-sts", "{model}", "--data", "{tmp}/missing.tsv"], "data file not found"),
+        (["eval-sts", "{tmp}/no-model", "--data", "{sts}"], "model folder not found"),
+        (["encode", "{model}", "--input", "{tmp}/empty.txt", "--out", "{tmp}/e.npy"], "no texts"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(tiny_model_dir, sts_file, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    argv = [a.format(model=tiny_model_dir, tmp=tmp_path, sts=sts_file) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "matryoshka2d.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval-sts", "m", "--data", "d.tsv", "--layers", "one,two"])
+    assert exc.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- search and retrieval commands
+@pytest.fixture
+def corpus_tsv(tmp_path):
+    path = tmp_path / "corpus.tsv"
+    rows = ["id\ttext"] + [f"doc-{i}\t{s}" for i, s in enumerate(SENTENCES)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_index_build_and_search(tiny_model_dir, corpus_tsv, tmp_path, capsys):
+    out = tmp_path / "index"
+    argv = ["index", "build", str(tiny_model_dir), "--corpus", str(corpus_tsv), "--id-column", "id"]
+    assert main([*argv, "--out", str(out), "--shortlist-dim", "16", "--layers", "3"]) == 0
+    assert "indexed 12 documents (32 dims)" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == str(tiny_model_dir.resolve()) and manifest["layers"] == 3
+    assert manifest["shortlist"]["dim"] == 16 and manifest["count"] == 12
+
+    hits_file = tmp_path / "hits.json"
+    queries = [SENTENCES[2], SENTENCES[5]]
+    argv = ["search", str(out), "--query", queries[0], "--query", queries[1], "-k", "3", "--shortlist", "6"]
+    assert main([*argv, "--json", str(hits_file)]) == 0
+    printed = capsys.readouterr().out
+    hits = json.loads(hits_file.read_text())
+    from matryoshka2d.search import SearchIndex
+
+    expected = SearchIndex.load(out).search_texts(
+        EmbeddingModel.load(tiny_model_dir), queries, k=3, shortlist=6
+    )
+    assert [h["query"] for h in hits] == queries
+    assert [[hit["id"] for hit in h["hits"]] for h in hits] == expected.ids
+    assert hits[0]["hits"][0]["text"] == SENTENCES[int(expected.ids[0][0].split("-")[1])]
+    assert f"query: {queries[1]}" in printed and expected.ids[1][2] in printed
+
+
+def test_index_add_and_search_a_queries_file(tiny_model_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES[:8]) + "\n")
+    more = tmp_path / "more.txt"
+    more.write_text("\n".join(SENTENCES[8:]) + "\n")
+    out = tmp_path / "index"
+    assert main(["index", "build", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(out)]) == 0
+    assert main(["index", "add", str(out), "--corpus", str(more)]) == 0
+    assert "added 4 documents" in capsys.readouterr().out
+    queries = tmp_path / "queries.txt"
+    queries.write_text(SENTENCES[10] + "\n")
+    assert (
+        main(["search", str(out), "--queries", str(queries), "-k", "12", "--json", str(tmp_path / "h.json")])
+        == 0
+    )
+    hits = json.loads((tmp_path / "h.json").read_text())[0]["hits"]
+    assert sorted(int(h["id"]) for h in hits) == list(range(12))  # ids continue after the first 8
+    assert hits[0]["score"] >= hits[-1]["score"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["search", "{index}", "--query", "a cat", "-k", "0"], "k must be a positive integer, got 0"),
+        (
+            ["search", "{index}", "--query", "a cat", "-k", "10", "--shortlist", "5"],
+            "shortlist=5 is smaller than k=10",
+        ),
+        (["search", "{index}"], "either with --query"),
+        (["search", "{tmp}/missing", "--query", "a cat"], "search index folder not found"),
+        (
+            ["search", "{index}", "--query", "a cat", "--model", "{small}"],
+            "makes 16-dim embeddings but the index",
+        ),
+        (
+            ["index", "build", "{model}", "--corpus", "{dup}", "--id-column", "id", "--out", "{tmp}/x"],
+            "duplicate id 'a'",
+        ),
+        (
+            ["index", "build", "{model}", "--corpus", "{dup}", "--out", "{tmp}/x", "--shortlist-dim", "99"],
+            "dim=99",
+        ),
+        (
+            [
+                "index",
+                "build",
+                "{model}",
+                "--corpus",
+                "{dup}",
+                "--out",
+                "{tmp}/x",
+                "--shortlist-dim",
+                "12",
+                "--quantization",
+                "binary",
+            ],
+            "multiple of 8, got 12",
+        ),
+        (
+            ["index", "build", "{model}", "--corpus", "{tmp}/none.txt", "--out", "{tmp}/x"],
+            "input file not found",
+        ),
+        (
+            ["eval-retrieval", "{model}", "--data", "{dup}"],
+            "expected columns premise, hypothesis, label (SNLI style) or sentence1, sentence2, score",
+        ),
+    ],
+)
+def test_search_errors_are_one_line_with_exit_code_2(tiny_model_dir, tmp_path, capsys, args, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n")
+    assert (
+        main(
+            ["index", "build", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(tmp_path / "index")]
+        )
+        == 0
+    )
+    small = EmbeddingModel.load(tiny_model_dir).truncate(dim=16).save(tmp_path / "small")
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("id\ttext\na\tone\nb\ttwo\na\tthree\n")
+    fields = dict(index=tmp_path / "index", tmp=tmp_path, model=tiny_model_dir, small=small, dup=dup)
+    capsys.readouterr()
+    assert main([a.format(**fields) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        (
+            "c.jsonl",
+            '{"id": "a", "text": "one"}\n{"text": "two"}\n',
+            "c.jsonl, row 2: id column 'id' is None",
+        ),
+        ("c.csv", "id,text\na,one\ntwo\n", "c.csv, line 3: 1 field(s), but the header has 2"),
+        ("c.txt", "one\ntwo\n", "c.txt: an id column needs a table file"),
+    ],
+)
+def test_index_build_rejects_rows_without_an_id(tiny_model_dir, tmp_path, capsys, name, content, message):
+    corpus = tmp_path / name
+    corpus.write_text(content)
+    argv = ["index", "build", str(tiny_model_dir), "--corpus", str(corpus), "--id-column", "id"]
+    assert main([*argv, "--out", str(tmp_path / "index")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "index").exists()
+
+
+def test_eval_retrieval_json(tiny_model_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    lines = ["premise\thypothesis\tlabel"]
+    for i, s in enumerate(SENTENCES[:6]):
+        lines += [f"{s}\t{SENTENCES[i + 6]}\tentailment", f"{s}\t{SENTENCES[(i + 7) % 12]}\tcontradiction"]
+    pairs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "grid.json"
+    argv = ["eval-retrieval", str(tiny_model_dir), "--data", str(pairs), "--layers", "1,4", "--dims", "32,8"]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["layers"] == [1, 4] and result["dims"] == [32, 8]
+    assert (result["num_queries"], result["num_docs"]) == (6, 7)
+    assert np.array(result["metrics"]["ndcg@10"]).shape == (2, 2)
+    assert f"{result['metrics']['ndcg@10'][1][0]:.4f}" in capsys.readouterr().out

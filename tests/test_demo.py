@@ -1,0 +1,52 @@
+"""The demo end to end on a tiny model and tiny data: trains, evaluates, reports, and resumes from cache."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SENTENCES
+
+from matryoshka2d.demo import run_demo
+
+
+def write_tiny_data(root):
+    (root / "stsb").mkdir(parents=True)
+    (root / "snli").mkdir()
+    sts = ["sentence1\tsentence2\tscore"]
+    for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1])):
+        sts += [f"{a}\t{b}\t{i % 5}", f"{a}\t{a} outside\t{4 + (i % 2) * 0.5}"]
+    for split in ("test", "validation"):
+        (root / "stsb" / f"{split}.tsv").write_text("\n".join(sts) + "\n")
+    rows = ["anchor\tpositive\tnegative"]
+    rows += [f"{a}\t{a} with a dog\t{b}" for a, b in zip(SENTENCES, SENTENCES[3:] + SENTENCES[:3])]
+    for split in ("validation", "test"):
+        (root / "snli" / f"triplet-{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
+    write_tiny_data(tmp_path / "data")
+    kwargs = dict(
+        base_model=str(tiny_model_dir),
+        data_root=tmp_path / "data",
+        dims=[32, 16, 8],
+        speed_texts=8,
+        common={"batch_size": 4, "save_steps": 3, "learning_rate": 1e-3},
+    )
+    report = run_demo(tmp_path / "out", tmp_path / "work", **kwargs)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["models"]) == ["untouched", "plain_mnrl", "2dmse", "recommended"]
+    for key, entry in results["models"].items():
+        assert entry["grid"]["layers"] == [1, 2, 3, 4] and entry["grid"]["dims"] == [32, 16, 8]
+        assert len(entry["validation_grid"]["spearman"]) == 4
+        assert entry["speed"]["layers"] == [1, 2, 3, 4]
+        assert (entry["training_time_s"] is None) == (key == "untouched")
+    trained = results["models"]["recommended"]["grid"]["spearman"]
+    assert trained != results["models"]["untouched"]["grid"]["spearman"]  # training changed the model
+    assert "matryoshka2d recipe (c)" in report.read_text()
+    assert len(list((tmp_path / "out").glob("heatmap_*.png"))) == 4
+    capsys.readouterr()
+
+    run_demo(tmp_path / "out", tmp_path / "work", **kwargs)  # everything comes from the cache now
+    assert capsys.readouterr().out.count("cached in") == 4
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert again["models"] == results["models"]

@@ -1,0 +1,172 @@
+"""EmbeddingModel: encoding at any (layers, dims), parity with sentence-transformers, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, SENTENCES, build_tiny_model
+
+from matryoshka2d import (
+    EmbeddingModel,
+    InvalidDimError,
+    InvalidInputError,
+    InvalidLayersError,
+    ModelLoadError,
+)
+from matryoshka2d.truncation import find_layer_stack
+
+
+def st_model(folder, layers: int | None = None):
+    """sentence-transformers on the same folder, optionally after the seed's manual layer surgery."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu")
+    if layers is not None:
+        parent, name = find_layer_stack(st[0].auto_model)
+        setattr(parent, name, getattr(parent, name)[:layers])
+    return st
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_size_equals_sentence_transformers(tiny_model_dirs, family):
+    model = EmbeddingModel.load(tiny_model_dirs[family])
+    ours = model.encode(SENTENCES, batch_size=5)
+    theirs = st_model(tiny_model_dirs[family]).encode(SENTENCES, batch_size=5)
+    assert ours.dtype == np.float32 and ours.shape == (len(SENTENCES), model.dim)
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_layers_equal_sentence_transformers_after_surgery(tiny_model_dirs, family, layers):
+    model = EmbeddingModel.load(tiny_model_dirs[family])
+    ours = model.encode(SENTENCES, layers=layers)
+    theirs = st_model(tiny_model_dirs[family], layers=layers).encode(SENTENCES)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    assert model.num_layers == 4  # the loaded model is unchanged
+
+
+def test_layers_run_only_the_first_k_layers(tiny_model):
+    calls = [0] * tiny_model.num_layers
+    parent, name = find_layer_stack(tiny_model.transformer)
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(getattr(parent, name))
+    ]
+    try:
+        tiny_model.encode(SENTENCES, layers=2, batch_size=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[:2] == [3, 3] and calls[2:] == [0, 0]
+
+
+def test_layers_do_not_copy_or_change_weights(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in tiny_model.state_dict().items()}
+    tiny_model.encode(SENTENCES, layers=1)
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and ptrs[k] == after[k].data_ptr() for k in before)
+
+
+def test_encode_layers_one_pass_matches_per_layer_encode(tiny_model):
+    by_layer = tiny_model.encode_layers(SENTENCES, layers=[1, 2, 3, 4])
+    for k, emb in by_layer.items():
+        single = tiny_model.encode(SENTENCES, layers=k, normalize=False)
+        np.testing.assert_allclose(emb, single, atol=1e-5)
+
+
+def test_dim_is_prefix_renormalised(tiny_model):
+    full = tiny_model.encode(SENTENCES, normalize=False)
+    small = tiny_model.encode(SENTENCES, dim=8)
+    expected = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(small, expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-6)
+    raw = tiny_model.encode(SENTENCES, dim=8, normalize=False)
+    np.testing.assert_allclose(raw, full[:, :8], atol=1e-6)
+
+
+def test_batch_size_and_order_do_not_change_results(tiny_model):
+    a = tiny_model.encode(SENTENCES, batch_size=1)
+    b = tiny_model.encode(SENTENCES, batch_size=64)
+    c = tiny_model.encode(SENTENCES[::-1], batch_size=3)[::-1]
+    assert np.abs(a - b).max() <= 1e-5 and np.abs(a - c).max() <= 1e-5
+
+
+def test_single_string_gives_a_vector(tiny_model):
+    vec = tiny_model.encode("a cat sat on the mat", dim=16)
+    assert vec.shape == (16,)
+    np.testing.assert_allclose(vec, tiny_model.encode(["a cat sat on the mat"], dim=16)[0])
+
+
+def test_forward_returns_every_requested_layer_with_gradients(tiny_model):
+    tiny_model.train()
+    features = tiny_model.tokenize(SENTENCES[:3])
+    out = tiny_model.forward(features, layers=[0, 2, 4])
+    assert sorted(out) == [0, 2, 4] and all(v.shape == (3, tiny_model.dim) for v in out.values())
+    out[2].sum().backward()
+    layers = find_layer_stack(tiny_model.transformer)[0].layer
+    has_grad = [all(p.grad is not None for p in layer.parameters()) for layer in layers]
+    assert has_grad == [True, True, False, False]  # only the layers below the output that was used
+
+
+@pytest.mark.parametrize("layers", [0, 5, -1, 2.0, True])
+def test_bad_layers(tiny_model, layers):
+    with pytest.raises(InvalidLayersError, match="layers"):
+        tiny_model.encode(SENTENCES, layers=layers)
+
+
+@pytest.mark.parametrize("dim", [0, 33, -4, "8"])
+def test_bad_dim(tiny_model, dim):
+    with pytest.raises(InvalidDimError, match="dim"):
+        tiny_model.encode(SENTENCES, dim=dim)
+
+
+@pytest.mark.parametrize("texts", [[], ["ok", 3], ["ok", None], 42])
+def test_bad_texts(tiny_model, texts):
+    with pytest.raises(InvalidInputError):
+        tiny_model.encode(texts)
+
+
+def test_empty_layer_list(tiny_model):
+    with pytest.raises(InvalidLayersError, match="empty"):
+        tiny_model.encode_layers(SENTENCES, layers=[])
+
+
+def test_long_texts_fit_roberta_position_offset(tmp_path):
+    model = build_tiny_model(tmp_path / "r", "roberta")
+    model.tokenizer.model_max_length = int(1e30)  # a tokenizer without a configured limit
+    model = EmbeddingModel(model.transformer, model.tokenizer)
+    assert model.max_seq_length == 66 - 1  # max_position_embeddings minus (pad_token_id + 1)
+    long_text = " ".join(["cat"] * 200)
+    assert model.encode([long_text]).shape == (1, 32)
+
+
+def test_bad_batch_size(tiny_model):
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        tiny_model.encode(SENTENCES, batch_size=0)
+
+
+def test_unknown_architecture_names_the_class(tmp_path):
+    model = build_tiny_model(tmp_path / "m")
+
+    class OddEncoder(torch.nn.Module):
+        config = model.transformer.config
+
+    with pytest.raises(ModelLoadError, match="OddEncoder"):
+        EmbeddingModel(OddEncoder(), model.tokenizer)
+
+
+def test_truncate_is_a_standalone_copy(tiny_model):
+    small = tiny_model.truncate(layers=2, dim=16)
+    assert (small.num_layers, small.dim) == (2, 16) and tiny_model.num_layers == 4
+    assert small.transformer.config.num_hidden_layers == 2
+    np.testing.assert_allclose(
+        small.encode(SENTENCES), tiny_model.encode(SENTENCES, layers=2, dim=16), atol=1e-6
+    )
+    with pytest.raises(InvalidDimError):
+        small.encode(SENTENCES, dim=17)
+    with pytest.raises(InvalidLayersError):
+        tiny_model.truncate(layers=5)

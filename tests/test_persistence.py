@@ -1,0 +1,183 @@
+"""Model folders: sentence-transformers compatibility, truncated export, atomic save, load errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SENTENCES, build_tiny_model
+
+from matryoshka2d import EmbeddingModel, ModelLoadError
+from matryoshka2d.persistence import atomic_directory
+
+
+def st_encode(folder, texts):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu").encode(texts)
+
+
+def test_saved_folder_loads_in_sentence_transformers_with_same_embeddings(tiny_model, tmp_path):
+    out = tiny_model.save(tmp_path / "saved")
+    np.testing.assert_allclose(st_encode(out, SENTENCES), tiny_model.encode(SENTENCES), atol=1e-5)
+    again = EmbeddingModel.load(out)
+    np.testing.assert_allclose(again.encode(SENTENCES), tiny_model.encode(SENTENCES), atol=1e-6)
+    assert (again.pooling_mode, again.max_seq_length) == (tiny_model.pooling_mode, tiny_model.max_seq_length)
+
+
+@pytest.mark.parametrize("layers,dim", [(2, 16), (1, 32), (4, 8)])
+def test_truncated_export_matches_encode_in_sentence_transformers(tiny_model, tmp_path, layers, dim):
+    full = tiny_model.save(tmp_path / "full")
+    out = tiny_model.truncate(layers=layers, dim=dim).save(tmp_path / "small")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == layers
+    expected = tiny_model.encode(SENTENCES, layers=layers, dim=dim)
+    theirs = st_encode(out, SENTENCES)
+    assert theirs.shape == (len(SENTENCES), dim)
+    assert np.abs(theirs - expected).max() <= 1e-5
+    reloaded = EmbeddingModel.load(out)
+    assert (reloaded.num_layers, reloaded.dim) == (layers, dim)
+    assert np.abs(reloaded.encode(SENTENCES) - expected).max() <= 1e-5
+    if layers < 4:
+        assert (out / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
+
+
+def test_folder_without_normalize_round_trips_unchanged(tiny_model, tmp_path):
+    out = tiny_model.save(tmp_path / "with")
+    modules = json.loads((out / "modules.json").read_text())
+    (out / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
+    raw = st_encode(out, SENTENCES)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    model = EmbeddingModel.load(out)
+    assert model.normalize is False
+    np.testing.assert_allclose(model.encode(SENTENCES, normalize=False), raw, atol=1e-5)
+    again = model.save(tmp_path / "again")
+    assert not any(m["type"].endswith("Normalize") for m in json.loads((again / "modules.json").read_text()))
+    np.testing.assert_allclose(st_encode(again, SENTENCES), raw, atol=1e-5)
+    small = model.truncate(dim=8).save(tmp_path / "small")  # a dim prefix is re-normalised, as encode() does
+    np.testing.assert_allclose(st_encode(small, SENTENCES), model.encode(SENTENCES, dim=8), atol=1e-5)
+
+
+def test_do_lower_case_round_trips(tmp_path):
+    model = build_tiny_model(tmp_path / "b")
+    model.do_lower_case = True
+    out = model.save(tmp_path / "m")
+    assert json.loads((out / "sentence_bert_config.json").read_text())["do_lower_case"] is True
+    reloaded = EmbeddingModel.load(out)
+    assert reloaded.do_lower_case is True
+    np.testing.assert_allclose(reloaded.encode(["A CAT"]), reloaded.encode(["a cat"]), atol=1e-6)
+
+
+def test_saved_folder_has_normal_permissions(tiny_model, tmp_path):
+    out = tiny_model.save(tmp_path / "m")
+    assert out.stat().st_mode & 0o055 == 0o055  # readable by group and others (mkdtemp alone gives 0700)
+
+
+def test_export_file_size_shrinks_with_layers(tmp_path):
+    model = build_tiny_model(tmp_path / "b", num_layers=4)
+    sizes = [
+        model.truncate(layers=k).save(tmp_path / f"k{k}").joinpath("model.safetensors").stat().st_size
+        for k in (1, 2, 4)
+    ]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_save_is_atomic(tiny_model, tmp_path, monkeypatch):
+    target = tiny_model.save(tmp_path / "model")
+    before = sorted(p.name for p in target.iterdir())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("matryoshka2d.model.write_folder", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny_model.save(target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left behind
+    with pytest.raises(RuntimeError):
+        tiny_model.save(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_atomic_directory_replaces_existing(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old.txt").write_text("old")
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_plain_transformers_folder_uses_mean_pooling(tiny_model, tmp_path):
+    folder = tmp_path / "plain"
+    tiny_model.transformer.save_pretrained(folder)
+    tiny_model.tokenizer.save_pretrained(folder)
+    model = EmbeddingModel.load(folder)
+    assert model.pooling_mode == "mean"
+    np.testing.assert_allclose(model.encode(SENTENCES), tiny_model.encode(SENTENCES), atol=1e-6)
+
+
+def test_new_style_pooling_config_and_cls(tiny_model, tmp_path):
+    out = tiny_model.save(tmp_path / "m")
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 32, "pooling_mode": "cls"})
+    )
+    model = EmbeddingModel.load(out)
+    assert model.pooling_mode == "cls"
+    np.testing.assert_allclose(model.encode(SENTENCES), st_encode(out, SENTENCES), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", "cls"])
+def test_pooling_modes_match_sentence_transformers(tmp_path, mode):
+    model = build_tiny_model(tmp_path / "b", pooling_mode=mode)
+    out = model.save(tmp_path / "m")
+    assert EmbeddingModel.load(out).pooling_mode == mode
+    np.testing.assert_allclose(model.encode(SENTENCES), st_encode(out, SENTENCES), atol=1e-5)
+
+
+def test_projecting_dense_module_is_refused(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    out = tiny_model.truncate(dim=16).save(tmp_path / "m")
+    save_file({"linear.weight": torch.randn(16, 32)}, str(out / "2_Dense" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="Dense"):
+        EmbeddingModel.load(out)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        EmbeddingModel.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a model folder"):
+        EmbeddingModel.load(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="not a model folder"):
+        EmbeddingModel.load(tmp_path / "file.txt")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "modules.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="modules.json"):
+        EmbeddingModel.load(tmp_path / "broken")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ModelLoadError, match="noweights"):
+        EmbeddingModel.load(tmp_path / "noweights")
+
+
+def test_missing_tokenizer_and_corrupt_weights(tiny_model, tmp_path):
+    out = tiny_model.save(tmp_path / "notok")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        EmbeddingModel.load(out)
+    out = tiny_model.save(tmp_path / "corrupt")
+    (out / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot load the transformer"):
+        EmbeddingModel.load(out)
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="hub"):
+        EmbeddingModel.load("nobody-here/no-such-model-xyz")

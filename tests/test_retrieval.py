@@ -1,0 +1,168 @@
+"""Retrieval metrics against hand-computed values, the SNLI retrieval set, and the one-pass grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import SENTENCES, data_path, packaged_minilm
+
+from matryoshka2d.errors import DataFileError, InvalidInputError, InvalidLayersError
+from matryoshka2d.retrieval import (
+    RetrievalData,
+    RetrievalGridResult,
+    evaluate_retrieval,
+    load_retrieval,
+    load_snli_retrieval,
+    load_sts_retrieval,
+    retrieval_metrics,
+)
+
+
+def test_metrics_match_hand_computed_values():
+    corpus = np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]], dtype=np.float32)
+    queries = np.array([[2, 0], [0, 1]], dtype=np.float32)  # unnormalised on purpose
+    # Query 0 ranks docs 0, 1, 2, 3; its relevant docs 1 and 2 sit at ranks 2 and 3.
+    # Query 1 ranks doc 2 first, which is its only relevant doc (listed twice: counted once).
+    metrics = retrieval_metrics(queries, corpus, [[1, 2], [2, 2]], recall_at=(1, 3))
+    ndcg_q0 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert metrics["recall@1"] == pytest.approx(0.5)
+    assert metrics["recall@3"] == pytest.approx(1.0)
+    assert metrics["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert metrics["ndcg@10"] == pytest.approx((ndcg_q0 + 1) / 2)
+
+
+def test_a_relevant_document_beyond_rank_10_scores_zero():
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((50, 8)).astype(np.float32)
+    query = corpus[:1]
+    scores = (query / np.linalg.norm(query)) @ (corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).T
+    worst = int(np.argmin(scores))
+    metrics = retrieval_metrics(query, corpus, [[worst]], recall_at=(10, 50))
+    assert metrics["mrr@10"] == 0 and metrics["ndcg@10"] == 0 and metrics["recall@10"] == 0
+    assert metrics["recall@50"] == 1.0  # recall@k beyond 10 still finds it
+
+
+def test_metric_input_errors():
+    x = np.ones((2, 4), dtype=np.float32)
+    with pytest.raises(InvalidInputError, match="same width"):
+        retrieval_metrics(x, np.ones((3, 5)), [[0], [1]])
+    with pytest.raises(InvalidInputError, match="got 1 relevance lists for 2 queries"):
+        retrieval_metrics(x, x, [[0]])
+    with pytest.raises(InvalidInputError, match="recall_at must be positive integers"):
+        retrieval_metrics(x, x, [[0], [1]], recall_at=(0,))
+
+
+@pytest.fixture
+def snli_file(tmp_path):
+    rows = [
+        ("premise", "hypothesis", "label"),
+        ("A man plays a guitar.", "A man makes music.", "entailment"),
+        ("A man plays a guitar.", "The man is famous.", "neutral"),
+        ("A man plays a guitar.", "A woman sleeps.", "contradiction"),
+        ("Two dogs run in a park.", "Animals are outside.", "entailment"),
+        ("Two dogs run in a park.", "A man makes music.", "entailment"),
+        ("A child eats.", "Nobody eats.", "contradiction"),
+    ]
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join("\t".join(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_snli_retrieval_set(snli_file):
+    data = load_snli_retrieval(snli_file)
+    assert data.corpus == [
+        "A man makes music.",
+        "The man is famous.",
+        "A woman sleeps.",
+        "Animals are outside.",
+        "Nobody eats.",
+    ]
+    assert data.queries == ["A man plays a guitar.", "Two dogs run in a park."]  # "A child eats." has none
+    assert data.relevant == [[0], [3, 0]]
+    assert len(load_snli_retrieval(snli_file, relevant_labels=("entailment", "neutral")).relevant[0]) == 2
+
+
+def test_snli_retrieval_errors(snli_file, tmp_path):
+    with pytest.raises(DataFileError, match="no premise has a hypothesis labelled \\['paraphrase'\\]"):
+        load_snli_retrieval(snli_file, relevant_labels=("paraphrase",))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("premise\thypothesis\nA\tB\n")
+    with pytest.raises(DataFileError, match="missing column\\(s\\) \\['label'\\]"):
+        load_snli_retrieval(bad)
+    with pytest.raises(InvalidInputError, match="has no relevant document"):
+        RetrievalData(queries=["q"], corpus=["d"], relevant=[[]])
+    with pytest.raises(InvalidInputError, match="outside the corpus"):
+        RetrievalData(queries=["q"], corpus=["d"], relevant=[[3]])
+
+
+def test_sts_retrieval_set_and_format_detection(snli_file, tmp_path):
+    sts = tmp_path / "sts.tsv"
+    rows = [
+        ("sentence1", "sentence2", "score"),
+        ("A cat sits.", "A cat is sitting.", "4.8"),
+        ("A cat sits.", "A dog runs.", "0.4"),
+        ("Rain falls.", "It is raining.", "4.0"),
+        ("A man sings.", "A cat is sitting.", "1.0"),
+        ("A man sings.", "Someone sings.", "3.9"),
+    ]
+    sts.write_text("\n".join("\t".join(r) for r in rows) + "\n", encoding="utf-8")
+    data = load_sts_retrieval(sts)
+    assert data.corpus == ["A cat is sitting.", "A dog runs.", "It is raining.", "Someone sings."]
+    assert data.queries == ["A cat sits.", "Rain falls."] and data.relevant == [[0], [2]]
+    assert load_sts_retrieval(sts, min_score=3.5).queries[-1] == "A man sings."
+    assert load_retrieval(sts) == data and load_retrieval(snli_file) == load_snli_retrieval(snli_file)
+    with pytest.raises(DataFileError, match="no pair has a score >= 5.0 \\(the highest is 4.8\\)"):
+        load_sts_retrieval(sts, min_score=5.0)
+    other = tmp_path / "other.tsv"
+    other.write_text("a\tb\nx\ty\n")
+    with pytest.raises(DataFileError, match="expected columns premise, hypothesis, label"):
+        load_retrieval(other)
+
+
+def test_grid_cells_equal_direct_evaluation(tiny_model):
+    corpus = SENTENCES
+    queries = [s + " outside" for s in SENTENCES[:6]]
+    relevant = [[i, (i + 1) % len(corpus)] for i in range(6)]
+    data = RetrievalData(queries=queries, corpus=corpus, relevant=relevant)
+    result = evaluate_retrieval(
+        tiny_model, data, layers=[1, 3], dims=[8, 32], recall_at=(1, 5), batch_size=64
+    )
+    assert result.layers == [1, 3] and result.dims == [32, 8]
+    assert set(result.metrics) == {"recall@1", "recall@5", "mrr@10", "ndcg@10"}
+    assert (result.num_queries, result.num_docs) == (6, 12)
+    for k in (1, 3):
+        for d in (8, 32):
+            direct = retrieval_metrics(
+                tiny_model.encode(queries, layers=k, dim=d, batch_size=64),
+                tiny_model.encode(corpus, layers=k, dim=d, batch_size=64),
+                relevant,
+                recall_at=(1, 5),
+            )
+            for name, value in direct.items():
+                assert result.cell(k, d, name) == pytest.approx(value, abs=1e-6), (k, d, name)
+    assert RetrievalGridResult.from_dict(result.to_dict()) == result
+    assert "ndcg@10: layers \\ dims" in result.table() and f"{result.cell(3, 8):.4f}" in result.table()
+    with pytest.raises(InvalidLayersError, match="layers=9 is out of range"):
+        evaluate_retrieval(tiny_model, data, layers=[9])
+
+
+# nDCG@10 that all-MiniLM-L6-v2 at full size clearly exceeds on this SNLI subset (a broken encoder or
+# metric lands far below it).
+THRESHOLD_FULL = 0.5
+
+
+@pytest.mark.integration
+def test_minilm_on_snli_ranks_entailed_hypotheses_high(tmp_path):
+    from matryoshka2d import EmbeddingModel
+
+    path = data_path("snli", "pair-class-test.tsv")
+    assert path.is_file(), f"SNLI not found at {path}; set M2D_DATA_DIR"
+    subset = tmp_path / "snli-subset.tsv"  # the first 900 pairs: ~300 queries over ~900 hypotheses
+    subset.write_text("\n".join(path.read_text(encoding="utf-8").splitlines()[:901]) + "\n", encoding="utf-8")
+    model = EmbeddingModel.load(packaged_minilm())
+    result = evaluate_retrieval(model, subset, layers=[1, 6], dims=[384, 32], batch_size=64)
+    assert result.num_queries > 250 and result.num_docs > 800
+    assert result.cell(6, 384) > THRESHOLD_FULL
+    assert result.cell(6, 384) > result.cell(1, 32) + 0.1  # the smallest cell is clearly worse

@@ -1,0 +1,342 @@
+"""SearchIndex: two-stage results against numpy references, every shortlist variant, persistence, errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import SENTENCES, build_tiny_model
+
+from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.search import FORMAT_VERSION, SearchIndex, ShortlistConfig
+
+VARIANTS = [(index, quant) for index in ("flat", "hnsw", "ivf") for quant in ("none", "int8", "binary")]
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """600 clustered 48-dim corpus vectors and 25 queries near corpus points (a realistic geometry)."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, 48))
+    corpus = centers[rng.integers(0, 20, 600)] + 0.6 * rng.standard_normal((600, 48))
+    queries = corpus[rng.integers(0, 600, 25)] + 0.3 * rng.standard_normal((25, 48))
+    return corpus.astype(np.float32), queries.astype(np.float32)
+
+
+def exact_top(corpus: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = normalize(queries) @ normalize(corpus).T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return top, np.take_along_axis(scores, top, axis=1)
+
+
+def two_stage_reference(corpus, queries, d: int, s: int, k: int) -> np.ndarray:
+    """What the two-stage search must return: top s by re-normalised prefix, then top k of those by full."""
+    prefix = normalize(queries[:, :d]) @ normalize(corpus[:, :d]).T
+    shortlist = np.argsort(-prefix, axis=1, kind="stable")[:, :s]
+    full = np.take_along_axis(normalize(queries) @ normalize(corpus).T, shortlist, axis=1)
+    return np.take_along_axis(shortlist, np.argsort(-full, axis=1, kind="stable")[:, :k], axis=1)
+
+
+# ---------------------------------------------------------------------- results
+def test_full_dim_shortlist_equals_exact_search(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus, shortlist_dim=48)
+    result = index.search(queries, k=10, shortlist=10)
+    top, scores = exact_top(corpus, queries, 10)
+    np.testing.assert_array_equal(result.indices, top)
+    np.testing.assert_allclose(result.scores, scores, atol=1e-5)
+    assert result.ids == [[str(i) for i in row] for row in top]
+
+
+def test_shortlist_uses_only_the_prefix_then_reranks_with_all_dims(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus, shortlist_dim=8)
+    result = index.search(queries, k=5, shortlist=20)
+    expected = two_stage_reference(corpus, queries, d=8, s=20, k=5)
+    np.testing.assert_array_equal(result.indices, expected)
+    # A tiny prefix with a short shortlist must miss some exact neighbours (otherwise nothing was tested).
+    assert (result.indices != exact_top(corpus, queries, 5)[0]).any()
+    # The scores are exact full-dim cosines of the returned documents, best first.
+    full = np.einsum("qkd,qd->qk", normalize(corpus)[result.indices], normalize(queries))
+    np.testing.assert_allclose(result.scores, full, atol=1e-5)
+    assert (np.diff(result.scores, axis=1) <= 1e-7).all()
+
+
+@pytest.mark.parametrize("kind,quant", VARIANTS)
+def test_every_variant_is_exact_when_the_shortlist_covers_the_corpus(data, kind, quant):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus, shortlist_dim=16, index=kind, quantization=quant, ivf_nlist=8)
+    result = index.search(queries, k=10, shortlist=len(corpus), ef_search=len(corpus), nprobe=8)
+    np.testing.assert_array_equal(result.indices, exact_top(corpus, queries, 10)[0])
+
+
+@pytest.mark.parametrize("kind,quant", VARIANTS)
+def test_every_variant_finds_most_exact_neighbours_with_a_moderate_shortlist(data, kind, quant):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(
+        corpus, shortlist_dim=32, index=kind, quantization=quant, ivf_nprobe=4
+    )
+    result = index.search(queries, k=10, shortlist=150)
+    top = exact_top(corpus, queries, 10)[0]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(result.indices, top, strict=True)])
+    assert recall >= 0.9, (kind, quant, recall)
+    assert index.shortlist.index == kind and index.shortlist.quantization == quant
+
+
+def test_single_query_vector_and_list_input(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus, shortlist_dim=16)
+    one = index.search(queries[3], k=4)
+    assert one.scores.shape == (1, 4)
+    np.testing.assert_array_equal(one.indices[0], index.search(queries[3:4].tolist(), k=4).indices[0])
+
+
+def test_queries_are_normalised(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus, shortlist_dim=16)
+    a, b = index.search(queries, k=5), index.search(queries * 7.5, k=5)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+
+def test_string_ids_and_add_later(data):
+    corpus, queries = data
+    ids = [f"doc {i} – ünïcode\n#{i}" for i in range(len(corpus))]
+    index = SearchIndex.from_embeddings(corpus[:400], ids=ids[:400], shortlist_dim=16)
+    index.add(corpus[400:], ids=ids[400:])
+    assert len(index) == 600 and index.ids == ids
+    result = index.search(queries, k=10, shortlist=600)
+    top = exact_top(corpus, queries, 10)[0]
+    assert result.ids == [[ids[i] for i in row] for row in top]
+    assert index.position(ids[450]) == 450
+
+
+def test_default_ids_continue_after_add(data):
+    corpus, _ = data
+    index = SearchIndex.from_embeddings(corpus[:10], shortlist_dim=8)
+    index.add(corpus[10:15])
+    assert index.ids == [str(i) for i in range(15)]
+
+
+def test_a_rejected_add_changes_nothing(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus[:100], shortlist_dim=16)
+    before = index.search(queries, k=5)
+    with pytest.raises(InvalidInputError, match="'7' is already in the index"):
+        index.add(corpus[100:110], ids=[str(i) for i in range(100, 109)] + ["7"])
+    assert len(index) == 100
+    np.testing.assert_array_equal(index.search(queries, k=5).indices, before.indices)
+
+
+def test_memory_shrinks_with_quantization(data):
+    corpus, _ = data
+    sizes = {
+        quant: SearchIndex.from_embeddings(corpus, shortlist_dim=32, quantization=quant).memory_bytes()
+        for quant in ("none", "int8", "binary")
+    }
+    assert sizes["none"]["full"] == corpus.size * 4
+    assert sizes["none"]["shortlist"] >= 600 * 32 * 4
+    assert 600 * 32 <= sizes["int8"]["shortlist"] < sizes["none"]["shortlist"] / 3
+    assert 600 * 4 <= sizes["binary"]["shortlist"] < sizes["int8"]["shortlist"] / 4
+
+
+def test_ivf_list_count_defaults_to_the_corpus_size(data):
+    corpus, _ = data
+    index = SearchIndex.from_embeddings(corpus, shortlist_dim=16, index="ivf")
+    assert index.shortlist.ivf_nlist == 15  # min(4 * sqrt(600), 600 // 39)
+
+
+# ---------------------------------------------------------------------- persistence
+@pytest.mark.parametrize("kind,quant", [("flat", "none"), ("hnsw", "int8"), ("ivf", "binary")])
+def test_save_and_load_round_trip(data, tmp_path, kind, quant):
+    corpus, queries = data
+    ids = [f"id-{i}" for i in range(len(corpus))]
+    index = SearchIndex.from_embeddings(
+        corpus, ids, shortlist_dim=16, index=kind, quantization=quant, model="m"
+    )
+    index.save(tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["count"] == 600 and manifest["dim"] == 48
+    assert manifest["model"] == "m" and manifest["shortlist"]["dim"] == 16
+    assert manifest["shortlist"]["index"] == kind and manifest["shortlist"]["quantization"] == quant
+    for mmap in (False, True):
+        loaded = SearchIndex.load(tmp_path / "index", mmap=mmap)
+        assert loaded.ids == ids and loaded.shortlist == index.shortlist
+        a, b = index.search(queries, k=7, shortlist=50), loaded.search(queries, k=7, shortlist=50)
+        assert a.ids == b.ids
+        np.testing.assert_allclose(a.scores, b.scores)
+    loaded.add(corpus[:2], ids=["new-a", "new-b"])  # a memory-mapped index still accepts documents
+    assert len(loaded) == 602
+
+
+def test_save_replaces_an_existing_index_and_a_failed_save_keeps_the_old_one(data, tmp_path, monkeypatch):
+    corpus, _ = data
+    SearchIndex.from_embeddings(corpus[:50], shortlist_dim=8).save(tmp_path / "index")
+    SearchIndex.from_embeddings(corpus[:60], shortlist_dim=8).save(tmp_path / "index")
+    assert len(SearchIndex.load(tmp_path / "index")) == 60
+
+    import faiss
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken)
+    with pytest.raises(OSError, match="disk full"):
+        SearchIndex.from_embeddings(corpus[:70], shortlist_dim=8).save(tmp_path / "index")
+    assert len(SearchIndex.load(tmp_path / "index")) == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary folder left behind
+
+
+def test_texts_are_stored_returned_and_saved(data, tmp_path):
+    corpus, queries = data
+    texts = [f"text number {i}" for i in range(len(corpus))]
+    index = SearchIndex.from_embeddings(corpus[:300], shortlist_dim=16)
+    assert index.texts is None and index.search(queries, k=2).texts is None
+    index.add(corpus[300:], texts=texts[300:])  # an index built without texts ignores them
+    assert index.texts is None
+
+    index = SearchIndex(dim=48)
+    index.add(corpus[:300], texts=texts[:300])
+    with pytest.raises(InvalidInputError, match="this index stores document texts"):
+        index.add(corpus[300:])
+    with pytest.raises(InvalidInputError, match="got 2 texts for 300 vectors"):
+        index.add(corpus[300:], texts=["a", "b"])
+    index.add(corpus[300:], texts=texts[300:])
+    result = index.search(queries, k=3, shortlist=600)
+    assert result.texts == [[texts[int(i)] for i in row] for row in result.ids]
+    index.save(tmp_path / "index")
+    assert SearchIndex.load(tmp_path / "index").search(queries, k=3, shortlist=600).texts == result.texts
+
+
+def test_load_errors(data, tmp_path):
+    corpus, _ = data
+    with pytest.raises(DataFileError, match="not found"):
+        SearchIndex.load(tmp_path / "missing")
+    SearchIndex.from_embeddings(corpus[:50], shortlist_dim=8).save(tmp_path / "index")
+    manifest_path = tmp_path / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(DataFileError, match="format version 99 is not supported"):
+        SearchIndex.load(tmp_path / "index")
+    manifest_path.write_text(json.dumps({**manifest, "count": 51}))
+    with pytest.raises(DataFileError, match="ids.json must list 51 string ids"):
+        SearchIndex.load(tmp_path / "index")
+    manifest_path.write_text(json.dumps(manifest))
+    vectors = np.load(tmp_path / "index" / "vectors.npy")
+    np.save(tmp_path / "index" / "vectors.npy", vectors[:, :40])
+    with pytest.raises(
+        DataFileError, match="vectors.npy has shape \\(50, 40\\) float32, expected \\(50, 48\\)"
+    ):
+        SearchIndex.load(tmp_path / "index")
+    np.save(tmp_path / "index" / "vectors.npy", vectors)
+    (tmp_path / "index" / "shortlist.faiss").write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match="cannot read the index files"):
+        SearchIndex.load(tmp_path / "index")
+    (tmp_path / "index" / "ids.json").write_text("[not json")
+    with pytest.raises(DataFileError, match="cannot read .*ids.json"):
+        SearchIndex.load(tmp_path / "index")
+    (tmp_path / "index" / "ids.json").unlink()
+    with pytest.raises(DataFileError, match="ids.json is missing"):
+        SearchIndex.load(tmp_path / "index")
+    manifest_path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(DataFileError, match="not a matryoshka2d search index manifest"):
+        SearchIndex.load(tmp_path / "index")
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_search_arguments(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus[:30], shortlist_dim=8)
+    with pytest.raises(InvalidInputError, match="k must be a positive integer, got 0"):
+        index.search(queries, k=0)
+    with pytest.raises(InvalidInputError, match="shortlist=5 is smaller than k=10"):
+        index.search(queries, k=10, shortlist=5)
+    with pytest.raises(InvalidInputError, match="queries have 47 dims but the index holds 48-dim vectors"):
+        index.search(queries[:, :47])
+    with pytest.raises(InvalidInputError, match="NaN"):
+        index.search(np.full((1, 48), np.nan))
+    with pytest.raises(InvalidInputError, match="queries is empty"):
+        index.search(np.zeros((0, 48)))
+
+
+def test_k_larger_than_the_corpus_is_clamped_with_a_warning(data):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus[:30], shortlist_dim=8)
+    with pytest.warns(UserWarning, match="k=50 is larger than the corpus \\(30 documents\\)"):
+        result = index.search(queries, k=50, shortlist=100)
+    assert result.indices.shape == (25, 30)
+    np.testing.assert_array_equal(result.indices, exact_top(corpus[:30], queries, 30)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index.search(queries, k=30, shortlist=100)  # a shortlist beyond the corpus is clamped silently
+
+
+def test_bad_corpus_and_settings(data):
+    corpus, _ = data
+    with pytest.raises(InvalidInputError, match="embeddings is empty"):
+        SearchIndex.from_embeddings(np.zeros((0, 48), dtype=np.float32))
+    with pytest.raises(InvalidInputError, match="duplicate id 'a'"):
+        SearchIndex.from_embeddings(corpus[:3], ids=["a", "b", "a"], shortlist_dim=8)
+    with pytest.raises(InvalidInputError, match="got 2 ids for 3 vectors"):
+        SearchIndex.from_embeddings(corpus[:3], ids=["a", "b"], shortlist_dim=8)
+    with pytest.raises(InvalidInputError, match="ids must be strings"):
+        SearchIndex.from_embeddings(corpus[:2], ids=["a", 2], shortlist_dim=8)
+    with pytest.raises(InvalidInputError, match="2-D array"):
+        SearchIndex.from_embeddings(corpus[0])
+    with pytest.raises(InvalidDimError, match="shortlist dim=64 is out of range: the vectors have 1..48"):
+        SearchIndex.from_embeddings(corpus, shortlist_dim=64)
+    with pytest.raises(InvalidDimError, match="multiple of 8, got 12"):
+        SearchIndex.from_embeddings(corpus, shortlist_dim=12, quantization="binary")
+    with pytest.raises(InvalidInputError, match="unknown shortlist index 'lsh'"):
+        SearchIndex.from_embeddings(corpus, shortlist_dim=8, index="lsh")
+    with pytest.raises(InvalidInputError, match="needs at least 100 vectors"):
+        SearchIndex.from_embeddings(corpus[:50], shortlist_dim=8, index="ivf", ivf_nlist=100)
+    with pytest.raises(InvalidInputError, match="the index is empty"):
+        SearchIndex(dim=48).search(corpus[:1])
+    with pytest.raises(InvalidInputError, match="hnsw_m must be a positive integer"):
+        ShortlistConfig(dim=8, hnsw_m=0).validate(48)
+
+
+# ---------------------------------------------------------------------- with a model
+def test_from_model_and_search_texts(tiny_model):
+    ids = [f"s{i}" for i in range(len(SENTENCES))]
+    index = SearchIndex.from_model(
+        tiny_model, SENTENCES, ids=ids, shortlist_dim=8, layers=2, show_progress=False
+    )
+    assert index.model == str(tiny_model.name_or_path) and index.layers == 2 and index.dim == tiny_model.dim
+    np.testing.assert_allclose(index.vectors, tiny_model.encode(SENTENCES, layers=2), atol=1e-6)
+    assert index.texts == SENTENCES
+    result = index.search_texts(tiny_model, SENTENCES[:4], k=3, shortlist=len(SENTENCES))
+    exact = np.sort(tiny_model.encode(SENTENCES[:4], layers=2) @ index.vectors.T, axis=1)[:, ::-1][:, :3]
+    np.testing.assert_allclose(result.scores, exact, atol=1e-5)
+    np.testing.assert_allclose(result.scores[:, 0], 1.0, atol=1e-5)  # each text finds itself (or a tie)
+    index.add_texts(tiny_model, ["a new text about a cat"], ids=["new"], show_progress=False)
+    assert index.search_texts(tiny_model, "a new text about a cat", k=1).ids == [["new"]]
+
+
+@pytest.mark.parametrize("shortlist_dim", [0, -8, 33])
+def test_from_model_rejects_a_shortlist_dim_out_of_range(tiny_model, shortlist_dim):
+    with pytest.raises(
+        InvalidDimError, match=rf"shortlist dim={shortlist_dim} is out of range: the vectors have 1..32"
+    ):
+        SearchIndex.from_model(tiny_model, SENTENCES, shortlist_dim=shortlist_dim, show_progress=False)
+
+
+def test_a_model_of_another_dim_or_depth_is_refused(tiny_model, tmp_path):
+    index = SearchIndex.from_model(tiny_model, SENTENCES, shortlist_dim=8, layers=4, show_progress=False)
+    index.save(tmp_path / "index")
+    small = tiny_model.truncate(dim=16)
+    with pytest.raises(InvalidDimError, match="makes 16-dim embeddings but the index holds 32-dim vectors"):
+        SearchIndex.load(tmp_path / "index", model=small)
+    with pytest.raises(InvalidDimError, match="16-dim embeddings"):
+        index.search_texts(small, ["a cat"])
+    with pytest.raises(InvalidLayersError, match="layers=4 is out of range"):
+        index.search_texts(build_tiny_model(tmp_path / "two-layers", num_layers=2), ["a cat"])
+    with pytest.raises(InvalidInputError, match="duplicate id"):
+        index.add_texts(tiny_model, ["x", "y"], ids=["d", "d"])
