@@ -69,17 +69,20 @@ def runs(dims: list[int]) -> dict[str, tuple[str, dict]]:
 
 
 def measure_speed(model: EmbeddingModel, texts: list[str], repeats: int = 3, batch_size: int = 32) -> dict:
-    """Sentences per second for every layer count (median of ``repeats``, after a warm-up)."""
+    """Sentences per second for every layer count (median of ``repeats``, after a warm-up).
+
+    The layer counts are timed round-robin (1, 2, ..., n, then again), so a passing slowdown of the
+    machine spreads over all of them instead of skewing one layer count's speed-up.
+    """
     model.encode(texts[:64], batch_size=batch_size)
     layers = list(range(1, model.num_layers + 1))
-    rates = []
-    for k in layers:
-        times = []
-        for _ in range(repeats):
+    times: dict[int, list[float]] = {k: [] for k in layers}
+    for _ in range(repeats):
+        for k in layers:
             start = time.perf_counter()
             model.encode(texts, layers=k, batch_size=batch_size)
-            times.append(time.perf_counter() - start)
-        rates.append(len(texts) / float(np.median(times)))
+            times[k].append(time.perf_counter() - start)
+    rates = [len(texts) / float(np.median(times[k])) for k in layers]
     return {"layers": layers, "sentences_per_s": rates, "texts": len(texts), "batch_size": batch_size}
 
 

@@ -173,10 +173,12 @@ def write_figures(results: dict, out: Path) -> list[Path]:
         atomic_write(path, png.getvalue())  # an existing figure is never left half-written
         written.append(path)
 
-    def line_plot(name, title, xlabel, ylabel, series, xlog=False, hline=None):
+    def line_plot(name, title, xlabel, ylabel, series, xlog=False, hline=None, reference=None):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (label, xs, ys) in enumerate(series):
             ax.plot(xs, ys, marker=markers[i % len(markers)], label=label)
+        if reference is not None:  # (label, xs, ys) drawn as a thin dotted line, e.g. an ideal
+            ax.plot(reference[1], reference[2], color="grey", lw=1, ls=":", label=reference[0])
         if hline is not None:
             ax.axhline(hline, color="grey", lw=0.8, ls="--")
         if xlog:
@@ -228,6 +230,11 @@ def write_figures(results: dict, out: Path) -> list[Path]:
             "speedup vs all layers (x)",
             speedups,
             hline=1,
+            reference=(
+                "ideal: n / k layers",
+                speedups[0][1],
+                [max(speedups[0][1]) / x for x in speedups[0][1]],
+            ),
         )
     line_plot(
         "spearman_vs_dims.png",
