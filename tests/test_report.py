@@ -65,6 +65,22 @@ def test_seed_statements_are_computed_from_the_numbers():
     assert "at 8.3% of the embedding size (32 of 384 dims) the model preserves 93.1%" in lines[1]
 
 
+def test_pooled_speedup_averages_the_models_and_gives_the_range():
+    results = fake_results()
+    results["models"]["two_d"]["speed"] = {
+        "layers": [1, 2, 3, 4, 5, 6],
+        "sentences_per_s": [600.0, 400.0, 340.0, 240.0, 190.0, 160.0],
+    }
+    pooled = [line for line in seed_statements(results) if "speed, all" in line]
+    # 300/160 = 1.875 and 340/160 = 2.125 -> mean 2.00
+    assert pooled == [
+        "- **speed, all 2 models** (same architecture, so they differ only by measurement noise): "
+        "3 of 6 layers runs 2.00x faster on average (range 1.88x-2.12x)."
+    ]
+    del results["models"]["two_d"]["speed"]
+    assert not [line for line in seed_statements(results) if "speed, all" in line]
+
+
 def test_cli_report_and_bad_results(tmp_path, capsys):
     results = tmp_path / "results.json"
     results.write_text(json.dumps(fake_results()))

@@ -324,7 +324,30 @@ def seed_statements(results: dict) -> list[str]:
             f"- **{label}**: at {share:.1f}% of the embedding size ({small} of {d_full} dims) the model "
             f"preserves {kept:.1f}% of its full-size STS performance ({g.cell(k_full, small):.2f})."
         )
+    lines.extend(_pooled_speedup(results))
     return lines
+
+
+def _pooled_speedup(results: dict) -> list[str]:
+    """Half-layer speed-up over all models with the same layer counts (they share one architecture).
+
+    Fine-tuning does not change the architecture, so the models' speed-ups differ only by measurement
+    noise; their spread shows how large that noise is.
+    """
+    speeds = [_speed(entry) for entry in results["models"].values()]
+    speeds = [s for s in speeds if s]
+    if len(speeds) < 2 or len({tuple(sorted(s)) for s in speeds}) != 1:
+        return []
+    k_full = max(speeds[0])
+    half = k_full // 2
+    if half not in speeds[0]:
+        return []
+    ratios = [s[half] / s[k_full] for s in speeds]
+    return [
+        f"- **speed, all {len(ratios)} models** (same architecture, so they differ only by measurement "
+        f"noise): {half} of {k_full} layers runs {np.mean(ratios):.2f}x faster on average "
+        f"(range {min(ratios):.2f}x-{max(ratios):.2f}x)."
+    ]
 
 
 def write_markdown(results: dict, out: Path, figures: list[Path]) -> Path:
