@@ -82,10 +82,29 @@ def test_truncate(tiny_model_dir, tmp_path):
         (["eval-sts", "{model}", "--data", "{tmp}/missing.tsv"], "data file not found"),
         (["eval-sts", "{tmp}/no-model", "--data", "{sts}"], "model folder not found"),
         (["encode", "{model}", "--input", "{tmp}/empty.txt", "--out", "{tmp}/e.npy"], "no texts"),
+        (["truncate", "{model}", "--layers", "0", "--out", "{tmp}/x"], "layers=0 is out of range"),
+        (
+            ["encode", "{model}", "--input", "{sts}", "--dim", "0", "--out", "{tmp}/e.npy"],
+            "dim=0 is out of range",
+        ),
+        (["eval-sts", "{tmp}", "--data", "{sts}"], "is not a model folder"),
+        (["eval-sts", "{model}", "--data", "{tmp}/nocol.tsv"], "score"),
+        (["eval-sts", "{model}", "--data", "{tmp}/nan.tsv"], "'nan', not a finite number"),
+        (["eval-sts", "{model}", "--data", "{tmp}/word.tsv"], "'high', not a number"),
+        (["eval-sts", "{model}", "--data", "{tmp}/header.tsv"], "no data rows"),
+        (["eval-sts", "{model}", "--data", "{sts}", "--layers", "one"], "comma-separated integers"),
+        (
+            ["encode", "{model}", "--input", "{sts}", "--out", "{tmp}"],
+            "is a folder: give the path of the .npy file",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(tiny_model_dir, sts_file, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "nocol.tsv").write_text("sentence1\tsentence2\na\tb\n")
+    (tmp_path / "nan.tsv").write_text("sentence1\tsentence2\tscore\na\tb\tnan\n")
+    (tmp_path / "word.tsv").write_text("sentence1\tsentence2\tscore\na\tb\thigh\n")
+    (tmp_path / "header.tsv").write_text("sentence1\tsentence2\tscore\n")
     argv = [a.format(model=tiny_model_dir, tmp=tmp_path, sts=sts_file) for a in args]
     proc = subprocess.run([sys.executable, "-m", "matryoshka2d.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2

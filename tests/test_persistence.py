@@ -57,6 +57,11 @@ def test_folder_without_normalize_round_trips_unchanged(tiny_model, tmp_path):
     np.testing.assert_allclose(st_encode(again, SENTENCES), raw, atol=1e-5)
     small = model.truncate(dim=8).save(tmp_path / "small")  # a dim prefix is re-normalised, as encode() does
     np.testing.assert_allclose(st_encode(small, SENTENCES), model.encode(SENTENCES, dim=8), atol=1e-5)
+    # Every truncate() export normalises, as encode() does by default, also at full dim.
+    for layers, dim in [(2, None), (None, None)]:
+        export = model.truncate(layers=layers, dim=dim).save(tmp_path / f"export-{layers}-{dim}")
+        expected = model.encode(SENTENCES, layers=layers, dim=dim)
+        assert np.abs(st_encode(export, SENTENCES) - expected).max() <= 1e-5
 
 
 def test_do_lower_case_round_trips(tmp_path):

@@ -275,6 +275,15 @@ def test_k_larger_than_the_corpus_is_clamped_with_a_warning(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         index.search(queries, k=30, shortlist=100)  # a shortlist beyond the corpus is clamped silently
+    # k is clamped before it is compared with the shortlist: asking for more hits than there are
+    # documents is never an error, whatever the shortlist size.
+    with pytest.warns(UserWarning, match="k=50 is larger than the corpus"):
+        assert index.search(queries, k=50, shortlist=40).indices.shape == (25, 30)
+    with (
+        pytest.raises(InvalidInputError, match="shortlist=10 is smaller than k=30"),
+        pytest.warns(UserWarning),
+    ):
+        index.search(queries, k=50, shortlist=10)
 
 
 def test_bad_corpus_and_settings(data):

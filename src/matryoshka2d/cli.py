@@ -10,11 +10,12 @@ import argparse
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from matryoshka2d.errors import Matryoshka2dError
+from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 from matryoshka2d.persistence import atomic_write
 
 
@@ -33,12 +34,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_texts
     from matryoshka2d.model import EmbeddingModel
 
+    out = Path(args.out)
+    if out.is_dir():  # refuse before spending the encoding time
+        raise InvalidInputError(f"--out {out} is a folder: give the path of the .npy file to write")
     texts = read_texts(args.input, column=args.column)
     model = EmbeddingModel.load(args.model)
     emb = model.encode(
         texts, layers=args.layers, dim=args.dim, batch_size=args.batch_size, show_progress=True
     )
-    out = Path(args.out)
     buffer = io.BytesIO()
     np.save(buffer, emb)
     atomic_write(out, buffer.getvalue())
@@ -237,7 +240,12 @@ def add_search_parsers(sub) -> None:
     p.add_argument("--query", action="append", help="a query text (repeat for several)")
     p.add_argument("--queries", help="a file of queries: one a line (.txt) or a table file")
     p.add_argument("--column", help="query column of a table file")
-    p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument(
+        "-k",
+        type=int,
+        default=10,
+        help="hits per query (default 10; above the corpus size: clamped, with a warning)",
+    )
     p.add_argument(
         "--shortlist", type=int, default=200, help="candidates reranked with all dims (default 200)"
     )
@@ -268,10 +276,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other m2d error."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"m2d: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from matryoshka2d.training import add_train_arguments
 
-    parser = argparse.ArgumentParser(prog="m2d", description="2D Matryoshka embedding models: layers x dims.")
+    parser = OneLineErrorParser(prog="m2d", description="2D Matryoshka embedding models: layers x dims.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("encode", help="embed texts at a chosen (layers, dim) into a .npy file")
@@ -331,11 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
         parser.exit(2, f"m2d: error: --batch-size must be >= 1, got {args.batch_size}\n")
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         return int(args.func(args) or 0)
-    except (Matryoshka2dError, FileExistsError) as e:
+    except Matryoshka2dError as e:
         print(f"m2d {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an output path that is a folder, an unreadable input, a full disk
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"m2d {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

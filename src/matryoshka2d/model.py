@@ -367,8 +367,9 @@ class EmbeddingModel(nn.Module):
             max_seq_length=self.max_seq_length,
             dim=d,
             do_lower_case=self.do_lower_case,
-            # A dim prefix is re-normalised by encode(); the export must give sentence-transformers the same.
-            normalize=self.normalize or d < self.hidden_size,
+            # encode() normalises by default (and re-normalises a dim prefix): the exported folder gets a
+            # Normalize module so that sentence-transformers gives the same embeddings.
+            normalize=True,
             name_or_path=self.name_or_path,
         )
         model.metadata = {
@@ -397,7 +398,8 @@ def default_model_card(model: EmbeddingModel) -> str:
         f"# {Path(str(model.name_or_path)).name or 'matryoshka2d model'}",
         "",
         f"Sentence embedding model saved by matryoshka2d: {model.num_layers} transformer layers, "
-        f"{model.dim}-dim embeddings, {model.pooling_mode} pooling, normalised.",
+        f"{model.dim}-dim embeddings, {model.pooling_mode} pooling"
+        + (", normalised." if model.normalize else "."),
     ]
     if source:
         lines += [

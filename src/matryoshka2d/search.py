@@ -18,7 +18,8 @@ Input handling (documented choices):
 
 * ``k < 1``, ``shortlist < 1`` or ``shortlist < k`` raise :class:`~matryoshka2d.errors.InvalidInputError`.
 * ``k`` larger than the corpus is **clamped** to the corpus size with a ``UserWarning`` (a corpus can
-  legitimately be small); ``shortlist`` larger than the corpus is clamped silently.
+  legitimately be small); ``shortlist`` larger than the corpus is clamped silently Both are clamped
+  before ``shortlist < k`` is checked, so ``k=300, shortlist=200`` on 100 documents returns 100 hits.
 * An empty corpus, duplicate ids and query arrays of the wrong width raise
   :class:`~matryoshka2d.errors.InvalidInputError`; a model whose embedding size differs from the
   index's raises :class:`~matryoshka2d.errors.InvalidDimError`.
@@ -361,17 +362,18 @@ class SearchIndex:
             raise InvalidInputError("the index is empty: add documents before searching")
         k = _check_positive_int(k, "k")
         shortlist = _check_positive_int(shortlist, "shortlist")
-        if shortlist < k:
-            raise InvalidInputError(
-                f"shortlist={shortlist} is smaller than k={k}: the shortlist must hold at least k candidates"
-            )
         n = len(self._ids)
+        # Clamp first: a k above the corpus size is clamped with a warning whatever the shortlist size.
         if k > n:
             warnings.warn(
                 f"k={k} is larger than the corpus ({n} documents); returning {n} hits", stacklevel=2
             )
             k = n
         shortlist = min(shortlist, n)
+        if shortlist < k:
+            raise InvalidInputError(
+                f"shortlist={shortlist} is smaller than k={k}: the shortlist must hold at least k candidates"
+            )
         queries = _as_matrix(queries, "queries", allow_vector=True)
         if queries.shape[0] == 0:
             raise InvalidInputError("queries is empty: nothing to search")
