@@ -186,3 +186,20 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="hub"):
         EmbeddingModel.load("nobody-here/no-such-model-xyz")
+
+
+def test_hub_id_downloads_only_the_pytorch_files(tiny_model_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = EmbeddingModel.load("someone/tiny-model")
+    assert model.num_layers == 4
+    (repo_id, kwargs), *_ = calls
+    assert repo_id == "someone/tiny-model"
+    assert {"onnx/*", "openvino/*", "tf_model*"} <= set(kwargs["ignore_patterns"])

@@ -124,6 +124,20 @@ class FolderSpec:
     metadata: dict | None = None
 
 
+HUB_IGNORE_PATTERNS = [
+    "onnx/*",
+    "openvino/*",
+    "*.onnx",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "tf_model*",
+    "flax_model*",
+    "rust_model*",
+    "coreml/*",
+]
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local folder as is; anything else is treated as a Hugging Face hub id and downloaded (cached)."""
     path = Path(name_or_path).expanduser()
@@ -137,7 +151,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=text))
+        # Only what a PyTorch model folder needs: not the ONNX / OpenVINO / TF / Flax / Rust copies that
+        # many sentence-transformers repos also ship (several times the model's size).
+        return Path(snapshot_download(repo_id=text, ignore_patterns=HUB_IGNORE_PATTERNS))
     except Exception as e:  # network errors, missing repo, offline mode without a cache
         raise ModelLoadError(
             f"{name_or_path!r} is not a local folder and could not be fetched from the Hugging Face hub "
