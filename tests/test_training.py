@@ -466,7 +466,10 @@ def test_two_processes_under_torchrun(workdir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- examples, docs
-@pytest.mark.parametrize("name", ["nli-mnrl-2d.yaml", "stsb-cosent-matryoshka.yaml", "nli-starbucks.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["nli-mnrl-2d.yaml", "nli-mnrl-2d-recommended.yaml", "stsb-cosent-matryoshka.yaml", "nli-starbucks.yaml"],
+)
 def test_example_configs_are_valid(name):
     from types import SimpleNamespace
 
