@@ -18,7 +18,7 @@ Input handling (documented choices):
 
 * ``k < 1``, ``shortlist < 1`` or ``shortlist < k`` raise :class:`~matryoshka2d.errors.InvalidInputError`.
 * ``k`` larger than the corpus is **clamped** to the corpus size with a ``UserWarning`` (a corpus can
-  legitimately be small); ``shortlist`` larger than the corpus is clamped silently Both are clamped
+  legitimately be small); ``shortlist`` larger than the corpus is clamped silently. Both are clamped
   before ``shortlist < k`` is checked, so ``k=300, shortlist=200`` on 100 documents returns 100 hits.
 * An empty corpus, duplicate ids and query arrays of the wrong width raise
   :class:`~matryoshka2d.errors.InvalidInputError`; a model whose embedding size differs from the
