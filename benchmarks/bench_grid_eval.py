@@ -16,7 +16,7 @@ from common import header, median, minilm_path, timed
 
 from matryoshka2d import EmbeddingModel
 from matryoshka2d.data import data_dir, load_sts
-from matryoshka2d.evaluation import evaluate_sts
+from matryoshka2d.evaluation.sts import evaluate_sts
 from matryoshka2d.truncation import find_layer_stack
 
 DIMS = [384, 256, 128, 64, 32]

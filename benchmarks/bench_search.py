@@ -47,7 +47,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from matryoshka2d.data import data_dir, read_rows  # noqa: E402
-from matryoshka2d.search import SearchIndex  # noqa: E402
+from matryoshka2d.search.index import SearchIndex  # noqa: E402
 
 K = 10
 CACHE = Path(".cache/bench_search")

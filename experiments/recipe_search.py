@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.data import data_dir
-from matryoshka2d.demo import DIMS, train
-from matryoshka2d.evaluation import GridResult, evaluate_sts
+from matryoshka2d.demo.experiment import DIMS, train
+from matryoshka2d.evaluation.sts import GridResult, evaluate_sts
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_write
 

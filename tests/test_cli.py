@@ -143,7 +143,7 @@ def test_index_build_and_search(tiny_model_dir, corpus_tsv, tmp_path, capsys):
     assert main([*argv, "--json", str(hits_file)]) == 0
     printed = capsys.readouterr().out
     hits = json.loads(hits_file.read_text())
-    from matryoshka2d.search import SearchIndex
+    from matryoshka2d.search.index import SearchIndex
 
     expected = SearchIndex.load(out).search_texts(
         EmbeddingModel.load(tiny_model_dir), queries, k=3, shortlist=6

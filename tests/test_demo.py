@@ -6,7 +6,7 @@ import json
 
 from conftest import SENTENCES
 
-from matryoshka2d.demo import run_demo
+from matryoshka2d.demo.experiment import run_demo
 
 
 def write_tiny_data(root):

@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from matryoshka2d import InvalidDimError, InvalidLayersError
 from matryoshka2d.data import load_sts
-from matryoshka2d.evaluation import GridResult, evaluate_sts
+from matryoshka2d.evaluation.sts import GridResult, evaluate_sts
 
 
 def test_grid_equals_cell_by_cell_encoding(tiny_model, sts_file):

@@ -7,7 +7,7 @@ import pytest
 from conftest import data_path, packaged_minilm
 
 from matryoshka2d import EmbeddingModel
-from matryoshka2d.evaluation import evaluate_sts
+from matryoshka2d.evaluation.sts import evaluate_sts
 
 pytestmark = pytest.mark.integration
 

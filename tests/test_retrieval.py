@@ -9,7 +9,7 @@ import pytest
 from conftest import SENTENCES, data_path, packaged_minilm
 
 from matryoshka2d.errors import DataFileError, InvalidInputError, InvalidLayersError
-from matryoshka2d.retrieval import (
+from matryoshka2d.evaluation.retrieval import (
     RetrievalData,
     RetrievalGridResult,
     evaluate_retrieval,

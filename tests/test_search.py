@@ -10,7 +10,7 @@ import pytest
 from conftest import SENTENCES, build_tiny_model
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
-from matryoshka2d.search import FORMAT_VERSION, SearchIndex, ShortlistConfig
+from matryoshka2d.search.index import FORMAT_VERSION, SearchIndex, ShortlistConfig
 
 VARIANTS = [(index, quant) for index in ("flat", "hnsw", "ivf") for quant in ("none", "int8", "binary")]
 

@@ -20,14 +20,14 @@ import yaml
 from matryoshka2d import EmbeddingModel
 from matryoshka2d.cli import main
 from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError, Matryoshka2dError
-from matryoshka2d.evaluation import GridResult
+from matryoshka2d.evaluation.sts import GridResult
 from matryoshka2d.losses import (
     CosineSimilarityLoss,
     Matryoshka2dLoss,
     MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
-from matryoshka2d.training import (
+from matryoshka2d.training.trainer import (
     TrainConfig,
     Trainer,
     add_train_arguments,

@@ -1,4 +1,4 @@
-"""Tests of matryoshka2d.training_data: sources, column choice, labels, concatenation and the batch stream."""
+"""Tests of matryoshka2d.training.data: sources, column choice, labels, concatenation and the batch stream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from matryoshka2d.errors import DataFileError, InvalidInputError
-from matryoshka2d.training_data import (
+from matryoshka2d.training.data import (
     BatchStream,
     TrainingData,
     load_training_data,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_transformer
 
-from matryoshka2d.truncation import find_layer_stack, first_layers, keep_first_layers, truncate_dims
+from matryoshka2d.truncation import find_layer_stack, keep_first_layers, layer_view, truncate_dims
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -17,15 +17,31 @@ def test_layer_stack_found_for_each_family(family):
     assert len(getattr(parent, name)) == 3
 
 
-def test_first_layers_restores_the_stack_even_on_error():
-    model = tiny_transformer("bert", vocab_size=50, num_layers=3)
+@pytest.mark.parametrize("family", ["bert", "mpnet", "roberta", "distilbert"])
+def test_layer_view_shares_weights_and_leaves_the_model_unchanged(family):
+    model = tiny_transformer(family, vocab_size=50, num_layers=3)
     parent, name = find_layer_stack(model)
     full = getattr(parent, name)
-    with pytest.raises(RuntimeError):
-        with first_layers(model, 1):
-            assert len(getattr(parent, name)) == 1 and getattr(parent, name)[0] is full[0]
-            raise RuntimeError("boom")
-    assert getattr(parent, name) is full
+    params = {n: p.data_ptr() for n, p in model.named_parameters()}
+    view = layer_view(model, 1)
+    view_parent, view_name = find_layer_stack(view)
+    assert len(getattr(view_parent, view_name)) == 1 and getattr(view_parent, view_name)[0] is full[0]
+    # the original keeps every layer, the same list object and the same parameters
+    assert getattr(parent, name) is full and len(full) == 3
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params
+    model_params = {id(p) for p in model.parameters()}
+    assert all(id(p) in model_params for p in view.parameters())  # shared, not copied
+    assert layer_view(model, 3) is model
+
+
+def test_layer_view_gradients_reach_the_shared_weights():
+    model = tiny_transformer("bert", vocab_size=50, num_layers=3)
+    ids = torch.tensor([[1, 5, 7, 2]])
+    layer_view(model, 2)(input_ids=ids).last_hidden_state.sum().backward()
+    stack = find_layer_stack(model)
+    layers = getattr(*stack)
+    assert layers[1].attention.self.query.weight.grad is not None
+    assert layers[2].attention.self.query.weight.grad is None  # not run
 
 
 def test_keep_first_layers_updates_config():

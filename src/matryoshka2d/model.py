@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from matryoshka2d.errors import InvalidInputError, InvalidLayersError, ModelLoadError
+from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError, ModelLoadError
 from matryoshka2d.persistence import (
     FolderSpec,
     atomic_directory,
@@ -34,10 +36,11 @@ from matryoshka2d.truncation import (
     check_dim,
     check_layers,
     find_layer_stack,
-    first_layers,
     keep_first_layers,
+    layer_view,
     truncate_dims,
 )
+from matryoshka2d.validation import check_positive_int
 
 # Families whose position ids start after the padding index, so max_position_embeddings overstates the
 # usable length by pad_token_id + 1 (514 positions = 512 tokens for RoBERTa).
@@ -51,17 +54,58 @@ _OFFSET_POSITION_FAMILIES = {
 }
 
 
-def check_texts(texts: object) -> list[str]:
-    """Validate a list of texts: non-empty, every item a string."""
+def check_texts_iterable(texts: object) -> None:
+    """Refuse what cannot be encoded row by row in a defined order: a string, a non-iterable, a set or a dict.
+
+    Output row i must belong to input item i; a set has no order and a dict would silently encode its keys.
+    """
     if isinstance(texts, str) or not isinstance(texts, Iterable):
         raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
-    texts = list(texts)
+    if isinstance(texts, (Set, Mapping)):
+        raise InvalidInputError(
+            f"texts is a {type(texts).__name__}, which has no row order (a dict would give its keys): "
+            "pass a list of strings, e.g. sorted(texts) or list(mapping.values())"
+        )
+
+
+def _check_text(text: object, i: int) -> str:
+    if not isinstance(text, str):
+        raise InvalidInputError(f"texts[{i}] is {type(text).__name__} ({text!r:.50}), expected str")
+    return text
+
+
+def check_texts(texts: object) -> list[str]:
+    """Validate a list of texts: an ordered collection (not a set or dict), non-empty, every item a string."""
+    check_texts_iterable(texts)
+    texts = [_check_text(text, i) for i, text in enumerate(texts)]  # type: ignore[union-attr]
     if not texts:
         raise InvalidInputError("texts is empty: nothing to encode")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InvalidInputError(f"texts[{i}] is {type(text).__name__} ({text!r:.50}), expected str")
     return texts
+
+
+# Texts tokenised and sorted by length together: enough to batch similar lengths, small enough for memory.
+DEFAULT_CHUNK_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """Embeddings of consecutive input texts, for every requested (layers, dim) cell.
+
+    Attributes:
+        start: position of the first text of this batch in the input stream.
+        size: number of texts in this batch.
+        embeddings: ``{(layers, dim): float32 array of shape (size, dim)}``.
+    """
+
+    start: int
+    size: int
+    embeddings: dict[tuple[int, int], np.ndarray]
+
+    def __getitem__(self, cell: tuple[int, int]) -> np.ndarray:
+        return self.embeddings[cell]
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class EmbeddingModel(nn.Module):
@@ -103,7 +147,8 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         if pooling_mode not in POOLING_MODES:
             raise ModelLoadError(f"unknown pooling mode {pooling_mode!r}; supported: {list(POOLING_MODES)}")
-        find_layer_stack(transformer)  # fail now, with the class name, if the architecture is unknown
+        parent, name = find_layer_stack(transformer)  # fail now, with the class name, if unknown
+        self._num_layers = len(getattr(parent, name))  # a fixed fact: running fewer layers changes nothing
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.pooling_mode = pooling_mode
@@ -121,7 +166,9 @@ class EmbeddingModel(nn.Module):
             limit = positions
         self.max_seq_length: int = int(max_seq_length or min(limit, positions))
         self._input_names = set(inspect.signature(transformer.forward).parameters)
-        self._lock = threading.RLock()  # layer truncation swaps the layer list for one forward pass
+        # A fast tokenizer's call may switch its truncation/padding state: not safe from several threads.
+        # Only tokenising is serialised; forward passes of any layer count run concurrently.
+        self._tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -208,9 +255,8 @@ class EmbeddingModel(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def num_layers(self) -> int:
-        """Number of transformer layers."""
-        parent, name = find_layer_stack(self.transformer)
-        return len(getattr(parent, name))
+        """Number of transformer layers of the loaded model (never changes while it runs fewer)."""
+        return self._num_layers
 
     @property
     def device(self) -> torch.device:
@@ -225,14 +271,38 @@ class EmbeddingModel(nn.Module):
         """
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        encoded = self.tokenizer(
-            list(texts),
-            padding=padding,
-            truncation=True,
-            max_length=self.max_seq_length,
-            return_tensors="pt" if padding else None,
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                list(texts),
+                padding=padding,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_tensors="pt" if padding else None,
+            )
         return dict(encoded)
+
+    def pad(
+        self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """Tensors for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to the longest row.
+
+        Pads like the tokenizer (``pad_token_id``, attention mask 0, token type 0, on its padding side)
+        without touching the shared tokenizer, so it is safe from any number of threads.
+        """
+        width = max(len(encoded["input_ids"][i]) for i in rows)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        pad_values = {"input_ids": self.tokenizer.pad_token_id or 0}
+        out = {}
+        for key, values in encoded.items():
+            array = np.full((len(rows), width), pad_values.get(key, 0), dtype=np.int64)
+            for r, i in enumerate(rows):
+                seq = values[i]
+                if left:
+                    array[r, width - len(seq) :] = seq
+                else:
+                    array[r, : len(seq)] = seq
+            out[key] = torch.from_numpy(array)
+        return out
 
     def forward(
         self, features: dict[str, torch.Tensor], layers: Iterable[int] | None = None
@@ -261,14 +331,105 @@ class EmbeddingModel(nn.Module):
         deepest = max(wanted[-1], 1)
         inputs = {key: value for key, value in features.items() if key in self._input_names}
         need_all = wanted != [deepest]
-        with self._lock, first_layers(self.transformer, deepest):
-            out = self.transformer(**inputs, output_hidden_states=need_all, return_dict=True)
+        transformer = layer_view(self.transformer, deepest)  # shares every weight; self is not changed
+        out = transformer(**inputs, output_hidden_states=need_all, return_dict=True)
         mask = features["attention_mask"]
         if not need_all:
             return {deepest: pool(out.last_hidden_state, mask, self.pooling_mode)}
         return {k: pool(out.hidden_states[k], mask, self.pooling_mode) for k in wanted}
 
     # ------------------------------------------------------------------ inference
+    def iter_encode(
+        self,
+        texts: Iterable[str],
+        layers: int | Sequence[int] | None = None,
+        dims: int | Sequence[int] | None = None,
+        batch_size: int = 32,
+        normalize: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        show_progress: bool | None = None,
+    ) -> Iterator[EmbeddingBatch]:
+        """Stream embeddings of any number of texts at several (layers, dim) cells from one forward pass.
+
+        Texts are read ``chunk_size`` at a time from ``texts`` (any iterable, e.g. a generator over a
+        file), tokenised, sorted by token count (less padding) and run in batches of ``batch_size``
+        through the layers up to the deepest requested one; every requested layer count is pooled from
+        that one pass and every dim is a prefix of it. Each chunk is yielded in input order, so memory
+        stays bounded by ``chunk_size`` whatever the size of the input.
+
+        Args:
+            texts: an ordered iterable of strings (a list, a generator; not a set or a dict).
+            layers: a layer count or a list of them (default: all layers).
+            dims: an embedding size or a list of them (default: ``model.dim``).
+            batch_size: texts per forward pass.
+            normalize: L2-normalise each dim prefix (dot product = cosine similarity).
+            chunk_size: texts tokenised and held at once.
+            show_progress: a tqdm bar counting texts (default: when there are more than 20 batches, or
+                always if the input length is unknown).
+
+        Yields:
+            :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
+            ``(batch.size, dim)``; ``batch.start`` is the position of its first text.
+
+        Raises:
+            InvalidLayersError, InvalidDimError, InvalidInputError: for out-of-range or malformed input.
+        """
+        check_texts_iterable(texts)
+        ks = self._layer_list(layers)
+        ds = self._dim_list(dims)
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        total = len(texts) if hasattr(texts, "__len__") else None  # type: ignore[arg-type]
+        if show_progress is None:
+            show_progress = total is None or total > 20 * batch_size
+        iterator = iter(texts)
+        start = 0
+        with tqdm(total=total, desc="Encoding", unit="text", disable=not show_progress) as bar:
+            while chunk := [
+                _check_text(t, start + i) for i, t in enumerate(itertools.islice(iterator, chunk_size))
+            ]:
+                pooled = self._encode_chunk(chunk, ks, batch_size)
+                cells = {(k, d): truncate_dims(pooled[k], d, normalize) for k in ks for d in ds}
+                yield EmbeddingBatch(
+                    start, len(chunk), {c: np.ascontiguousarray(e) for c, e in cells.items()}
+                )
+                start += len(chunk)
+                bar.update(len(chunk))
+        if start == 0:
+            raise InvalidInputError("texts is empty: nothing to encode")
+
+    def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
+        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order."""
+        encoded = self.tokenize(texts, padding=False)
+        order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")  # longest first
+        out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
+        device = self.device
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                features = {key: value.to(device) for key, value in self.pad(encoded, idx).items()}
+                for k, emb in self.forward(features, layers).items():
+                    out[k][idx] = emb.float().cpu().numpy()
+        return out
+
+    def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return [self.num_layers]
+        if not isinstance(layers, (Sequence, np.ndarray)) or isinstance(layers, str):
+            return [check_layers(layers, self.num_layers)]  # type: ignore[arg-type]
+        if len(layers) == 0:
+            raise InvalidLayersError("layers is empty: request at least one layer count")
+        return sorted({check_layers(k, self.num_layers) for k in layers})
+
+    def _dim_list(self, dims: int | Sequence[int] | None) -> list[int]:
+        if dims is None:
+            return [self.dim]
+        if not isinstance(dims, (Sequence, np.ndarray)) or isinstance(dims, str):
+            return [check_dim(dims, self.dim)]  # type: ignore[arg-type]
+        if len(dims) == 0:
+            raise InvalidDimError("dims is empty: request at least one embedding size")
+        return sorted({check_dim(d, self.dim) for d in dims}, reverse=True)
+
     def encode_layers(
         self,
         texts: Sequence[str],
@@ -278,40 +439,21 @@ class EmbeddingModel(nn.Module):
     ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised embeddings of every requested layer count, from one pass over the data.
 
-        This is what grid evaluation uses: the layers are prefixes of one forward pass, so asking for all
-        of them costs about one full encode.
-
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}``.
         """
         texts = check_texts(texts)
-        layers = list(layers) if layers is not None else None
-        if layers is not None and not layers:
-            raise InvalidLayersError("layers is empty: request at least one layer count")
-        wanted = sorted({check_layers(k, self.num_layers) for k in (layers or [self.num_layers])})
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        # Tokenise once, then batch texts of similar token counts (longest first): less padding to compute.
-        encoded = self.tokenize(texts, padding=False)
-        order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
-        out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in wanted}
-        starts = range(0, len(texts), batch_size)
-        if show_progress is None:
-            show_progress = len(starts) > 20
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                for start in tqdm(starts, desc="Encoding", unit="batch", disable=not show_progress):
-                    idx = order[start : start + batch_size]
-                    batch = {key: [values[i] for i in idx] for key, values in encoded.items()}
-                    features = self.tokenizer.pad(batch, return_tensors="pt")
-                    features = {key: value.to(self.device) for key, value in features.items()}
-                    for k, emb in self.forward(features, wanted).items():
-                        out[k][idx] = emb.float().cpu().numpy()
-        finally:
-            self.train(was_training)
-        return out
+        ks = self._layer_list(list(layers) if layers is not None else None)
+        batch_size = check_positive_int(batch_size, "batch_size")
+        parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+        show = len(texts) > 20 * batch_size if show_progress is None else show_progress
+        with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show) as bar:
+            for start in range(0, len(texts), DEFAULT_CHUNK_SIZE):
+                chunk = texts[start : start + DEFAULT_CHUNK_SIZE]
+                for k, emb in self._encode_chunk(chunk, ks, batch_size).items():
+                    parts[k].append(emb)
+                bar.update(len(chunk))
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
     def encode(
         self,
@@ -323,6 +465,10 @@ class EmbeddingModel(nn.Module):
         show_progress: bool | None = None,
     ) -> np.ndarray:
         """Embed texts using the first ``layers`` transformer layers and the first ``dim`` dimensions.
+
+        Safe to call from many threads at once with different ``layers`` and ``dim``: the loaded model is
+        never changed (see :func:`~matryoshka2d.truncation.layer_view`). The model's train/eval mode is
+        used as it is (loaded models are in eval mode); gradients are never recorded.
 
         Args:
             texts: a list of strings (or one string, which gives a 1-D result).
@@ -343,8 +489,11 @@ class EmbeddingModel(nn.Module):
         texts = check_texts([texts] if single else texts)
         k = check_layers(layers, self.num_layers) if layers is not None else self.num_layers
         d = check_dim(dim, self.dim) if dim is not None else self.dim
-        emb = self.encode_layers(texts, [k], batch_size=batch_size, show_progress=show_progress)[k]
-        emb = np.ascontiguousarray(truncate_dims(emb, d, normalize), dtype=np.float32)
+        batches = self.iter_encode(
+            texts, k, d, batch_size=batch_size, normalize=normalize, show_progress=show_progress
+        )
+        parts = [batch[(k, d)] for batch in batches]
+        emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return emb[0] if single else emb
 
     # ------------------------------------------------------------------ export
@@ -357,8 +506,7 @@ class EmbeddingModel(nn.Module):
         """
         k = check_layers(layers, self.num_layers) if layers is not None else self.num_layers
         d = check_dim(dim, self.dim) if dim is not None else self.dim
-        with self._lock, first_layers(self.transformer, k):
-            transformer = copy.deepcopy(self.transformer)
+        transformer = copy.deepcopy(layer_view(self.transformer, k))  # copies the first k layers only
         keep_first_layers(transformer, k)
         model = EmbeddingModel(
             transformer,

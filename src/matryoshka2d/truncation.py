@@ -1,31 +1,32 @@
 """Layer and dimension truncation: where a model is cut to its first k layers and first d dims.
 
 Layers: the encoder's layer stack (a ``torch.nn.ModuleList``) is found by architecture. At inference
-:func:`first_layers` swaps in a prefix view of that list for the duration of one forward pass, so only
-the first k layers run (the modules are shared, no weight is copied, and the full list is put back
-afterwards). :func:`keep_first_layers` cuts a model for good and fixes its config, for export.
+:func:`layer_view` gives a view of the model whose layer list holds the first k layers (the modules are
+shared, no weight is copied, the model itself is never changed), so only those layers run and calls with
+different k can run concurrently. :func:`keep_first_layers` cuts a model for good and fixes its config,
+for export.
 
 Dims: :func:`truncate_dims` keeps the first d values and optionally re-normalises.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import copy
 
 import numpy as np
 import torch
 from torch import nn
 
 from matryoshka2d.errors import InvalidDimError, InvalidLayersError, ModelLoadError
+from matryoshka2d.validation import check_int
 
 # Where the transformer block list lives, by family: BERT, RoBERTa, XLM-R, MPNet, ELECTRA, DeBERTa use
 # encoder.layer; DistilBERT uses transformer.layer; some newer encoders use layers / encoder.layers.
 _LAYER_STACK_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer")
 
 
-def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
-    """The module holding the transformer layer list, and the attribute name of that list.
+def layer_stack_path(model: nn.Module) -> tuple[tuple[str, ...], str]:
+    """Where the transformer layer list is: the attribute path of its parent module, and its name.
 
     Raises:
         ModelLoadError: naming the model class, if no known layer stack is found.
@@ -39,7 +40,7 @@ def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
                 break
         stack = getattr(parent, name, None) if parent is not None else None
         if isinstance(stack, nn.ModuleList) and len(stack) > 0:
-            return parent, name  # type: ignore[return-value]
+            return tuple(parents), name
     raise ModelLoadError(
         f"cannot find the transformer layer stack of {type(model).__name__} "
         f"(looked for {', '.join(_LAYER_STACK_PATHS)}); supported families: BERT, MPNet, RoBERTa/XLM-R, "
@@ -47,41 +48,71 @@ def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
     )
 
 
+def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the transformer layer list, and the attribute name of that list."""
+    parents, name = layer_stack_path(model)
+    return _resolve(model, parents), name
+
+
 def check_layers(layers: int, num_layers: int) -> int:
     """Validate a layer count: an int in ``1..num_layers``."""
-    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)):
-        raise InvalidLayersError(f"layers must be an integer, got {layers!r}")
-    if not 1 <= layers <= num_layers:
-        raise InvalidLayersError(f"layers={layers} is out of range: the model has 1..{num_layers} layers")
-    return int(layers)
+    return check_int(
+        layers,
+        "layers",
+        1,
+        num_layers,
+        error=InvalidLayersError,
+        what=f"the model has 1..{num_layers} layers",
+    )
 
 
 def check_dim(dim: int, model_dim: int) -> int:
     """Validate an embedding size: an int in ``1..model_dim``."""
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise InvalidDimError(f"dim must be an integer, got {dim!r}")
-    if not 1 <= dim <= model_dim:
-        raise InvalidDimError(f"dim={dim} is out of range: the model's embeddings have 1..{model_dim} dims")
-    return int(dim)
+    return check_int(
+        dim,
+        "dim",
+        1,
+        model_dim,
+        error=InvalidDimError,
+        what=f"the model's embeddings have 1..{model_dim} dims",
+    )
 
 
-@contextlib.contextmanager
-def first_layers(model: nn.Module, k: int) -> Iterator[None]:
-    """Run ``model`` with only its first ``k`` transformer layers inside the ``with`` block.
+def layer_view(model: nn.Module, k: int) -> nn.Module:
+    """``model`` running only its first ``k`` transformer layers, without changing ``model``.
 
-    The layer list is replaced by a prefix view (same module objects, nothing copied) and restored on
-    exit, also on error. Not thread-safe on its own: callers serialise forward passes.
+    The view is a shallow copy of the modules on the path to the layer stack (the root and, e.g., its
+    ``encoder``) whose layer list holds the first ``k`` layers. Every parameter, buffer and layer module
+    is shared with ``model`` (nothing is copied, gradients reach the same tensors); only the small
+    containers on the path are new. ``model`` itself is never modified, so views of different ``k`` can
+    run at the same time from many threads. Building one costs microseconds: callers build one per call,
+    so a view always sees the model's current train/eval mode.
     """
-    parent, name = find_layer_stack(model)
-    full = getattr(parent, name)
-    if k == len(full):
-        yield
-        return
-    setattr(parent, name, full[:k])
-    try:
-        yield
-    finally:
-        setattr(parent, name, full)
+    parent_path, name = layer_stack_path(model)
+    stack = _resolve(model, parent_path + (name,))
+    if k == len(stack):
+        return model
+    root = _shallow(model)
+    node = root
+    for attr in parent_path:
+        child = _shallow(node._modules[attr])
+        node._modules[attr] = child
+        node = child
+    node._modules[name] = nn.ModuleList(list(stack)[:k])
+    return root
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)  # shares __dict__ values: parameters, buffers, config, hooks
+    clone._modules = dict(module._modules)  # but a container of our own, so replacing a child is local
+    return clone
+
+
+def _resolve(model: nn.Module, path: tuple[str, ...]) -> nn.Module:
+    node = model
+    for attr in path:
+        node = getattr(node, attr)
+    return node
 
 
 def keep_first_layers(model: nn.Module, k: int) -> None:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from matryoshka2d.data import data_dir, load_sts
-from matryoshka2d.evaluation import evaluate_sts
+from matryoshka2d.demo.report import write_report
+from matryoshka2d.evaluation.sts import evaluate_sts
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_directory, atomic_write
-from matryoshka2d.report import write_report
 
 DIMS = [384, 256, 128, 64, 32]
 
@@ -125,7 +125,7 @@ def train(
 
     Returns the model folder and the training time in seconds.
     """
-    from matryoshka2d.training import TrainConfig, Trainer
+    from matryoshka2d.training.trainer import TrainConfig, Trainer
 
     settings = training_settings(overrides, base_model, data_root, common)
     output = work / cache_key(settings.get("wrapper") or "plain", settings)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from matryoshka2d.data import load_sts, read_rows, require_columns, text_column
 from matryoshka2d.errors import DataFileError, InvalidInputError
-from matryoshka2d.evaluation import resolve_grid
+from matryoshka2d.evaluation.sts import resolve_grid
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.truncation import truncate_dims
 

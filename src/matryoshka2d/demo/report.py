@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.errors import DataFileError
-from matryoshka2d.evaluation import GridResult
+from matryoshka2d.evaluation.sts import GridResult
 from matryoshka2d.persistence import atomic_write
 
 

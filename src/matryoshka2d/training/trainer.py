@@ -17,7 +17,7 @@ a model card describing the base model, data, loss, trained dims/layers and eval
 
 Usage (Python)::
 
-    from matryoshka2d.training import TrainConfig, Trainer
+    from matryoshka2d.training.trainer import TrainConfig, Trainer
     config = TrainConfig(model="sentence-transformers/all-MiniLM-L6-v2",
                          train_data=["../shared/data/snli/triplet-validation.tsv"],
                          output_dir="out/minilm-2d", loss="MultipleNegativesRankingLoss",
@@ -54,10 +54,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError, Matryoshka2dError
-from matryoshka2d.evaluation import GridResult, evaluate_sts, resolve_grid
+from matryoshka2d.evaluation.sts import GridResult, evaluate_sts, resolve_grid
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_directory
-from matryoshka2d.training_data import BatchStream, TrainingData, load_training_data
+from matryoshka2d.training.data import BatchStream, TrainingData, load_training_data
 
 # ---------------------------------------------------------------------------------------------- config
 

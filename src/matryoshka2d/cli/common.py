@@ -1,0 +1,80 @@
+"""Pieces shared by the ``m2d`` subcommands: the one-line-error parser, argument types and parents.
+
+A parent is an ``argparse.ArgumentParser(add_help=False)`` holding options that several commands take
+(``model``, ``--batch-size``, ``--layers/--dims`` grids); a command lists the parents it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other m2d error."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: ``"1,2,3"`` as ``[1, 2, 3]``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def model_reference(name: str) -> str:
+    """An absolute path for a local model folder (so an index works from any directory), else the hub id."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def model_parent() -> argparse.ArgumentParser:
+    """The positional MODEL argument."""
+    p = _parent()
+    p.add_argument("model", help="model folder or Hugging Face hub id")
+    return p
+
+
+def batch_parent(default: int = 32) -> argparse.ArgumentParser:
+    """``--batch-size``."""
+    p = _parent()
+    p.add_argument(
+        "--batch-size", type=positive_int, default=default, help=f"texts per forward pass (default {default})"
+    )
+    return p
+
+
+def grid_parent() -> argparse.ArgumentParser:
+    """``--layers`` and ``--dims`` lists for grid evaluation."""
+    p = _parent()
+    p.add_argument("--layers", type=int_list, help="comma-separated layer counts (default: all)")
+    p.add_argument("--dims", type=int_list, help="comma-separated embedding sizes (default: full)")
+    return p
+
+
+def cell_parent() -> argparse.ArgumentParser:
+    """``--layers K`` and ``--dim D``: one cell of the grid."""
+    p = _parent()
+    p.add_argument("--layers", type=int, help="number of transformer layers to run (default: all)")
+    p.add_argument("--dim", type=int, help="embedding size to keep (default: full)")
+    return p

@@ -1,0 +1,180 @@
+"""``m2d index build|add``, ``m2d search`` and ``m2d eval-retrieval``: shortlist-and-rerank search."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from matryoshka2d.cli.common import int_list, model_reference, positive_int
+from matryoshka2d.persistence import atomic_write
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from matryoshka2d.data import read_corpus
+    from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.search.index import SearchIndex
+
+    texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
+    model = EmbeddingModel.load(model_reference(args.model))
+    index = SearchIndex.from_model(
+        model,
+        texts,
+        ids,
+        shortlist_dim=args.shortlist_dim,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        store_texts=not args.no_texts,
+        index=args.index,
+        quantization=args.quantization,
+    )
+    index.save(args.out)
+    c = index.shortlist
+    print(f"indexed {len(index)} documents ({index.dim} dims) in {args.out}")
+    print(f"shortlist: first {c.dim} dims, {c.index} index, {c.quantization} codes")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from matryoshka2d.data import read_corpus
+    from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.search.index import SearchIndex
+
+    index = SearchIndex.load(args.index_dir)
+    texts, ids = read_corpus(args.corpus, args.column, args.id_column)
+    model = EmbeddingModel.load(args.model or index_model(index))
+    index.add_texts(model, texts, ids, batch_size=args.batch_size)
+    index.save(args.index_dir)
+    print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)})")
+    return 0
+
+
+def index_model(index) -> str:
+    from matryoshka2d.errors import InvalidInputError
+
+    if not index.model:
+        raise InvalidInputError("the index records no model (it was built from embeddings): pass --model")
+    return index.model
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from matryoshka2d.data import read_texts
+    from matryoshka2d.errors import InvalidInputError
+    from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.search.index import SearchIndex
+
+    if bool(args.query) == bool(args.queries):
+        raise InvalidInputError("give the queries either with --query (repeatable) or with --queries FILE")
+    queries = args.query or read_texts(args.queries, column=args.column)
+    index = SearchIndex.load(args.index_dir)
+    model = EmbeddingModel.load(args.model or index_model(index))
+    result = index.search_texts(
+        model, queries, k=args.k, shortlist=args.shortlist, batch_size=args.batch_size
+    )
+    hits = []
+    for i, query in enumerate(queries):
+        texts = result.texts[i] if result.texts is not None else [None] * len(result.ids[i])
+        rows = zip(result.ids[i], result.scores[i].tolist(), texts, strict=False)
+        hits.append({"query": query, "hits": [{"id": d, "score": s, "text": t} for d, s, t in rows]})
+    for entry in hits:
+        print(f"query: {entry['query']}")
+        for rank, hit in enumerate(entry["hits"], 1):
+            print(f"{rank:>4}  {hit['score']:.4f}  {hit['id']}" + (f"  {hit['text']}" if hit["text"] else ""))
+    if args.json:
+        text = json.dumps(hits, indent=2, ensure_ascii=False).encode()
+        atomic_write(args.json, text)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from matryoshka2d.evaluation.retrieval import evaluate_retrieval, load_retrieval
+    from matryoshka2d.model import EmbeddingModel
+
+    data = load_retrieval(args.data, min_score=args.min_score)  # validate the data before loading the model
+    model = EmbeddingModel.load(args.model)
+    result = evaluate_retrieval(
+        model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True
+    )
+    print(
+        f"retrieval — {args.model} on {args.data} ({len(data.queries)} queries, {len(data.corpus)} documents)"
+    )
+    for metric in ("ndcg@10", "mrr@10", "recall@10"):
+        print(result.table(metric))
+        print()
+    if args.json:
+        text = json.dumps(result.to_dict(), indent=2).encode()
+        atomic_write(args.json, text)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub) -> None:
+    """The ``index build``, ``index add``, ``search`` and ``eval-retrieval`` subcommands."""
+    from matryoshka2d.search.index import QUANTIZATIONS, SHORTLIST_INDEXES
+
+    index = sub.add_parser("index", help="build or extend a shortlist-and-rerank search index")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    p = index_sub.add_parser("build", help="encode a corpus and write a search index folder")
+    p.add_argument("model", help="model folder or Hugging Face hub id")
+    p.add_argument(
+        "--corpus", required=True, help="one document a line (.txt) or a tsv/csv/jsonl/parquet file"
+    )
+    p.add_argument("--column", help="text column of a table file (default: 'text' or the first column)")
+    p.add_argument("--id-column", help="id column of a table file (default: row numbers 0, 1, ...)")
+    p.add_argument("--out", required=True, help="output index folder")
+    p.add_argument(
+        "--shortlist-dim", type=int, default=None, help="leading dims for the shortlist (default 64)"
+    )
+    p.add_argument("--layers", type=int, help="encode with the first K transformer layers (default: all)")
+    p.add_argument(
+        "--index", default="flat", choices=SHORTLIST_INDEXES, help="shortlist index (default flat)"
+    )
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="shortlist codes")
+    p.add_argument("--no-texts", action="store_true", help="do not store the document texts in the index")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.set_defaults(func=cmd_index_build)
+
+    p = index_sub.add_parser("add", help="encode more documents into an existing index")
+    p.add_argument("index_dir", help="index folder written by 'm2d index build'")
+    p.add_argument(
+        "--corpus", required=True, help="one document a line (.txt) or a tsv/csv/jsonl/parquet file"
+    )
+    p.add_argument("--column", help="text column of a table file")
+    p.add_argument("--id-column", help="id column of a table file (default: continue the row numbers)")
+    p.add_argument("--model", help="model to encode with (default: the one recorded in the index)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.set_defaults(func=cmd_index_add)
+
+    p = sub.add_parser("search", help="search an index: shortlist on the first dims, rerank with all dims")
+    p.add_argument("index_dir", help="index folder written by 'm2d index build'")
+    p.add_argument("--query", action="append", help="a query text (repeat for several)")
+    p.add_argument("--queries", help="a file of queries: one a line (.txt) or a table file")
+    p.add_argument("--column", help="query column of a table file")
+    p.add_argument(
+        "-k",
+        type=int,
+        default=10,
+        help="hits per query (default 10; above the corpus size: clamped, with a warning)",
+    )
+    p.add_argument(
+        "--shortlist", type=int, default=200, help="candidates reranked with all dims (default 200)"
+    )
+    p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--json", help="also write the hits as JSON to this file")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval-retrieval", help="recall@k, MRR@10, nDCG@10 over the layers x dims grid")
+    p.add_argument("model", help="model folder or Hugging Face hub id")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="SNLI-style file (premise, hypothesis, label: entailed hypotheses are relevant) or STS-style "
+        "file (sentence1, sentence2, score: pairs scored >= --min-score are relevant)",
+    )
+    p.add_argument("--min-score", type=float, default=4.0, help="relevance threshold for STS-style files")
+    p.add_argument("--layers", type=int_list, help="comma-separated layer counts (default: all)")
+    p.add_argument("--dims", type=int_list, help="comma-separated embedding sizes (default: full)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--json", help="write the grids as JSON to this file")
+    p.set_defaults(func=cmd_eval_retrieval)

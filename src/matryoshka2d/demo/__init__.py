@@ -1,0 +1,1 @@
+"""The demo: the seeds' experiment (:mod:`.experiment`) and its report (:mod:`.report`)."""
