@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from matryoshka2d.cli import main
-from matryoshka2d.errors import DataFileError
 from matryoshka2d.demo.report import load_results, seed_statements, write_report
+from matryoshka2d.errors import DataFileError
 
 
 def fake_results() -> dict:
