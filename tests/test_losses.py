@@ -291,7 +291,9 @@ def test_flags_and_config():
         "name": "MultipleNegativesRankingLoss",
         "scale": 20.0,
         "symmetric": True,
+        "gather_across_devices": False,
     }
+    assert config["distillation"] == "kl_logits" and config["dim_distillation"] is None
     assert Matryoshka2dLoss(mnrl, [8, 32], weights=[1, 2]).config()["dims"] == [32, 8]  # largest first
     assert Matryoshka2dLoss(mnrl, [8, 32], weights=[1, 2]).config()["weights"] == [2.0, 1.0]
 

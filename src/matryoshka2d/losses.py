@@ -48,10 +48,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.validation import check_real
 
 #: Whether the adaptive-layer wrappers may sample layer 0 (the embedding layer output, before any
 #: transformer layer) as a prior layer. sentence-transformers does; we do not by default, because a
@@ -65,17 +67,34 @@ LAYER_WEIGHTINGS = {
     "linear": lambda k: 1.0 / (1 + k),  # sentence-transformers before it had this option
 }
 
+#: Forms of the layer distillation term of the adaptive-layer wrappers (``distillation=``): each prior
+#: layer ``k`` learns from the detached last layer. See :func:`distillation_term`.
+DISTILLATIONS = ("kl_logits", "relational", "cosine", "mse")
+
+#: Forms of the dim distillation term of the Matryoshka wrappers (``dim_distillation=``): each trained
+#: prefix learns from the detached full-size embedding of the same layer. See :func:`dim_distillation_term`.
+DIM_DISTILLATIONS = ("relational", "mse")
+
 LayerOutputs = Sequence[dict[int, Tensor]]
 
 
 # ---------------------------------------------------------------------------------------- validation
 def _number(value: object, name: str, minimum: float = 0.0, strict: bool = False) -> float:
     """A finite real number >= minimum (> minimum if strict), else InvalidInputError."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise InvalidInputError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+    value = check_real(value, name, minimum=minimum)
+    if strict and value == minimum:
+        raise InvalidInputError(f"{name} must be a finite number > {minimum:g}, got {value:g}")
+    return value
+
+
+def _choice(value: object, name: str, choices: Sequence[str], allow_none: bool = False) -> str | None:
+    """One of ``choices`` (or None if allowed), else InvalidInputError naming the choices."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        allowed = [*choices, None] if allow_none else list(choices)
+        raise InvalidInputError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 def _per_step(value: object, name: str) -> int:
@@ -89,6 +108,13 @@ def _positive_int(value: object, error: type[Exception], what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise error(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _flag(value: object, name: str) -> bool:
+    """True or False, else InvalidInputError (``1``, ``"yes"`` are refused, not guessed)."""
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _check_dims(dims: object) -> list[int]:
@@ -155,6 +181,172 @@ def _check_labels(labels: Tensor | None, batch: int, loss: str) -> Tensor:
     return labels.reshape(-1).float()
 
 
+# ---------------------------------------------------------------------------------------- processes
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """``all_gather`` whose backward sends each process the summed gradient of its own rows.
+
+    Forward: ``(world, *shape)``, every process's tensor in rank order. Backward: the gradients that all
+    processes computed for the gathered tensor are summed (``all_reduce``) and each process keeps its
+    own slice, so a process's embeddings receive the gradient of every process's loss.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank = dist.get_rank()
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank]
+
+
+def _all_gather_rows(tensor: Tensor) -> list[Tensor]:
+    """Every process's ``tensor`` (same trailing shape, any number of rows), in rank order, with autograd.
+
+    The gradient that any process computes for another process's rows is sent back to that process and
+    added to its own (:class:`_AllGatherWithGrad`), so each process's gradient covers every use of its
+    embeddings. Row counts may differ between processes (rows are padded for the gather, then cut).
+    """
+    world = dist.get_world_size()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = tensor
+    if max(sizes) > tensor.shape[0]:
+        pad = tensor.new_zeros((max(sizes) - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, pad])
+    parts = _AllGatherWithGrad.apply(padded)
+    return [parts[r, :size] for r, size in enumerate(sizes)]
+
+
+def gather_columns(columns: Sequence[Tensor]) -> tuple[list[Tensor], int]:
+    """Each column's rows from every process, in rank order, and where this process's rows start.
+
+    Column ``c`` of the result is ``[column c of rank 0; column c of rank 1; ...]``, so with local batch
+    ``b`` on every process the rows of rank ``r`` start at ``r * b`` in every column: a local anchor ``i``
+    of rank ``r`` has its positive at row ``r * b + i`` of the gathered positives column, and hard
+    negatives (later columns) come from every process but are never labels. Without torch.distributed
+    (or with one process) the columns come back unchanged with offset 0.
+
+    Args:
+        columns: this process's ``(batch, dim)`` tensors, one per input column (same batch size).
+
+    Returns:
+        ``(gathered columns, offset of this process's rows)``.
+    """
+    rank, world = _world()
+    if world == 1:
+        return list(columns), 0
+    n = len(columns)
+    parts = _all_gather_rows(torch.cat(list(columns)))  # one collective for all columns
+    per_rank = [part.split(part.shape[0] // n) for part in parts]
+    gathered = [torch.cat([chunks[c] for chunks in per_rank]) for c in range(n)]
+    offset = sum(part.shape[0] // n for part in parts[:rank])
+    return gathered, offset
+
+
+def _gather_values(values: Tensor) -> Tensor:
+    """A 1-d tensor's values from every process, in rank order (differentiable); unchanged in one process."""
+    if _world()[1] == 1:
+        return values
+    return torch.cat(_all_gather_rows(values))
+
+
+# ---------------------------------------------------------------------------------------- distillation
+def _similarities(embeddings: Tensor) -> Tensor:
+    """Cosine similarity of each of the ``n`` rows to the ``n - 1`` others: ``(n, n - 1)``, self left out."""
+    if embeddings.shape[0] < 2:
+        raise InvalidInputError(
+            f"relational distillation needs at least 2 embeddings per step, got {embeddings.shape[0]}"
+        )
+    unit = F.normalize(embeddings.float(), dim=-1)
+    n = unit.shape[0]
+    sims = unit @ unit.T
+    keep = ~torch.eye(n, dtype=torch.bool, device=sims.device)
+    return sims[keep].view(n, n - 1)
+
+
+def relational_kl(student_sims: Tensor, teacher_sims: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(teacher / T) || softmax(student / T))`` per row, averaged over rows (batchmean).
+
+    Args:
+        student_sims, teacher_sims: ``(n, n - 1)`` similarities from :func:`_similarities`; the teacher's
+            should be detached.
+        temperature: ``T``; 0.05 makes the distributions as peaked as MNRL's scale 20.
+    """
+    return F.kl_div(
+        F.log_softmax(student_sims / temperature, dim=-1),
+        F.log_softmax(teacher_sims / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def distillation_term(form: str, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """How far a prior layer's embeddings are from the last layer's (the teacher, detached here).
+
+    ``student`` and ``teacher`` are the ``(n, hidden)`` pooled embeddings of every column of the step
+    (rows in the same order). Forms:
+
+    * ``"kl_logits"``: sentence-transformers' AdaptiveLayerLoss term, ``T * KL(softmax(t / T) ||
+      softmax(s / T))`` over the *dimensions* of each normalised embedding (batchmean). On unit vectors of
+      hundreds of dims both distributions are almost uniform, so the term is tiny.
+    * ``"relational"``: ``KL(softmax(sim_t / T) || softmax(sim_s / T))`` where ``sim`` holds each
+      embedding's cosine similarity to the other ``n - 1`` embeddings of the step: the prior layer learns
+      the last layer's in-batch similarity distribution (its geometry), not its coordinates.
+    * ``"cosine"``: mean over rows of ``1 - cos(s_i, t_i)``.
+    * ``"mse"``: mean squared error between the raw (un-normalised) pooled embeddings.
+
+    Args:
+        form: one of :data:`DISTILLATIONS`.
+        student: the prior layer's embeddings (gradients flow here).
+        teacher: the last layer's embeddings (detached: no gradient flows into the teacher).
+        temperature: ``T`` of the two KL forms.
+    """
+    teacher = teacher.detach()
+    if form == "kl_logits":
+        target = F.softmax(F.normalize(teacher, dim=-1) / temperature, dim=-1)
+        log_p = F.log_softmax(F.normalize(student, dim=-1) / temperature, dim=-1)
+        return temperature * F.kl_div(log_p, target, reduction="batchmean")
+    if form == "relational":
+        return relational_kl(_similarities(student), _similarities(teacher), temperature)
+    if form == "cosine":
+        return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+    if form == "mse":
+        return F.mse_loss(student.float(), teacher.float())
+    raise InvalidInputError(f"distillation must be one of {list(DISTILLATIONS)}, got {form!r}")
+
+
+def dim_distillation_term(form: str, prefix: Tensor, teacher_sims: Tensor, temperature: float) -> Tensor:
+    """How far a dim prefix's in-batch similarities are from the full-size embedding's.
+
+    Args:
+        form: ``"relational"`` (KL between the softmax(sim / T) rows, as in :func:`relational_kl`) or
+            ``"mse"`` (mean squared difference of the cosine similarities).
+        prefix: the first ``d`` dims of the ``(n, hidden)`` embeddings of every column of the step.
+        teacher_sims: :func:`_similarities` of the full-size embeddings of the same layer, detached.
+        temperature: ``T`` of the relational form.
+    """
+    student_sims = _similarities(prefix)
+    if form == "relational":
+        return relational_kl(student_sims, teacher_sims, temperature)
+    if form == "mse":
+        return F.mse_loss(student_sims, teacher_sims)
+    raise InvalidInputError(f"dim_distillation must be one of {list(DIM_DISTILLATIONS)}, got {form!r}")
+
+
 # ---------------------------------------------------------------------------------------- base losses
 class EmbeddingLoss(nn.Module):
     """Base class of the base losses: a function of the last layer's embeddings (and labels).
@@ -165,6 +357,8 @@ class EmbeddingLoss(nn.Module):
 
     needs_labels: bool = False
     in_batch_negatives: bool = False
+    #: Whether this loss compares examples across processes (see :func:`gather_columns`).
+    gather_across_devices: bool = False
 
     def layers_for_step(self, num_layers: int) -> list[int]:
         """Base losses only need the last layer."""
@@ -206,6 +400,12 @@ class MultipleNegativesRankingLoss(EmbeddingLoss):
         scale: inverse temperature (20 = temperature 0.05).
         symmetric: also rank anchors for each positive (doc -> query) and average the two directions,
             as sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``.
+        gather_across_devices: with several processes (torchrun, accelerate), rank each local anchor
+            against the positives and hard negatives of *every* process (sentence-transformers'
+            ``gather_across_devices``): ``processes x batch`` candidates per anchor instead of ``batch``.
+            The gather is differentiable, so with every process holding the same batch size the loss
+            averaged over processes and the DDP-averaged gradients equal one process's on the
+            concatenated batch. Without torch.distributed (or in one process) it changes nothing.
 
     Inputs: 2 or more columns (anchor, positive, optional hard negatives); no labels. Batches should
     not repeat texts (the trainer's no-duplicates sampler), or duplicates count as false negatives.
@@ -215,24 +415,39 @@ class MultipleNegativesRankingLoss(EmbeddingLoss):
 
     in_batch_negatives = True
 
-    def __init__(self, scale: float = 20.0, symmetric: bool = False) -> None:
+    def __init__(
+        self, scale: float = 20.0, symmetric: bool = False, gather_across_devices: bool = False
+    ) -> None:
         super().__init__()
         self.scale = _number(scale, "scale", strict=True)
-        self.symmetric = bool(symmetric)
+        self.symmetric = _flag(symmetric, "symmetric")
+        self.gather_across_devices = _flag(gather_across_devices, "gather_across_devices")
 
     def embedding_loss(self, embeddings: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
         batch = _check_columns(embeddings, type(self).__name__, at_least=2)
         normalized = F.normalize(torch.cat(list(embeddings)), dim=-1)
-        anchors, docs = normalized[:batch], normalized[batch:]
-        scores = self.scale * anchors @ docs.T  # (batch, batch * (columns - 1)); positives on the diagonal
-        target = torch.arange(batch, device=scores.device)
+        columns = list(normalized.split(batch))
+        anchors = columns[0]
+        offset = 0
+        if self.gather_across_devices:
+            columns, offset = gather_columns(columns)  # candidates of every process, in rank order
+        # (batch, candidates): positives of rank r at r * batch .. (r + 1) * batch - 1, then the
+        # hard-negative columns; the label of local anchor i is its own positive, offset + i.
+        docs = torch.cat(columns[1:])
+        scores = self.scale * anchors @ docs.T
+        target = torch.arange(offset, offset + batch, device=scores.device)
         loss = F.cross_entropy(scores, target)
-        if self.symmetric:
-            loss = (loss + F.cross_entropy(scores[:, :batch].T, target)) / 2
+        if self.symmetric:  # each local positive against every anchor: its own anchor is offset + i
+            positives = docs[offset : offset + batch]
+            loss = (loss + F.cross_entropy(self.scale * positives @ columns[0].T, target)) / 2
         return loss
 
     def settings(self) -> dict:
-        return {"scale": self.scale, "symmetric": self.symmetric}
+        return {
+            "scale": self.scale,
+            "symmetric": self.symmetric,
+            "gather_across_devices": self.gather_across_devices,
+        }
 
 
 class CoSENTLoss(EmbeddingLoss):
@@ -244,6 +459,10 @@ class CoSENTLoss(EmbeddingLoss):
 
     Args:
         scale: inverse temperature.
+        gather_across_devices: with several processes, rank the pairs of *every* process against each
+            other (the scores and labels are gathered, differentiably): each process computes the loss
+            of the concatenated batch, so the value and the DDP-averaged gradients equal one process's
+            on that batch. Without torch.distributed (or in one process) it changes nothing.
 
     Inputs: 2 columns (sentence1, sentence2) and a float score per pair.
 
@@ -252,9 +471,10 @@ class CoSENTLoss(EmbeddingLoss):
 
     needs_labels = True
 
-    def __init__(self, scale: float = 20.0) -> None:
+    def __init__(self, scale: float = 20.0, gather_across_devices: bool = False) -> None:
         super().__init__()
         self.scale = _number(scale, "scale", strict=True)
+        self.gather_across_devices = _flag(gather_across_devices, "gather_across_devices")
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
         """Row-wise similarity of two ``(batch, dim)`` tensors: cosine."""
@@ -264,12 +484,14 @@ class CoSENTLoss(EmbeddingLoss):
         batch = _check_columns(embeddings, type(self).__name__, exactly=2)
         labels = _check_labels(labels, batch, type(self).__name__).to(embeddings[0].device)
         scores = self.scale * self.similarity(embeddings[0].float(), embeddings[1].float())
+        if self.gather_across_devices:
+            scores, labels = _gather_values(scores), _gather_values(labels.detach())
         diff = scores[:, None] - scores[None, :]  # diff[i, j] = s_i - s_j
         wrong_way = labels[:, None] < labels[None, :]  # i should score below j
         return torch.logsumexp(torch.cat([diff.new_zeros(1), diff[wrong_way]]), dim=0)
 
     def settings(self) -> dict:
-        return {"scale": self.scale}
+        return {"scale": self.scale, "gather_across_devices": self.gather_across_devices}
 
 
 class AnglELoss(CoSENTLoss):
@@ -325,8 +547,9 @@ class StepPlan:
     Attributes:
         terms: ``(layer, dim, weight)``: add ``weight * base(truncate(layer's embeddings, dim))``;
             ``dim=None`` keeps the full size.
-        kl_layers: layers pulled towards ``last_layer`` by the KL term.
-        last_layer: the model's last layer (the KL teacher).
+        kl_layers: layers pulled towards ``last_layer`` by the layer distillation term (the KL term of
+            sentence-transformers by default; see ``distillation``).
+        last_layer: the model's last layer (the distillation teacher).
     """
 
     terms: list[tuple[int, int | None, float]]
@@ -360,7 +583,14 @@ class _LayerDimLoss(nn.Module):
         self.dims: list[int] = []  # dims to train; empty = the full size only
         self.weights: list[float] = []  # one per dim
         self.n_dims_per_step = -1
+        self.dim_distillation: str | None = None
+        self.dim_distillation_weight = 1.0
+        self.relational_temperature = 0.05
         self._pending: StepPlan | None = None
+
+    def _set_dim_distillation(self, form: object, weight: object) -> None:
+        self.dim_distillation = _choice(form, "dim_distillation", DIM_DISTILLATIONS, allow_none=True)
+        self.dim_distillation_weight = _number(weight, "dim_distillation_weight")
 
     # -- sampling
     def plan(self, num_layers: int) -> StepPlan:
@@ -372,8 +602,21 @@ class _LayerDimLoss(nn.Module):
 
     def layers_for_step(self, num_layers: int) -> list[int]:
         """Sample this step's plan (torch RNG) and return the layer counts the model must compute."""
-        self._pending = self.plan(_check_num_layers(num_layers))
+        self._pending = self._synced_plan(_check_num_layers(num_layers))
         return self._pending.layers
+
+    def _synced_plan(self, num_layers: int) -> StepPlan:
+        """:meth:`plan`; when the base loss gathers across processes, rank 0's plan on every process.
+
+        Processes gathering embeddings must run the same (layer, dim) terms in the same order (each
+        term is a collective), but their random states can differ (e.g. dropout on different shapes).
+        """
+        plan = self.plan(num_layers)
+        if self.base.gather_across_devices and _world()[1] > 1:
+            shared = [plan]
+            dist.broadcast_object_list(shared, src=0)
+            plan = shared[0]
+        return plan
 
     def _sample_dims(self, weight: float) -> list[tuple[int | None, float]]:
         """``n_dims_per_step`` of the dims (all if -1), each with ``weight * its dim weight``."""
@@ -394,7 +637,7 @@ class _LayerDimLoss(nn.Module):
         _check_outputs(outputs)
         plan, self._pending = self._pending, None
         if plan is None:  # used outside the trainer: plan from what is there
-            plan = self.plan(max(outputs[0]))
+            plan = self._synced_plan(max(outputs[0]))
         missing = [k for k in plan.layers if any(k not in out for out in outputs)]
         if missing:
             raise InvalidLayersError(
@@ -408,28 +651,39 @@ class _LayerDimLoss(nn.Module):
         # One (columns * batch, hidden) tensor per layer, so each (layer, dim) term normalises once.
         stacked = {k: torch.cat([out[k] for out in outputs]) for k in plan.layers}
         loss = stacked[plan.layers[-1]].new_zeros(())
+        full_sims: dict[int, Tensor] = {}  # dim distillation teachers: full-size similarities per layer
         for layer, dim, weight in plan.terms:
             columns = F.normalize(stacked[layer][:, :dim], dim=-1).split(batch)
             loss = loss + weight * self.base.embedding_loss(columns, labels)
+            if (
+                self.dim_distillation is not None
+                and self.dim_distillation_weight > 0
+                and (dim or size) < size
+            ):
+                if layer not in full_sims:
+                    full_sims[layer] = _similarities(stacked[layer].detach())
+                loss = loss + self.dim_distillation_weight * dim_distillation_term(
+                    self.dim_distillation,
+                    stacked[layer][:, :dim],
+                    full_sims[layer],
+                    self.relational_temperature,
+                )
         if plan.kl_layers:
-            loss = loss + self._kl(stacked, plan)
+            loss = loss + self._layer_distillation(stacked, plan)
         return loss
 
-    def _kl(self, stacked: dict[int, Tensor], plan: StepPlan) -> Tensor:
-        """``T * w * KL(softmax(last / T) || softmax(layer / T))`` per KL layer, last layer detached.
+    def _layer_distillation(self, stacked: dict[int, Tensor], plan: StepPlan) -> Tensor:
+        """``kl_div_weight * sum_k distillation_term(layer k, last layer)`` over the plan's KL layers.
 
-        Distributions over the embedding dimensions of the full-size, normalised embeddings of all columns
-        (batchmean reduction), as sentence-transformers' AdaptiveLayerLoss.
+        The embeddings are the full-size ones of every column of this process's batch (the teacher,
+        the last layer, is detached). The default form, ``"kl_logits"``, is sentence-transformers'
+        ``T * KL(softmax(last / T) || softmax(layer / T))`` over the embedding dimensions (batchmean).
         """
-        t = self.kl_temperature
-        teacher = F.softmax(F.normalize(stacked[plan.last_layer].detach(), dim=-1) / t, dim=-1)
-        kl = sum(
-            F.kl_div(
-                F.log_softmax(F.normalize(stacked[k], dim=-1) / t, dim=-1), teacher, reduction="batchmean"
-            )
-            for k in plan.kl_layers
-        )
-        return kl * t * self.kl_div_weight
+        form = getattr(self, "distillation", "kl_logits")
+        t = self.kl_temperature if form == "kl_logits" else self.relational_temperature
+        teacher = stacked[plan.last_layer].detach()
+        total = sum(distillation_term(form, stacked[k], teacher, t) for k in plan.kl_layers)
+        return total * self.kl_div_weight
 
     # -- checks and description
     def check_model(self, model) -> None:
@@ -459,13 +713,20 @@ class _LayerDimLoss(nn.Module):
 class MatryoshkaLoss(_LayerDimLoss):
     """Train the first ``d`` dims of the last layer's embeddings for several ``d`` (Matryoshka).
 
-    ``loss = sum_d weight_d * base(normalize(embedding[:, :d]))`` over the dims used this step.
+    ``loss = sum_d weight_d * base(normalize(embedding[:, :d]))`` over the dims used this step, plus,
+    with ``dim_distillation``, ``dim_distillation_weight * D(prefix d, full size)`` for every trained
+    ``d`` below the full size (:func:`dim_distillation_term`; the full-size teacher is detached).
 
     Args:
         base: the base loss, e.g. :class:`MultipleNegativesRankingLoss` or :class:`CoSENTLoss`.
         dims: embedding sizes to train, e.g. ``[768, 512, 256, 128, 64]``; include the full size.
         weights: one weight per dim (default 1 each).
         n_dims_per_step: how many dims to sample each step; -1 = all (default).
+        dim_distillation: None (default, off), ``"relational"`` (each prefix learns the full-size
+            embedding's in-batch similarity distribution, ``softmax(sim / relational_temperature)``) or
+            ``"mse"`` (squared difference of the in-batch cosine similarities).
+        dim_distillation_weight: weight of each prefix's distillation term.
+        relational_temperature: temperature of the relational form (0.05 = MNRL's scale 20).
 
     Reference: Kusupati et al. 2022, https://arxiv.org/abs/2205.13147
     """
@@ -476,31 +737,47 @@ class MatryoshkaLoss(_LayerDimLoss):
         dims: Sequence[int],
         weights: Sequence[float] | None = None,
         n_dims_per_step: int = -1,
+        dim_distillation: str | None = None,
+        dim_distillation_weight: float = 1.0,
+        relational_temperature: float = 0.05,
     ) -> None:
         super().__init__(base)
         self.dims, self.weights = _sorted_dims(dims, weights)
         self.n_dims_per_step = _per_step(n_dims_per_step, "n_dims_per_step")
+        self.relational_temperature = _number(relational_temperature, "relational_temperature", strict=True)
+        self._set_dim_distillation(dim_distillation, dim_distillation_weight)
 
     def plan(self, num_layers: int) -> StepPlan:
         return StepPlan([(num_layers, d, w) for d, w in self._sample_dims(1.0)], [], num_layers)
 
     def settings(self) -> dict:
-        return {"dims": self.dims, "weights": self.weights, "n_dims_per_step": self.n_dims_per_step}
+        return {
+            "dims": self.dims,
+            "weights": self.weights,
+            "n_dims_per_step": self.n_dims_per_step,
+            "dim_distillation": self.dim_distillation,
+            "dim_distillation_weight": self.dim_distillation_weight,
+            "relational_temperature": self.relational_temperature,
+        }
 
 
 class AdaptiveLayerLoss(_LayerDimLoss):
     """Train sub-models of fewer layers at the full embedding size (the layer half of 2D Matryoshka).
 
     Every step trains the last layer plus ``n_layers_per_step`` sampled prior layers, and pulls each
-    sampled prior layer towards the last layer with a KL term::
+    sampled prior layer towards the last layer with a distillation term::
 
         loss = last_layer_weight * base(last)
              + sum_{sampled prior k} [ prior_layers_weight * lw(k) / n_sampled * base(k)
-                                       + kl_temperature * kl_div_weight * KL(last || k) ]
+                                       + kl_div_weight * D(k, last) ]
 
-    ``lw`` is ``layer_weighting``; KL compares ``softmax(embedding / kl_temperature)`` over the
-    dimensions of the full-size normalised embeddings of all columns (batchmean), with the last layer
-    detached as the teacher. This is sentence-transformers' ``AdaptiveLayerLoss``.
+    ``lw`` is ``layer_weighting``; ``D`` is :func:`distillation_term` of form ``distillation``, on the
+    full-size embeddings of all columns, with the last layer detached as the teacher. The default,
+    ``"kl_logits"``, is ``kl_temperature * KL(softmax(last / T) || softmax(k / T))`` over the
+    dimensions of the normalised embeddings (batchmean), sentence-transformers' ``AdaptiveLayerLoss``
+    (values and gradients match it). ``"relational"`` makes layer k learn the last layer's in-batch
+    similarity distribution instead; ``"cosine"`` and ``"mse"`` pull its embeddings towards the last
+    layer's.
 
     Args:
         base: the base loss, e.g. :class:`MultipleNegativesRankingLoss`.
@@ -508,8 +785,12 @@ class AdaptiveLayerLoss(_LayerDimLoss):
             Values above the number of prior layers use all of them.
         last_layer_weight: weight of the last layer's loss.
         prior_layers_weight: weight of the prior layers' losses.
-        kl_div_weight: weight of the KL term (0 disables it).
-        kl_temperature: softmax temperature of the KL term (0 disables it).
+        kl_div_weight: weight of the layer distillation term, whatever its form (0 disables it).
+        kl_temperature: softmax temperature of the ``"kl_logits"`` form (0 disables that form).
+        distillation: form of the layer distillation term, one of :data:`DISTILLATIONS`:
+            ``"kl_logits"`` (default, sentence-transformers'), ``"relational"``, ``"cosine"``, ``"mse"``.
+        relational_temperature: temperature ``T`` of the relational forms, ``softmax(cosine / T)``
+            over the other embeddings of the step (0.05 = MNRL's scale 20).
         layer_weighting: prior-layer weights ``lw(k)`` by layer count ``k``: ``"uniform"`` (1),
             ``"log"`` (``1 / (1 + ln(1 + k))``) or ``"linear"`` (``1 / (1 + k)``).
         include_embedding_layer: let layer 0 (the embedding layer output) be a prior layer, as
@@ -528,6 +809,8 @@ class AdaptiveLayerLoss(_LayerDimLoss):
         kl_temperature: float = 0.3,
         layer_weighting: str = "uniform",
         include_embedding_layer: bool | None = None,
+        distillation: str = "kl_logits",
+        relational_temperature: float = 0.05,
     ) -> None:
         super().__init__(base)
         self.n_layers_per_step = _per_step(n_layers_per_step, "n_layers_per_step")
@@ -535,6 +818,8 @@ class AdaptiveLayerLoss(_LayerDimLoss):
         self.prior_layers_weight = _number(prior_layers_weight, "prior_layers_weight")
         self.kl_div_weight = _number(kl_div_weight, "kl_div_weight")
         self.kl_temperature = _number(kl_temperature, "kl_temperature")
+        self.distillation = _choice(distillation, "distillation", DISTILLATIONS)
+        self.relational_temperature = _number(relational_temperature, "relational_temperature", strict=True)
         if layer_weighting not in LAYER_WEIGHTINGS:
             raise InvalidInputError(
                 f"layer_weighting must be one of {list(LAYER_WEIGHTINGS)}, got {layer_weighting!r}"
@@ -550,7 +835,10 @@ class AdaptiveLayerLoss(_LayerDimLoss):
 
     @property
     def kl_enabled(self) -> bool:
-        return self.kl_temperature > 0 and self.kl_div_weight > 0
+        """Whether the layer distillation term is on (``kl_temperature`` 0 only turns off ``kl_logits``)."""
+        if self.distillation == "kl_logits" and self.kl_temperature == 0:
+            return False
+        return self.kl_div_weight > 0
 
     def layer_weight(self, k: int) -> float:
         """``prior_layers_weight * lw(k)`` for prior layer ``k``."""
@@ -577,6 +865,8 @@ class AdaptiveLayerLoss(_LayerDimLoss):
             "kl_temperature": self.kl_temperature,
             "layer_weighting": self.layer_weighting,
             "include_embedding_layer": self.include_embedding_layer,
+            "distillation": self.distillation,
+            "relational_temperature": self.relational_temperature,
         }
 
 
@@ -589,7 +879,12 @@ class Matryoshka2dLoss(AdaptiveLayerLoss):
 
         loss = last_layer_weight * sum_d w_d * base(last, d)
              + sum_{sampled prior k} [ prior_layers_weight * lw(k) / n_sampled * sum_d w_d * base(k, d)
-                                       + kl_temperature * kl_div_weight * KL(last || k) ]
+                                       + kl_div_weight * D(k, last) ]
+             + dim_distillation_weight * sum_{trained (k, d), d < full} Ddim((k, d), (k, full))
+
+    ``D`` is the layer distillation term (``distillation``, default sentence-transformers' KL, see
+    :class:`AdaptiveLayerLoss`); ``Ddim`` the optional dim distillation term (``dim_distillation``, see
+    :class:`MatryoshkaLoss`): each trained prefix learns from the same layer's full-size embedding.
 
     ``n_layers_per_step=-1, n_dims_per_step=-1`` (or :meth:`all_pairs`) trains every layer at every dim
     each step.
@@ -608,9 +903,11 @@ class Matryoshka2dLoss(AdaptiveLayerLoss):
         n_dims_per_step: dims sampled per trained layer (default 1); -1 = all.
         schedule: fixed (layers, dim) pairs trained every step instead of sampling (then leave ``dims``,
             ``n_layers_per_step`` and ``n_dims_per_step`` unset).
+        dim_distillation: None (off, default), ``"relational"`` or ``"mse"``, as in :class:`MatryoshkaLoss`.
+        dim_distillation_weight: weight of each prefix's dim distillation term.
         **kwargs: the other options of :class:`AdaptiveLayerLoss` (``last_layer_weight``,
             ``prior_layers_weight``, ``kl_div_weight``, ``kl_temperature``, ``layer_weighting``,
-            ``include_embedding_layer``).
+            ``include_embedding_layer``, ``distillation``, ``relational_temperature``).
 
     References:
         - 2DMSE, Li et al. 2024, https://arxiv.org/abs/2402.14776
@@ -625,6 +922,8 @@ class Matryoshka2dLoss(AdaptiveLayerLoss):
         n_layers_per_step: int | None = None,
         n_dims_per_step: int | None = None,
         schedule: Sequence[tuple[int, int]] | None = None,
+        dim_distillation: str | None = None,
+        dim_distillation_weight: float = 1.0,
         **kwargs,
     ) -> None:
         if schedule is not None and (
@@ -638,6 +937,7 @@ class Matryoshka2dLoss(AdaptiveLayerLoss):
             raise InvalidDimError("Matryoshka2dLoss needs dims (e.g. [768, 256, 64]) or a schedule")
         n_layers_per_step = 1 if n_layers_per_step is None else n_layers_per_step
         super().__init__(base, n_layers_per_step=n_layers_per_step, **kwargs)
+        self._set_dim_distillation(dim_distillation, dim_distillation_weight)
         self.schedule = None if schedule is None else _check_schedule(schedule)
         if self.schedule is not None:
             self.weights = _check_weights(weights, len(self.schedule), "schedule pair")
@@ -672,7 +972,11 @@ class Matryoshka2dLoss(AdaptiveLayerLoss):
         return StepPlan(terms, kl_layers, num_layers)
 
     def settings(self) -> dict:
-        settings = super().settings()
+        settings = {
+            **super().settings(),
+            "dim_distillation": self.dim_distillation,
+            "dim_distillation_weight": self.dim_distillation_weight,
+        }
         if self.schedule is not None:
             del settings["n_layers_per_step"]
             return {"schedule": [list(pair) for pair in self.schedule], "weights": self.weights, **settings}
@@ -705,6 +1009,12 @@ def _check_schedule(schedule: object) -> list[tuple[int, int]]:
 __all__ = [
     "INCLUDE_EMBEDDING_LAYER",
     "LAYER_WEIGHTINGS",
+    "DISTILLATIONS",
+    "DIM_DISTILLATIONS",
+    "distillation_term",
+    "dim_distillation_term",
+    "relational_kl",
+    "gather_columns",
     "EmbeddingLoss",
     "MultipleNegativesRankingLoss",
     "CoSENTLoss",
