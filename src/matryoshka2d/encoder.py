@@ -1,0 +1,288 @@
+"""The interface every inference backend implements: encode at any (layers, dims) cell.
+
+A backend (the torch :class:`~matryoshka2d.model.EmbeddingModel`, the ONNX Runtime
+:class:`~matryoshka2d.backends.onnx.OnnxEncoder`) only provides :meth:`Encoder._encode_chunk`: full-size,
+un-normalised, float32 pooled embeddings of a list of texts for several layer counts, in input order.
+Streaming (:meth:`Encoder.iter_encode`), :meth:`Encoder.encode`, :meth:`Encoder.encode_layers`, dim
+truncation, normalisation and input checks are shared here, so grid evaluation, the search index and the
+server accept every backend and treat them alike.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.truncation import check_dim, check_layers, truncate_dims
+from matryoshka2d.validation import check_positive_int
+
+# Texts tokenised and sorted by length together: enough to batch similar lengths, small enough for memory.
+DEFAULT_CHUNK_SIZE = 8192
+
+
+def check_texts_iterable(texts: object) -> None:
+    """Refuse what cannot be encoded row by row in a defined order: a string, a non-iterable, a set or a dict.
+
+    Output row i must belong to input item i; a set has no order and a dict would silently encode its keys.
+    """
+    if isinstance(texts, str) or not isinstance(texts, Iterable):
+        raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if isinstance(texts, (Set, Mapping)):
+        raise InvalidInputError(
+            f"texts is a {type(texts).__name__}, which has no row order (a dict would give its keys): "
+            "pass a list of strings, e.g. sorted(texts) or list(mapping.values())"
+        )
+
+
+def check_text(text: object, i: int) -> str:
+    """``text`` if it is a string, else an :class:`InvalidInputError` naming position ``i``."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"texts[{i}] is {type(text).__name__} ({text!r:.50}), expected str")
+    return text
+
+
+def check_texts(texts: object) -> list[str]:
+    """Validate a list of texts: an ordered collection (not a set or dict), non-empty, every item a string."""
+    check_texts_iterable(texts)
+    texts = [check_text(text, i) for i, text in enumerate(texts)]  # type: ignore[union-attr]
+    if not texts:
+        raise InvalidInputError("texts is empty: nothing to encode")
+    return texts
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """Embeddings of consecutive input texts, for every requested (layers, dim) cell.
+
+    Attributes:
+        start: position of the first text of this batch in the input stream.
+        size: number of texts in this batch.
+        embeddings: ``{(layers, dim): float32 array of shape (size, dim)}``.
+    """
+
+    start: int
+    size: int
+    embeddings: dict[tuple[int, int], np.ndarray]
+
+    def __getitem__(self, cell: tuple[int, int]) -> np.ndarray:
+        return self.embeddings[cell]
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Encoder(abc.ABC):
+    """Encoding at any (layers, dims) cell, shared by every backend.
+
+    A subclass sets these attributes (plain attributes or properties):
+
+    - ``num_layers`` (int): transformer layers of the loaded model; ``layers=k`` runs the first k only.
+    - ``dim`` (int): output embedding size (prefixes ``1..dim`` are valid dims).
+    - ``hidden_size`` (int): width of the pooled vectors :meth:`_encode_chunk` returns (>= ``dim``).
+    - ``max_seq_length`` (int): longer inputs are truncated to this many tokens.
+    - ``name_or_path`` (str): where the model came from.
+    - ``backend`` (str): ``"torch"``, ``"onnx"`` or ``"onnx-int8"``.
+    - ``precision`` (str): what the layers compute in: ``"float32"``, ``"bfloat16"``, ``"float16"`` or
+      ``"int8"`` (pooling, dim truncation and normalisation are always float32).
+
+    and implements :meth:`tokenize` and :meth:`_encode_chunk`. Every public method is safe to call from
+    many threads at once if :meth:`_encode_chunk` is.
+    """
+
+    num_layers: int
+    dim: int
+    hidden_size: int
+    max_seq_length: int
+    name_or_path: str
+
+    @property
+    def backend(self) -> str:
+        """The runtime: ``"torch"``, ``"onnx"`` or ``"onnx-int8"``."""
+        return "torch"
+
+    @property
+    def precision(self) -> str:
+        """What the layers compute in: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``."""
+        return "float32"
+
+    def describe(self) -> str:
+        """One line for logs and CLI output, e.g. ``"minilm (6 layers, 384 dims; torch bfloat16)"``."""
+        sizes = f"{self.num_layers} layers, {self.dim} dims"
+        return f"{self.name_or_path} ({sizes}; {self.backend} {self.precision})"
+
+    @abc.abstractmethod
+    def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
+        """Tokenise a batch, truncated to ``max_seq_length`` (see the backend for the returned types)."""
+
+    @abc.abstractmethod
+    def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
+        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
+
+        Args:
+            texts: checked strings (at most ``chunk_size`` of :meth:`iter_encode`).
+            layers: checked, sorted, distinct layer counts in ``1..num_layers``.
+            batch_size: texts per forward pass.
+
+        Returns:
+            ``{k: float32 array of shape (len(texts), hidden_size)}`` for every ``k`` in ``layers``.
+        """
+
+    # ------------------------------------------------------------------ shared inference
+    def iter_encode(
+        self,
+        texts: Iterable[str],
+        layers: int | Sequence[int] | None = None,
+        dims: int | Sequence[int] | None = None,
+        batch_size: int = 32,
+        normalize: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        show_progress: bool | None = None,
+    ) -> Iterator[EmbeddingBatch]:
+        """Stream embeddings of any number of texts at several (layers, dim) cells from one forward pass.
+
+        Texts are read ``chunk_size`` at a time from ``texts`` (any iterable, e.g. a generator over a
+        file), tokenised, sorted by token count (less padding) and run in batches of ``batch_size``
+        through the layers up to the deepest requested one; every requested layer count is pooled from
+        that one pass and every dim is a prefix of it. Each chunk is yielded in input order, so memory
+        stays bounded by ``chunk_size`` whatever the size of the input.
+
+        Args:
+            texts: an ordered iterable of strings (a list, a generator; not a set or a dict).
+            layers: a layer count or a list of them (default: all layers).
+            dims: an embedding size or a list of them (default: ``model.dim``).
+            batch_size: texts per forward pass.
+            normalize: L2-normalise each dim prefix (dot product = cosine similarity).
+            chunk_size: texts tokenised and held at once.
+            show_progress: a tqdm bar counting texts (default: when there are more than 20 batches, or
+                always if the input length is unknown).
+
+        Yields:
+            :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
+            ``(batch.size, dim)``; ``batch.start`` is the position of its first text.
+
+        Raises:
+            InvalidLayersError, InvalidDimError, InvalidInputError: for out-of-range or malformed input.
+        """
+        check_texts_iterable(texts)
+        ks = self._layer_list(layers)
+        ds = self._dim_list(dims)
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        total = len(texts) if hasattr(texts, "__len__") else None  # type: ignore[arg-type]
+        if show_progress is None:
+            show_progress = total is None or total > 20 * batch_size
+        iterator = iter(texts)
+        start = 0
+        with tqdm(total=total, desc="Encoding", unit="text", disable=not show_progress) as bar:
+            while chunk := [
+                check_text(t, start + i) for i, t in enumerate(itertools.islice(iterator, chunk_size))
+            ]:
+                pooled = self._encode_chunk(chunk, ks, batch_size)
+                cells = {(k, d): truncate_dims(pooled[k], d, normalize) for k in ks for d in ds}
+                yield EmbeddingBatch(
+                    start, len(chunk), {c: np.ascontiguousarray(e) for c, e in cells.items()}
+                )
+                start += len(chunk)
+                bar.update(len(chunk))
+        if start == 0:
+            raise InvalidInputError("texts is empty: nothing to encode")
+
+    def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return [self.num_layers]
+        if not isinstance(layers, (Sequence, np.ndarray)) or isinstance(layers, str):
+            return [check_layers(layers, self.num_layers)]  # type: ignore[arg-type]
+        if len(layers) == 0:
+            raise InvalidLayersError("layers is empty: request at least one layer count")
+        return sorted({check_layers(k, self.num_layers) for k in layers})
+
+    def _dim_list(self, dims: int | Sequence[int] | None) -> list[int]:
+        if dims is None:
+            return [self.dim]
+        if not isinstance(dims, (Sequence, np.ndarray)) or isinstance(dims, str):
+            return [check_dim(dims, self.dim)]  # type: ignore[arg-type]
+        if len(dims) == 0:
+            raise InvalidDimError("dims is empty: request at least one embedding size")
+        return sorted({check_dim(d, self.dim) for d in dims}, reverse=True)
+
+    def encode_layers(
+        self,
+        texts: Sequence[str],
+        layers: Iterable[int] | None = None,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+    ) -> dict[int, np.ndarray]:
+        """Full-size, un-normalised embeddings of every requested layer count, from one pass over the data.
+
+        Args:
+            texts: a list of strings.
+            layers: layer counts (default: all layers).
+            batch_size: texts per forward pass.
+            show_progress: show a tqdm bar (default: when there are more than 20 batches).
+
+        Returns:
+            ``{k: float32 array of shape (len(texts), hidden_size)}``.
+        """
+        texts = check_texts(texts)
+        ks = self._layer_list(list(layers) if layers is not None else None)
+        batch_size = check_positive_int(batch_size, "batch_size")
+        parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+        show = len(texts) > 20 * batch_size if show_progress is None else show_progress
+        with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show) as bar:
+            for start in range(0, len(texts), DEFAULT_CHUNK_SIZE):
+                chunk = texts[start : start + DEFAULT_CHUNK_SIZE]
+                for k, emb in self._encode_chunk(chunk, ks, batch_size).items():
+                    parts[k].append(emb)
+                bar.update(len(chunk))
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        layers: int | None = None,
+        dim: int | None = None,
+        batch_size: int = 32,
+        normalize: bool = True,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """Embed texts using the first ``layers`` transformer layers and the first ``dim`` dimensions.
+
+        Safe to call from many threads at once with different ``layers`` and ``dim``: the loaded model is
+        never changed.
+
+        Args:
+            texts: a list of strings (or one string, which gives a 1-D result).
+            layers: run only the embeddings plus the first ``layers`` transformer layers (default: all).
+                The dropped layers are not computed.
+            dim: keep the first ``dim`` values of each embedding (default: ``model.dim``).
+            batch_size: texts per forward pass (texts are sorted by length first).
+            normalize: L2-normalise after truncation, so dot product = cosine similarity.
+            show_progress: show a tqdm bar (default: when there are more than 20 batches).
+
+        Returns:
+            float32 array of shape ``(len(texts), dim)``.
+
+        Raises:
+            InvalidLayersError, InvalidDimError, InvalidInputError: for out-of-range or malformed input.
+        """
+        single = isinstance(texts, str)
+        texts = check_texts([texts] if single else texts)
+        k = check_layers(layers, self.num_layers) if layers is not None else self.num_layers
+        d = check_dim(dim, self.dim) if dim is not None else self.dim
+        batches = self.iter_encode(
+            texts, k, d, batch_size=batch_size, normalize=normalize, show_progress=show_progress
+        )
+        parts = [batch[(k, d)] for batch in batches]
+        emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return emb[0] if single else emb
+
+
+def sort_longest_first(input_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """Row order by decreasing token count (stable), so each batch pads to similar lengths."""
+    return np.argsort([-len(ids) for ids in input_ids], kind="stable")
