@@ -95,7 +95,7 @@ def test_truncate(tiny_model_dir, tmp_path):
         (["eval-sts", "{model}", "--data", "{sts}", "--layers", "one"], "comma-separated integers"),
         (
             ["encode", "{model}", "--input", "{sts}", "--out", "{tmp}"],
-            "is a folder: give the path of the .npy file",
+            "is a folder: give the path of the embeddings file",
         ),
     ],
 )

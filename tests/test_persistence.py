@@ -9,7 +9,8 @@ import pytest
 from conftest import SENTENCES, build_tiny_model
 
 from matryoshka2d import EmbeddingModel, ModelLoadError
-from matryoshka2d.persistence import atomic_directory
+from matryoshka2d.errors import OutputPathError
+from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory
 
 
 def st_encode(folder, texts):
@@ -97,7 +98,7 @@ def test_save_is_atomic(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr("matryoshka2d.model.write_folder", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        tiny_model.save(target)
+        tiny_model.save(target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left behind
     with pytest.raises(RuntimeError):
@@ -105,12 +106,15 @@ def test_save_is_atomic(tiny_model, tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
 
 
-def test_atomic_directory_replaces_existing(tmp_path):
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "old.txt").write_text("old")
-    with atomic_directory(tmp_path / "d") as tmp:
+def test_atomic_directory_replaces_its_own_output_only_with_overwrite(tmp_path):
+    with atomic_directory(tmp_path / "d", "thing") as tmp:
+        (tmp / "old.txt").write_text("old")
+    with pytest.raises(OutputPathError, match="holds a thing written by matryoshka2d: pass --overwrite"):
+        with atomic_directory(tmp_path / "d", "thing") as tmp:
+            (tmp / "new.txt").write_text("new")
+    with atomic_directory(tmp_path / "d", "thing", overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in (tmp_path / "d").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [OUTPUT_MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 

@@ -35,6 +35,25 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
 SUFFIXES = (*TABLE_SUFFIXES, ".txt")
 
 
+def require_file(path: str | os.PathLike, what: str = "data file") -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it is an existing regular file.
+
+    Raises:
+        DataFileError: ``"<path> is a folder, not a <what>"``, ``"<what> not found: <path>"`` or ``"<path>
+            is not a regular file"`` (a device, a pipe, ...).
+    """
+    if path is None or not str(os.fspath(path)).strip():
+        raise DataFileError(f"no {what} given (empty path)")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataFileError(f"{path} is a folder, not a {what}: give the path of a file")
+    if not path.exists():
+        raise DataFileError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise DataFileError(f"{path} is not a regular file (a {what} is read from a file)")
+    return path
+
+
 def read_text_file(path: Path) -> str:
     """The contents of a UTF-8 text file (a leading byte-order mark is dropped).
 

@@ -29,3 +29,8 @@ class ModelLoadError(Matryoshka2dError):
 
 class DataFileError(Matryoshka2dError):
     """A data file that is missing, empty, lacks a column or holds an unusable value."""
+
+
+class OutputPathError(Matryoshka2dError):
+    """An output path that may not be written: it holds something that is not a previous output of the
+    same kind, a previous output without ``overwrite``, an input of the command, or the current folder."""

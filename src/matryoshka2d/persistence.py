@@ -8,6 +8,22 @@ matryoshka2d records a dim-truncated export as a Dense module whose weight is th
 the identity matrix (no bias, identity activation) followed by Normalize: sentence-transformers loading
 the folder then produces exactly our "first d dims, re-normalised" embeddings. The loader recognises
 that module and refuses any other Dense module with a clear error.
+
+Safe outputs (one rule for every writer): :func:`atomic_directory` and :func:`atomic_write` check their
+target first (:func:`check_output_folder`, :func:`check_output_file`; call these at the start of a long
+command to refuse before the work). A folder target is replaced only if it is empty or holds a previous
+matryoshka2d output of the same kind (its :data:`OUTPUT_MARKER` file records the kind), and then only with
+``overwrite=True`` (``--overwrite``); an existing non-empty file only with ``overwrite=True`` (and, with a
+``recognize`` check, only if it is such an output). Never: an input of the command, a folder containing an
+input, a path inside an input folder, the current folder or an ancestor of it. Temporaries are named
+``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` beside the target; the next save of that target removes the
+ones whose process is gone. Writers pass their kind and inputs::
+
+    with atomic_directory(out, "search-index", overwrite=overwrite, inputs=[corpus_file]) as tmp:
+        ...  # write into tmp
+    atomic_write(json_path, text, "eval-sts JSON", overwrite=overwrite, inputs=[data_file],
+                 recognize=json_with_keys("layers", "dims", "spearman"))
+    mark_output_folder(checkpoint_dir, "checkpoints", inputs=[base_model])  # a folder written into over time
 """
 
 from __future__ import annotations
@@ -15,67 +31,464 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from matryoshka2d.errors import ModelLoadError
+from matryoshka2d.errors import ModelLoadError, OutputPathError
 from matryoshka2d.pooling import pooling_config, pooling_mode_from_config
 
 #: Extra metadata file written next to the sentence-transformers files.
 METADATA_FILE = "matryoshka2d.json"
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+# ---------------------------------------------------------------------------------------------- safe outputs
+#: The marker every folder written by :func:`atomic_directory` carries: a small JSON object recording the
+#: kind of output (``{"kind": "model", "matryoshka2d_version": ..., "created": ...}``).
+OUTPUT_MARKER = ".matryoshka2d-output.json"
 
-    On error the temporary folder is removed and ``path`` is left as it was. An existing ``path`` is
-    moved aside first and deleted only after the new folder is in place.
+# Folders written before markers existed, recognised by their contents: kind -> predicate(folder).
+_LEGACY_KINDS: dict[str, Callable[[Path], bool]] = {}
+
+# What a temporary name beside a target looks like: ``.NAME.tmp-<pid>-<8 chars>`` (``.old-`` for a
+# folder moved aside). Names without the pid come from matryoshka2d versions before the pid was recorded.
+_TEMP_SUFFIX = re.compile(r"(?:(\d+)-)?[a-z0-9_]{8}")
+
+
+def register_output_kind(kind: str, recognize: Callable[[Path], bool]) -> None:
+    """Teach the safe-output rule to recognise folders of ``kind`` written before output markers existed.
+
+    Args:
+        kind: the output kind (``"model"``, ``"search-index"``, ``"checkpoint"``, ...).
+        recognize: ``recognize(folder) -> bool``, True if ``folder`` (an existing, non-empty folder without
+            a marker) is certainly an output of that kind written by matryoshka2d.
     """
+    _LEGACY_KINDS[kind] = recognize
+
+
+def output_kind(folder: str | os.PathLike) -> str | None:
+    """The kind of matryoshka2d output ``folder`` holds (from its marker or a legacy recogniser), or None."""
+    folder = Path(folder)
+    marker = folder / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        kind = data.get("kind") if isinstance(data, dict) else None
+        return kind if isinstance(kind, str) else None
+    for kind, recognize in _LEGACY_KINDS.items():
+        try:
+            if recognize(folder):
+                return kind
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _is_legacy_model(folder: Path) -> bool:
+    return (folder / "modules.json").is_file() and (folder / METADATA_FILE).is_file()
+
+
+def _is_legacy_search_index(folder: Path) -> bool:
+    manifest = folder / "manifest.json"
+    return manifest.is_file() and '"matryoshka2d-search-index"' in manifest.read_text(encoding="utf-8")
+
+
+def _is_legacy_demo_report(folder: Path) -> bool:
+    return (folder / "results.json").is_file() and (folder / "REPORT.md").is_file()
+
+
+def _is_legacy_demo_work(folder: Path) -> bool:
+    """The demo's cache: only ``<name>-<10 hex digits>`` models, checkpoint folders and result files."""
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    pattern = re.compile(r"[\w.]+-[0-9a-f]{10}(-checkpoints|\.train\.json|\.json)?")
+    return bool(names) and all(pattern.fullmatch(name) for name in names)
+
+
+register_output_kind("model", _is_legacy_model)
+register_output_kind("demo-work", _is_legacy_demo_work)
+register_output_kind("search-index", _is_legacy_search_index)
+register_output_kind("report", _is_legacy_demo_report)
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies inside it (both real paths)."""
+    return inner == outer or outer in inner.parents
+
+
+def _local_inputs(inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None) -> list[Path]:
+    """The inputs that exist on disk, as given (hub ids and None are skipped)."""
+    if inputs is None:
+        return []
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    out = []
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        path = Path(item).expanduser()
+        if path.exists():
+            out.append(path)
+    return out
+
+
+def _describe_entries(folder: Path, limit: int = 4) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def _check_common(path: Path, real: Path, kind: str, inputs, is_folder: bool) -> None:
+    """The rules shared by folder and file outputs: not the current folder, not an input, a usable parent."""
+    if str(path) in ("", "."):
+        raise OutputPathError(f"no output path given for the {kind}")
+    cwd = _real(Path.cwd())
+    if is_folder and _within(cwd, real):
+        where = "the current folder" if real == cwd else f"a folder that contains the current folder ({cwd})"
+        raise OutputPathError(
+            f"{path} is {where}: matryoshka2d never writes a {kind} over it; give a new folder path instead"
+        )
+    for given in _local_inputs(inputs):
+        source = _real(given)
+        if real == source:
+            raise OutputPathError(
+                f"{path} is {given}, an input of this command: writing the {kind} there would destroy "
+                "the input; choose another output path"
+            )
+        if _within(source, real):
+            raise OutputPathError(
+                f"{path} contains {given}, an input of this command: replacing it would delete the "
+                "input; choose another output path"
+            )
+        if source.is_dir() and _within(real, source):
+            raise OutputPathError(
+                f"{path} lies inside {given}, an input folder of this command: matryoshka2d never writes "
+                "into its inputs; choose an output path outside it"
+            )
+    for ancestor in path.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise OutputPathError(f"cannot write {path}: {ancestor} is a file, not a folder")
+            break
+
+
+def check_output_folder(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
+) -> Path:
+    """Check that a folder output of ``kind`` may be written at ``path``; raise :class:`OutputPathError`.
+
+    The rule (every folder writer applies it through :func:`atomic_directory`; call this first to refuse
+    before long work starts):
+
+    - ``path`` may not exist yet, or be an empty folder: it is written.
+    - It may hold a previous output of the same ``kind`` written by matryoshka2d (its
+      :data:`OUTPUT_MARKER`, or a recognised older output): it is replaced only if ``overwrite`` is True.
+    - Anything else is refused, whatever ``overwrite`` says: a folder holding other files, an output of
+      another kind, a file, a symbolic link, the current folder or one of its ancestors, one of the
+      command's ``inputs``, a folder containing an input, or a path inside an input folder (real paths are
+      compared, so symbolic links and ``..`` do not get around it).
+
+    Args:
+        path: the output folder.
+        kind: what is written (``"model"``, ``"search-index"``, ``"checkpoint"``, ``"report"``, ...).
+        overwrite: allow replacing a previous output of the same kind.
+        inputs: paths the command reads (model folders, data files); ones that do not exist on disk (hub
+            ids, None) are ignored.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path).expanduser()
+    real = _real(path)
+    _check_common(path, real, kind, inputs, is_folder=True)
+    if path.is_symlink():
+        raise OutputPathError(
+            f"{path} is a symbolic link (to {real}): matryoshka2d does not replace links; give the real path"
+        )
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise OutputPathError(
+            f"{path} is a file, not a folder: matryoshka2d never replaces a file with a {kind}; "
+            "choose another path"
+        )
+    if not any(path.iterdir()):
+        return path
+    found = output_kind(path)
+    if found is None:
+        raise OutputPathError(
+            f"{path} is a folder holding {_describe_entries(path)} not written by matryoshka2d: it is left "
+            f"alone; write the {kind} to a new or empty folder"
+        )
+    if found != kind:
+        raise OutputPathError(
+            f"{path} holds a matryoshka2d {found}, not a {kind}: it is left alone; choose another path"
+        )
+    if not overwrite:
+        raise OutputPathError(
+            f"{path} already holds a {kind} written by matryoshka2d: pass --overwrite (overwrite=True in "
+            "Python) to replace it, or choose another path"
+        )
+    return path
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
+    recognize: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Check that a file output of ``kind`` may be written at ``path``; raise :class:`OutputPathError`.
+
+    The rule for single files (``.npy`` embeddings, JSON results):
+
+    - ``path`` may not exist yet, or be an empty file: it is written.
+    - An existing non-empty file is replaced only if ``overwrite`` is True, and then only if
+      ``recognize(path)`` (when given) says it is an output of this kind (e.g. a ``.npy`` array, a JSON
+      document with the keys matryoshka2d writes); otherwise it is left alone whatever ``overwrite`` says.
+    - Always refused: a folder (or a path ending in a separator), a device or other non-regular file, one
+      of the command's ``inputs``, or a path inside an input folder (real paths are compared).
+
+    Args:
+        path: the output file.
+        kind: what is written, for messages (``"embeddings"``, ``"eval-sts JSON"``, ...).
+        overwrite: allow replacing an existing file.
+        inputs: paths the command reads; ones that do not exist on disk are ignored.
+        recognize: ``recognize(path) -> bool``: is the existing file an output of this kind?
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    text = os.fspath(path)
+    path = Path(path).expanduser()
+    if path.is_dir() or text.endswith((os.sep, "/")):
+        raise OutputPathError(f"{text} is a folder: give the path of the {kind} file to write")
+    real = _real(path)
+    _check_common(path, real, kind, inputs, is_folder=False)
+    if not path.exists():
+        return path
+    if not path.is_file():
+        raise OutputPathError(f"{path} is not a regular file: matryoshka2d writes the {kind} only to a file")
+    size = path.stat().st_size
+    if size == 0:
+        return path
+    if not overwrite:
+        raise OutputPathError(
+            f"{path} already exists ({size} bytes): pass --overwrite (overwrite=True in Python) to replace "
+            "it, or choose another path"
+        )
+    if recognize is not None and not recognize(path):
+        raise OutputPathError(
+            f"{path} exists and is not a {kind} written by matryoshka2d: it is left alone even with "
+            "--overwrite; remove it yourself or choose another path"
+        )
+    return path
+
+
+def is_npy_file(path: Path) -> bool:
+    """A recogniser for :func:`check_output_file`: the file starts with NumPy's ``.npy`` magic bytes."""
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def json_with_keys(*keys: str, in_list: bool = False) -> Callable[[Path], bool]:
+    """A recogniser for :func:`check_output_file`: a JSON object holding ``keys`` (a list of such objects
+    if ``in_list``)."""
+
+    def recognize(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        items = data if in_list else [data]
+        if not isinstance(items, list) or (in_list and not items):
+            return False
+        return all(isinstance(item, dict) and all(k in item for k in keys) for item in items)
+
+    return recognize
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete what killed saves of ``path`` left beside it: ``.NAME.tmp-*`` and ``.NAME.old-*`` for that exact
+    NAME, unless the process that made them is still running. Returns what was removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for entry in path.parent.iterdir():
+        for tag in (".tmp-", ".old-"):
+            prefix = f".{path.name}{tag}"
+            if not entry.name.startswith(prefix):
+                continue
+            match = _TEMP_SUFFIX.fullmatch(entry.name[len(prefix) :])
+            if match is None:
+                continue
+            pid = int(match.group(1)) if match.group(1) else None
+            if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+                continue  # a save in progress (this process's are cleaned by their own handler)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _write_marker(folder: Path, kind: str) -> None:
+    from matryoshka2d import __version__
+
+    marker = {
+        "kind": kind,
+        "written_by": "matryoshka2d",
+        "matryoshka2d_version": __version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    (folder / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def mark_output_folder(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
+) -> Path:
+    """Create (or reuse) a folder that a command writes INTO over time (a checkpoint folder, the demo's
+    work folder): refused like :func:`check_output_folder` unless it is missing, empty or already marked
+    as ``kind``; then it gets the marker. Nothing in it is replaced here."""
+    path = check_output_folder(path, kind, overwrite=True, inputs=inputs)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / OUTPUT_MARKER).is_file():
+        _write_marker(path, kind)
+    return path
+
+
+def _chmod_default(path: Path, mode: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a saved folder gets the usual permissions
+    os.chmod(path, mode & ~umask)  # mkdtemp/mkstemp make 0700/0600; outputs get the usual permissions
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    path: str | os.PathLike,
+    kind: str = "folder",
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
+) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+
+    ``path`` is first checked with :func:`check_output_folder` (the safe-output rule: only an empty folder
+    or a previous matryoshka2d output of the same ``kind`` with ``overwrite=True`` is replaced; never an
+    input, a folder holding an input, the current folder). The new folder gets the :data:`OUTPUT_MARKER`
+    recording ``kind``. On any error or KeyboardInterrupt the temporary folder is removed and ``path`` is
+    left as it was; an existing ``path`` is moved aside first and deleted only after the new folder is in
+    place. Temporaries of killed earlier saves of the same ``path`` (``.NAME.tmp-<pid>-*``,
+    ``.NAME.old-<pid>-*``) are removed (:func:`remove_stale_temporaries`).
+
+    Example::
+
+        check_output_folder(out, "search-index", overwrite=overwrite, inputs=[corpus])  # before the work
+        ...
+        with atomic_directory(out, "search-index", overwrite=overwrite, inputs=[corpus]) as tmp:
+            (tmp / "manifest.json").write_text(...)
+
+    Args:
+        path: the output folder.
+        kind: what is written (recorded in the marker; an existing output must be of the same kind).
+        overwrite: allow replacing a previous output of the same kind.
+        inputs: paths the writing command reads (see :func:`check_output_folder`).
+    """
+    path = check_output_folder(path, kind, overwrite=overwrite, inputs=inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    _chmod_default(tmp, 0o777)
     old: Path | None = None
     try:
         yield tmp
+        _write_marker(tmp, kind)
+        check_output_folder(path, kind, overwrite=overwrite, inputs=inputs)  # nothing appeared meanwhile
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
             os.replace(path, old / path.name)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and (old / path.name).exists() and not path.exists():
             os.replace(old / path.name, path)  # put the previous folder back
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write a file under a temporary name beside it and rename it into place (never half-written)."""
-    path = Path(path)
+def atomic_write(
+    path: str | os.PathLike,
+    data: bytes | str,
+    kind: str = "file",
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
+    recognize: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Write a file under a temporary name beside it and rename it into place (never half-written).
+
+    ``path`` is first checked with :func:`check_output_file` (an existing non-empty file is replaced only
+    with ``overwrite=True`` and, if ``recognize`` is given, only if it is an output of this kind; never an
+    input or a folder). On any error or KeyboardInterrupt the temporary file is removed. Temporaries of
+    killed earlier writes of the same ``path`` are removed.
+
+    Example::
+
+        atomic_write(out, npy_bytes, "embeddings", overwrite=args.overwrite, inputs=[args.input],
+                     recognize=is_npy_file)
+
+    Args:
+        path: the output file.
+        data: its contents (``str`` is written as UTF-8).
+        kind: what is written, for messages.
+        overwrite: allow replacing an existing file.
+        inputs: paths the writing command reads.
+        recognize: ``recognize(path) -> bool`` for an existing file (see :func:`check_output_file`).
+    """
+    path = check_output_file(path, kind, overwrite=overwrite, inputs=inputs, recognize=recognize)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _chmod_default(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -139,7 +552,19 @@ HUB_IGNORE_PATTERNS = [
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; anything else is treated as a Hugging Face hub id and downloaded (cached)."""
+    """A local folder as is; anything else is treated as a Hugging Face hub id and downloaded (cached).
+
+    Raises:
+        ModelLoadError: ``name_or_path`` is not a string or path, is empty, is a file, is a missing local
+            path, or is a hub id that cannot be fetched.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"a model must be given as a folder path or a Hugging Face hub id (a string), got "
+            f"{type(name_or_path).__name__} {name_or_path!r}"
+        )
+    if not str(os.fspath(name_or_path)).strip():
+        raise ModelLoadError(f"empty model path {os.fspath(name_or_path)!r}: give a model folder or a hub id")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

