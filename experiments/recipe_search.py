@@ -6,7 +6,7 @@ Every candidate uses the demo's setup (all-MiniLM-L6-v2, SNLI triplets, batch 32
 trained with the same settings); re-running skips finished candidates. The recipe is chosen on the validation
 split; test numbers are printed for the record. Results go to docs/RECIPE.md by hand.
 
-    python experiments/recipe_search.py [NAME ...] [--seed 42]
+    python experiments/recipe_search.py [NAME ...] [--seed 42] [--validation-only]
 """
 
 from __future__ import annotations
@@ -60,6 +60,28 @@ CANDIDATES: dict[str, dict] = {
         "wrapper": "Matryoshka2dLoss",
         "schedule": [[1, 32], [2, 64], [3, 128], [4, 256], [5, 384], [6, 384]],
     },
+    # Recipe v2 candidates (issue 12): the recipe with a distillation term that transfers the last
+    # layer's geometry (losses.distillation_term / dim_distillation_term).
+    "prior4_relational": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {**ALL, "prior_layers_weight": 4, "distillation": "relational"},
+    },
+    "prior4_relational_dims": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {
+            **ALL,
+            "prior_layers_weight": 4,
+            "distillation": "relational",
+            "dim_distillation": "relational",
+        },
+    },
+    "prior4_cosine": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {**ALL, "prior_layers_weight": 4, "distillation": "cosine"},
+    },
 }
 
 
@@ -70,6 +92,11 @@ def main() -> None:
     parser.add_argument("names", nargs="*", default=list(CANDIDATES), help=f"candidates: {list(CANDIDATES)}")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="runs/demo")
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="evaluate on STSB validation only (while choosing settings: test is looked at once, at the end)",
+    )
     args = parser.parse_args()
     import importlib.resources
 
@@ -81,42 +108,37 @@ def main() -> None:
     for name in args.names:
         key = f"{name}-seed{args.seed}"
         cached = work / f"{key}.results.json"
-        if not cached.is_file():
+        entry = json.loads(cached.read_text()) if cached.is_file() else None
+        if entry is None or ("grid" not in entry and not args.validation_only):
             folder, seconds = train({**CANDIDATES[name], "seed": args.seed}, base, root, work)
             model = EmbeddingModel.load(folder)
             layers = list(range(1, model.num_layers + 1))
-            entry = {
-                "settings": CANDIDATES[name],
-                "seed": args.seed,
-                "training_time_s": seconds,
-                "validation_grid": evaluate_sts(
-                    model, root / "stsb" / "validation.tsv", layers, DIMS
-                ).to_dict(),
-                "grid": evaluate_sts(model, root / "stsb" / "test.tsv", layers, DIMS).to_dict(),
-            }
+            if entry is None:
+                entry = {
+                    "settings": CANDIDATES[name],
+                    "seed": args.seed,
+                    "training_time_s": seconds,
+                    "validation_grid": evaluate_sts(
+                        model, root / "stsb" / "validation.tsv", layers, DIMS
+                    ).to_dict(),
+                }
+            if not args.validation_only:
+                entry["grid"] = evaluate_sts(model, root / "stsb" / "test.tsv", layers, DIMS).to_dict()
             atomic_write(cached, json.dumps(entry, indent=2))
-        entry = json.loads(cached.read_text())
-        val, test = GridResult.from_dict(entry["validation_grid"]), GridResult.from_dict(entry["grid"])
-        rows.append(
-            (
-                key,
-                val.mean(5),
-                val.cell(6, 384),
-                test.mean(5),
-                test.mean(),
-                test.cell(6, 384),
-                float(np.min(np.array(test.spearman)[:5])),
-                entry["training_time_s"],
-            )
-        )
+        val = GridResult.from_dict(entry["validation_grid"])
+        row = [key, val.mean(5), val.cell(6, 384), float(np.min(np.array(val.spearman)[:5]))]
+        if not args.validation_only:
+            test = GridResult.from_dict(entry["grid"])
+            row += [test.mean(5), test.mean(), test.cell(6, 384), float(np.min(np.array(test.spearman)[:5]))]
+        rows.append((row, entry["training_time_s"]))
         print(f"{key}: done")
-    print(
-        "\n| candidate | val mean L1-5 | val 6x384 | test mean L1-5 | test mean all | test 6x384 "
-        "| test min L1-5 | train s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | " + " | ".join(f"{v:.2f}" for v in r[1:7]) + f" | {r[7]:.0f} |")
+    header = ["candidate", "val mean L1-5", "val 6x384", "val min L1-5"]
+    if not args.validation_only:
+        header += ["test mean L1-5", "test mean all", "test 6x384", "test min L1-5"]
+    print("\n| " + " | ".join([*header, "train s"]) + " |")
+    print("|" + "---|" * (len(header) + 1))
+    for row, seconds in rows:
+        print(f"| {row[0]} | " + " | ".join(f"{v:.2f}" for v in row[1:]) + f" | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

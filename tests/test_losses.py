@@ -529,3 +529,182 @@ def test_one_layer_model_has_no_prior_layers():
     loss = Matryoshka2dLoss(MultipleNegativesRankingLoss(), [32, 8])
     assert loss.layers_for_step(1) == [1]
     assert torch.isfinite(loss(fake_outputs(num_layers=1), None))
+
+
+# ---------------------------------------------------------------------------------------- distillation
+def off_diagonal_cosines(x):
+    """Each row's cosine similarity to every other row, (n, n - 1) (written independently of losses.py)."""
+    n = x.shape[0]
+    sims = F.cosine_similarity(x[:, None, :], x[None, :, :], dim=-1)
+    return torch.stack([torch.cat([sims[i, :i], sims[i, i + 1 :]]) for i in range(n)])
+
+
+def manual_relational(student, teacher, t):
+    p = F.softmax(off_diagonal_cosines(teacher) / t, dim=-1)
+    q = F.softmax(off_diagonal_cosines(student) / t, dim=-1)
+    return (p * (p.log() - q.log())).sum(-1).mean()
+
+
+def test_relational_distillation_of_a_hand_checkable_example():
+    e0, e1 = [1.0, 0.0], [0.0, 1.0]
+    teacher, student = torch.tensor([e0, e0, e1]), torch.tensor([e0, e1, e1])
+    # cosines to the other two rows: teacher [1, 0], [1, 0], [0, 0]; student [0, 0], [0, 1], [0, 1]
+    sig = 1 / (1 + math.exp(-1))  # softmax([1, 0]) = [sig, 1 - sig] at T = 1
+    row0 = sig * math.log(2 * sig) + (1 - sig) * math.log(2 * (1 - sig))  # KL([sig, 1-sig] || uniform)
+    row1 = (2 * sig - 1) * math.log(sig / (1 - sig))  # KL([sig, 1-sig] || [1-sig, sig])
+    row2 = 0.5 * math.log(0.5 / (1 - sig)) + 0.5 * math.log(0.5 / sig)  # KL(uniform || [1-sig, sig])
+    value = losses.distillation_term("relational", student, teacher, temperature=1.0)
+    assert value.item() == pytest.approx((row0 + row1 + row2) / 3, rel=1e-6)
+    # scaled embeddings have the same geometry: the relational term only sees cosines
+    assert losses.distillation_term("relational", 3 * teacher, teacher, 0.05).item() == pytest.approx(
+        0, abs=1e-7
+    )
+
+
+def test_cosine_mse_and_kl_logits_distillation_values():
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    teacher = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    cosine = losses.distillation_term("cosine", student, teacher, 1.0)
+    assert cosine.item() == pytest.approx((0 + 1 - 1 / math.sqrt(2)) / 2)
+    mse = losses.distillation_term("mse", student, teacher, 1.0)  # raw embeddings: (1 + 0 + 1 + 1) / 4
+    assert mse.item() == pytest.approx(0.75)
+    # kl_logits is sentence-transformers' form: T * KL over the dims of the normalised embeddings
+    t = 0.3
+    p = F.softmax(F.normalize(teacher, dim=-1) / t, -1)
+    log_q = F.log_softmax(F.normalize(student, dim=-1) / t, -1)
+    expected = t * (p * (p.log() - log_q)).sum() / 2
+    assert losses.distillation_term("kl_logits", student, teacher, t).item() == pytest.approx(expected.item())
+
+
+def test_dim_distillation_values():
+    torch.manual_seed(0)
+    full = torch.randn(6, 8)
+    teacher_sims = off_diagonal_cosines(full)
+    prefix = full[:, :3]
+    relational = losses.dim_distillation_term("relational", prefix, teacher_sims, 0.1)
+    assert relational.item() == pytest.approx(manual_relational(prefix, full, 0.1).item(), rel=1e-5)
+    mse = losses.dim_distillation_term("mse", prefix, teacher_sims, 0.1)
+    expected = ((off_diagonal_cosines(prefix) - teacher_sims) ** 2).mean()
+    assert mse.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses.dim_distillation_term("mse", full, teacher_sims, 0.1).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("distillation", losses.DISTILLATIONS)
+def test_layer_distillation_teacher_gets_no_gradient(distillation):
+    loss = AdaptiveLayerLoss(
+        MultipleNegativesRankingLoss(),
+        n_layers_per_step=-1,
+        last_layer_weight=0,
+        prior_layers_weight=0,
+        distillation=distillation,
+    )
+    outputs = fake_outputs(grad=True)
+    loss.layers_for_step(NUM_LAYERS)
+    value = loss(outputs, None)
+    assert value.item() > 0
+    value.backward()
+    # only the distillation term is left (task weights 0); its teacher, the last layer, is detached
+    assert all(not out[NUM_LAYERS].grad.any() for out in outputs)
+    assert all(out[k].grad.abs().sum() > 0 for out in outputs for k in (1, 2, 3))
+
+
+@pytest.mark.parametrize("form", losses.DIM_DISTILLATIONS)
+def test_dim_distillation_teacher_gets_no_gradient(form):
+    # dim weights 0: only the dim distillation term of the 8-dim prefix is left; its teacher is the
+    # full-size embedding, so the dims past the prefix (only in the teacher) get no gradient
+    loss = MatryoshkaLoss(MultipleNegativesRankingLoss(), [HIDDEN, 8], weights=[0, 0], dim_distillation=form)
+    outputs = fake_outputs(grad=True)
+    loss.layers_for_step(NUM_LAYERS)
+    value = loss(outputs, None)
+    assert value.item() > 0
+    value.backward()
+    for out in outputs:
+        assert out[NUM_LAYERS].grad[:, :8].abs().sum() > 0
+        assert not out[NUM_LAYERS].grad[:, 8:].any()
+
+
+def test_2d_loss_with_relational_distillation_matches_its_formula():
+    base = MultipleNegativesRankingLoss()
+    loss = Matryoshka2dLoss.all_pairs(
+        base,
+        [HIDDEN, 16, 8],
+        prior_layers_weight=2.0,
+        kl_div_weight=0.5,
+        distillation="relational",
+        relational_temperature=0.1,
+        dim_distillation="relational",
+        dim_distillation_weight=0.25,
+    )
+    assert loss.layers_for_step(NUM_LAYERS) == [1, 2, 3, 4]
+    outputs = fake_outputs()
+
+    def stacked(k):
+        return torch.cat([out[k] for out in outputs])
+
+    expected = sum(manual_term(base, outputs, NUM_LAYERS, d) for d in (HIDDEN, 16, 8))
+    for k in (1, 2, 3):
+        expected = expected + 2.0 / 3 * sum(manual_term(base, outputs, k, d) for d in (HIDDEN, 16, 8))
+        expected = expected + 0.5 * manual_relational(stacked(k), stacked(NUM_LAYERS), 0.1)
+    for k in (1, 2, 3, 4):
+        for d in (16, 8):
+            expected = expected + 0.25 * manual_relational(stacked(k)[:, :d], stacked(k), 0.1)
+    assert loss(outputs, None).item() == pytest.approx(expected.item(), rel=1e-5)
+    config = loss.config()
+    assert (config["distillation"], config["dim_distillation"], config["relational_temperature"]) == (
+        "relational",
+        "relational",
+        0.1,
+    )
+
+
+def test_default_distillation_is_the_sentence_transformers_kl():
+    loss = Matryoshka2dLoss.all_pairs(MultipleNegativesRankingLoss(), [HIDDEN, 8], last_layer_weight=0)
+    assert loss.distillation == "kl_logits" and loss.dim_distillation is None
+    explicit = Matryoshka2dLoss.all_pairs(
+        MultipleNegativesRankingLoss(), [HIDDEN, 8], last_layer_weight=0, distillation="kl_logits"
+    )
+    outputs = fake_outputs()
+    loss.layers_for_step(NUM_LAYERS)
+    explicit.layers_for_step(NUM_LAYERS)
+    base = MultipleNegativesRankingLoss()
+    expected = sum(
+        manual_term(base, outputs, k, d) / 3 + (manual_kl(outputs, k, NUM_LAYERS, 0.3) if d == 8 else 0)
+        for k in (1, 2, 3)
+        for d in (HIDDEN, 8)
+    )
+    assert loss(outputs, None).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert explicit(outputs, None).item() == loss(outputs, None).item()
+
+
+def test_distillation_switches():
+    mnrl = MultipleNegativesRankingLoss()
+    # kl_temperature 0 turns off only the kl_logits form; kl_div_weight 0 turns off every form
+    assert not AdaptiveLayerLoss(mnrl, kl_temperature=0).kl_enabled
+    assert AdaptiveLayerLoss(mnrl, kl_temperature=0, distillation="cosine").kl_enabled
+    assert not AdaptiveLayerLoss(mnrl, kl_div_weight=0, distillation="relational").kl_enabled
+    # dim distillation only adds terms for prefixes below the full size
+    outputs = fake_outputs()
+    plain = MatryoshkaLoss(mnrl, [HIDDEN])
+    distilled = MatryoshkaLoss(mnrl, [HIDDEN], dim_distillation="relational")
+    assert plain(outputs, None).item() == distilled(outputs, None).item()
+    with pytest.raises(InvalidInputError, match="at least 2 embeddings"):
+        losses.distillation_term("relational", torch.randn(1, 4), torch.randn(1, 4), 0.05)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: AdaptiveLayerLoss(MNRL, distillation="kl"), "distillation must be one of"),
+        (lambda: AdaptiveLayerLoss(MNRL, distillation=None), "distillation must be one of"),
+        (lambda: AdaptiveLayerLoss(MNRL, relational_temperature=0), "relational_temperature"),
+        (lambda: AdaptiveLayerLoss(MNRL, relational_temperature=float("nan")), "relational_temperature"),
+        (lambda: MatryoshkaLoss(MNRL, [8], dim_distillation="cosine"), "dim_distillation must be one of"),
+        (lambda: MatryoshkaLoss(MNRL, [8], dim_distillation_weight=-1), "dim_distillation_weight"),
+        (lambda: Matryoshka2dLoss(MNRL, [8], dim_distillation="kl_logits"), "dim_distillation"),
+        (lambda: Matryoshka2dLoss(MNRL, [8], dim_distillation_weight="1"), "dim_distillation_weight"),
+        (lambda: MultipleNegativesRankingLoss(symmetric="no"), "symmetric must be True or False"),
+    ],
+)
+def test_distillation_option_errors(make, match):
+    with pytest.raises(InvalidInputError, match=match):
+        make()
