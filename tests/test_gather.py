@@ -253,3 +253,41 @@ def test_gather_option_in_config_and_from_a_training_config(tmp_path):
     loss = build_loss(cfg, SimpleNamespace(dim=HIDDEN, num_layers=NUM_LAYERS))
     assert loss.base.gather_across_devices is True
     assert loss.config()["base"]["gather_across_devices"] is True
+
+
+def test_training_under_torchrun_with_gathered_negatives(tiny_model_dirs, tmp_path):
+    """End to end: 2 gloo processes, 2DMSE sampling (plans shared from rank 0), loss_args from flags."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    words = "a the cat dog sat on mat man woman is playing guitar park red blue big small".split()
+    rng = random.Random(0)
+    lines = ["anchor\tpositive\tnegative"]
+    for _ in range(24):
+        anchor = " ".join(rng.choice(words) for _ in range(5))
+        lines.append(
+            f"{anchor}\t{anchor} {rng.choice(words)}\t{' '.join(rng.choice(words) for _ in range(5))}"
+        )
+    data = tmp_path / "triplets.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "model"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "matryoshka2d.cli", "train", "--model", str(tiny_model_dirs["bert"]), "--train-data", str(data),
+        "--output-dir", str(out), "--batch-size", "4", "--steps", "3", "--save-steps", "0", "--no-progress",
+        "--wrapper", "Matryoshka2dLoss", "--dims", "32,8",
+        "--loss-args", '{"gather_across_devices": true}',
+        "--wrapper-args", '{"distillation": "relational"}',
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr
+    saved = json.loads((out / "matryoshka2d.json").read_text())
+    text = json.dumps(saved)
+    assert '"gather_across_devices": true' in text and '"distillation": "relational"' in text
