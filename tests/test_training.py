@@ -81,7 +81,11 @@ def sentence(rng: random.Random) -> str:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A saved tiny model, a triplet file, a scored-pair file and an STS eval file."""
-    tmp = tmp_path_factory.mktemp("train")
+    return make_workdir(tmp_path_factory.mktemp("train"))
+
+
+def make_workdir(tmp: Path) -> Path:
+    """Write the files of :func:`workdir` into ``tmp``."""
     tiny_model(tmp).save(tmp / "model")
     rng = random.Random(0)
     lines = ["anchor\tpositive\tnegative"]

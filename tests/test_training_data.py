@@ -112,6 +112,29 @@ def test_nan_and_bad_labels(tmp_path):
         load_training_data(bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "what"), [("", "empty"), ("   ", "only whitespace"), ("\u3000", "only whitespace")]
+)
+def test_empty_texts_are_refused_with_row_and_column(tmp_path, text, what):
+    rows = [{"anchor": "a cat", "positive": "a dog"}, {"anchor": "the man", "positive": text}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataFileError, match=rf"pairs.jsonl, row 2: column 'positive' is {what}"):
+        load_training_data(path)
+    with pytest.raises(DataFileError, match="row 2: column 'positive'"):  # also after a good source
+        load_training_data([write_tsv(tmp_path / "ok.tsv", ["anchor", "positive"], [("x", "y")]), path])
+
+
+def test_bad_sizes_are_named():
+    data = TrainingData(["a", "b"], [[str(i) for i in range(8)], [f"p{i}" for i in range(8)]])
+    with pytest.raises(InvalidInputError, match="batch_size must be an integer, got True"):
+        BatchStream(data, True)
+    with pytest.raises(InvalidInputError, match="rank=2 is out of range: there are 2 processes"):
+        BatchStream(data, 2, num_replicas=2, rank=2)
+    with pytest.raises(InvalidInputError, match="max_rows must be >= 1, got 0"):
+        load_training_data("x.tsv", max_rows=0)
+
+
 def test_labels_required_but_absent(triplets):
     with pytest.raises(DataFileError, match="needs a label per row"):
         load_training_data(triplets, use_labels=True)

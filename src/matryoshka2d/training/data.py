@@ -31,6 +31,7 @@ import numpy as np
 
 from matryoshka2d.data import SUFFIXES, read_rows, require_columns, score_column, text_column
 from matryoshka2d.errors import DataFileError, InvalidInputError
+from matryoshka2d.validation import check_int, check_positive_int
 
 #: Layouts recognised when no columns are given: (text columns, optional extra text column, label columns).
 KNOWN_LAYOUTS: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
@@ -232,8 +233,8 @@ def load_training_data(
     sources = list(sources)
     if not sources:
         raise InvalidInputError("no training data: give at least one file or dataset id")
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        raise InvalidInputError(f"max_rows must be a positive integer, got {max_rows!r}")
+    if max_rows is not None:
+        check_positive_int(max_rows, "max_rows")
     out: TrainingData | None = None
     for source in sources:
         rows, where = read_source(source, max_rows)
@@ -248,7 +249,7 @@ def load_training_data(
                 f"{list(rows[0].keys())}); set label_column"
             )
         require_columns(rows, texts_cols + ([label] if label else []), where)
-        texts = [text_column(rows, c, where) for c in texts_cols]
+        texts = [non_empty_texts(text_column(rows, c, where), c, where) for c in texts_cols]
         labels = score_column(rows, label, where) if label else None
         if out is None:
             out = TrainingData(texts_cols, texts, labels, label)
@@ -267,6 +268,21 @@ def load_training_data(
     if label_range is not None and out.labels is not None:
         out.labels = rescale_labels(out.labels, label_range)
     return out
+
+
+def non_empty_texts(texts: list[str], column: str, where: str) -> list[str]:
+    """``texts`` if none is empty or only whitespace (an empty text is no training example).
+
+    Raises:
+        DataFileError: naming the source, the row (1 = the first data row) and the column.
+    """
+    for row, text in enumerate(texts, 1):
+        if not text.strip():
+            what = "empty" if not text else "only whitespace"
+            raise DataFileError(
+                f"{where}, row {row}: column {column!r} is {what}; remove the row or fill in the text"
+            )
+    return texts
 
 
 def rescale_labels(labels: list[float], label_range: Sequence[float]) -> list[float]:
@@ -314,10 +330,11 @@ class BatchStream:
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not 0 <= rank < num_replicas:
-            raise InvalidInputError(f"rank {rank} is out of range for {num_replicas} processes")
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(num_replicas, "num_replicas")
+        check_int(
+            rank, "rank", minimum=0, maximum=num_replicas - 1, what=f"there are {num_replicas} processes"
+        )
         if len(data) < batch_size * num_replicas:
             raise InvalidInputError(
                 f"the training data has {len(data)} rows, fewer than one batch for every process "
