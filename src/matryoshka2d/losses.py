@@ -9,8 +9,14 @@ Losses receive those embeddings, never the model, so nothing is monkey-patched a
   the labels: :meth:`EmbeddingLoss.embedding_loss`.
 * A **wrapper** (:class:`MatryoshkaLoss`, :class:`AdaptiveLayerLoss`, :class:`Matryoshka2dLoss`) picks
   (layer, dim) pairs for the step, truncates each layer's embeddings to the dim, re-normalises, and sums
-  the weighted base losses; the adaptive-layer wrappers add a KL term that pulls each prior layer towards
-  the (detached) last layer.
+  the weighted base losses; the adaptive-layer wrappers add a distillation term that pulls each prior
+  layer towards the (detached) last layer (``distillation``: sentence-transformers' KL by default, or
+  ``"relational"``, ``"cosine"``, ``"mse"``: :func:`distillation_term`), and the Matryoshka wrappers can
+  make each dim prefix learn the full size's in-batch similarities (``dim_distillation``).
+* **Several processes** (torchrun, accelerate): ``gather_across_devices=True`` on
+  :class:`MultipleNegativesRankingLoss` / :class:`CoSENTLoss` / :class:`AnglELoss` compares examples of
+  every process (:func:`gather_columns`); the wrappers then share rank 0's sampled plan. Distillation
+  terms always use this process's batch.
 
 Loss contract (what the trainer relies on)::
 
