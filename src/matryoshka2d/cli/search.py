@@ -14,6 +14,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from matryoshka2d.model import EmbeddingModel
     from matryoshka2d.search.index import SearchIndex
 
+    if args.backend == "qdrant":
+        return cmd_index_build_qdrant(args)
+    check_qdrant_options(args, build=True)
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
     model = EmbeddingModel.load(model_reference(args.model))
     index = SearchIndex.from_model(
@@ -65,7 +68,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if bool(args.query) == bool(args.queries):
         raise InvalidInputError("give the queries either with --query (repeatable) or with --queries FILE")
     queries = args.query or read_texts(args.queries, column=args.column)
-    index = SearchIndex.load(args.index_dir)
+    if args.backend == "qdrant":
+        index = open_qdrant(args)
+    else:
+        check_qdrant_options(args, build=False)
+        index = SearchIndex.load(args.index_dir)
     model = EmbeddingModel.load(args.model or index_model(index))
     result = index.search_texts(
         model, queries, k=args.k, shortlist=args.shortlist, batch_size=args.batch_size
@@ -121,7 +128,7 @@ def register(sub) -> None:
     )
     p.add_argument("--column", help="text column of a table file (default: 'text' or the first column)")
     p.add_argument("--id-column", help="id column of a table file (default: row numbers 0, 1, ...)")
-    p.add_argument("--out", required=True, help="output index folder")
+    p.add_argument("--out", help="output index folder (faiss backend; Qdrant: --collection)")
     p.add_argument(
         "--shortlist-dim", type=int, default=None, help="leading dims for the shortlist (default 64)"
     )
@@ -132,6 +139,7 @@ def register(sub) -> None:
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="shortlist codes")
     p.add_argument("--no-texts", action="store_true", help="do not store the document texts in the index")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    add_qdrant_options(p, build=True)
     p.set_defaults(func=cmd_index_build)
 
     p = index_sub.add_parser("add", help="encode more documents into an existing index")
@@ -146,7 +154,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_index_add)
 
     p = sub.add_parser("search", help="search an index: shortlist on the first dims, rerank with all dims")
-    p.add_argument("index_dir", help="index folder written by 'm2d index build'")
+    p.add_argument(
+        "index_dir",
+        metavar="INDEX_OR_COLLECTION",
+        help="index folder written by 'm2d index build', or a collection name with --backend qdrant",
+    )
+    add_qdrant_options(p, build=False)
     p.add_argument("--query", action="append", help="a query text (repeat for several)")
     p.add_argument("--queries", help="a file of queries: one a line (.txt) or a table file")
     p.add_argument("--column", help="query column of a table file")
@@ -178,3 +191,111 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", help="write the grids as JSON to this file")
     p.set_defaults(func=cmd_eval_retrieval)
+
+
+# ---------------------------------------------------------------------- Qdrant backend (--backend qdrant)
+def add_qdrant_options(p: argparse.ArgumentParser, build: bool) -> None:
+    """``--backend`` and where the Qdrant collection lives (``index build`` and ``search``)."""
+    p.add_argument(
+        "--backend",
+        default="faiss",
+        choices=("faiss", "qdrant"),
+        help="faiss: an index folder (default); qdrant: a Qdrant collection (see --qdrant-*)",
+    )
+    where = p.add_argument_group("Qdrant (with --backend qdrant; give one of url, path, edge)")
+    place = where.add_mutually_exclusive_group()
+    place.add_argument("--qdrant-url", help="a Qdrant server or cluster, e.g. http://localhost:6333")
+    place.add_argument(
+        "--qdrant-path", help="a folder for qdrant-client's embedded local mode (small corpora)"
+    )
+    place.add_argument(
+        "--qdrant-edge", help="a folder for qdrant-edge: Qdrant's engine embedded in this process"
+    )
+    where.add_argument("--qdrant-api-key", help="API key for --qdrant-url (default: $QDRANT_API_KEY)")
+    if build:
+        where.add_argument(
+            "--collection", help="collection name (default matryoshka2d); an existing one is added to"
+        )
+        where.add_argument("--recreate", action="store_true", help="delete the collection first")
+
+
+def check_qdrant_options(args: argparse.Namespace, build: bool) -> None:
+    """Refuse Qdrant-only options with the faiss backend, and a missing --out."""
+    from matryoshka2d.errors import InvalidInputError
+
+    given = [
+        flag
+        for flag, value in (
+            ("--qdrant-url", args.qdrant_url),
+            ("--qdrant-path", args.qdrant_path),
+            ("--qdrant-edge", args.qdrant_edge),
+            ("--qdrant-api-key", args.qdrant_api_key),
+            ("--collection", getattr(args, "collection", None)),
+            ("--recreate", getattr(args, "recreate", False) or None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise InvalidInputError(f"{given[0]} is a Qdrant option: add --backend qdrant")
+    if build and args.out is None:
+        raise InvalidInputError("--out is required: the index folder to write (or use --backend qdrant)")
+
+
+def qdrant_place(args: argparse.Namespace) -> dict:
+    """The ``url``/``path``/``edge_path`` (and API key) keyword arguments of :class:`QdrantIndex`."""
+    import os
+
+    from matryoshka2d.errors import InvalidInputError
+
+    if args.qdrant_url:
+        return {"url": args.qdrant_url, "api_key": args.qdrant_api_key or os.environ.get("QDRANT_API_KEY")}
+    if args.qdrant_api_key:
+        raise InvalidInputError("--qdrant-api-key is for --qdrant-url")
+    if args.qdrant_path:
+        return {"path": args.qdrant_path}
+    if args.qdrant_edge:
+        return {"edge_path": args.qdrant_edge}
+    raise InvalidInputError("--backend qdrant needs --qdrant-url URL, --qdrant-path DIR or --qdrant-edge DIR")
+
+
+def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
+    from matryoshka2d.data import read_corpus
+    from matryoshka2d.errors import InvalidInputError
+    from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.search.qdrant import DEFAULT_COLLECTION, QdrantIndex
+
+    if args.out is not None or getattr(args, "overwrite", False):
+        raise InvalidInputError(
+            "--out/--overwrite are for the faiss backend: name the Qdrant collection with --collection"
+        )
+    place = qdrant_place(args)
+    texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
+    model = EmbeddingModel.load(model_reference(args.model))
+    collection = args.collection or DEFAULT_COLLECTION
+    with QdrantIndex.create(
+        collection,
+        dim=model.dim,
+        shortlist_dim=args.shortlist_dim,
+        index=args.index,
+        quantization=args.quantization,
+        model=str(model.name_or_path),
+        layers=args.layers,
+        recreate=args.recreate,
+        **place,
+    ) as index:
+        before = len(index)
+        index.upload_texts(model, texts, ids, batch_size=args.batch_size, store_texts=not args.no_texts)
+        c = index.shortlist
+        print(
+            f"uploaded {len(texts)} documents ({index.dim} dims) to {index.backend} collection "
+            f"{collection!r} (now {len(index)} points, {before} before)"
+        )
+        print(f"shortlist: first {c.dim} dims, {c.index} index, {c.quantization} codes")
+    return 0
+
+
+def open_qdrant(args: argparse.Namespace):
+    """The :class:`QdrantIndex` named by ``search``'s positional argument and --qdrant-* options."""
+    from matryoshka2d.search.qdrant import QdrantIndex
+
+    return QdrantIndex.open(args.index_dir, **qdrant_place(args))

@@ -13,6 +13,7 @@ from matryoshka2d.search.index import (
     SearchResult,
     ShortlistConfig,
 )
+from matryoshka2d.search.qdrant import QdrantBackendError, QdrantIndex, RetryPolicy, point_id
 
 __all__ = [
     "DEFAULT_SHORTLIST_DIM",
@@ -22,4 +23,8 @@ __all__ = [
     "SearchIndex",
     "SearchResult",
     "ShortlistConfig",
+    "QdrantBackendError",
+    "QdrantIndex",
+    "RetryPolicy",
+    "point_id",
 ]
