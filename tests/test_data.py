@@ -81,7 +81,12 @@ def test_missing_file_and_unknown_type(tmp_path):
 
 
 def test_read_texts(tmp_path):
-    assert read_texts(write(tmp_path / "t.txt", "one\n\ntwo\n")) == ["one", "two"]
+    assert read_texts(write(tmp_path / "t.txt", "one\ntwo\n\n \n")) == [
+        "one",
+        "two",
+    ]  # trailing blanks: ignored
+    with pytest.raises(DataFileError, match=r"t2.txt, line 2: blank line; every line is one row"):
+        read_texts(write(tmp_path / "t2.txt", "one\n\ntwo\n"))
     assert read_texts(write(tmp_path / "t.tsv", "id\ttext\n1\thello\n"), None) == ["hello"]
     assert read_texts(write(tmp_path / "u.tsv", "id\tbody\n1\thello\n"), "body") == ["hello"]
     with pytest.raises(DataFileError, match="empty"):
@@ -116,7 +121,7 @@ def test_malformed_csv_gives_data_file_error(tmp_path):
 def test_byte_order_mark_and_crlf(tmp_path):
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,id\r\nhello,1\r\nworld,2\r\n")
     assert read_rows(tmp_path / "bom.csv") == [{"text": "hello", "id": "1"}, {"text": "world", "id": "2"}]
-    (tmp_path / "crlf.txt").write_bytes(b"one\r\n\r\ntwo\r\n")
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
     assert read_texts(tmp_path / "crlf.txt") == ["one", "two"]
 
 
@@ -153,7 +158,9 @@ def test_read_corpus_ids(tmp_path):
     assert read_corpus(path, id_column="id") == (["one", "two"], ["a", "7"])
     assert read_corpus(path) == (["one", "two"], None)
     assert read_corpus(write(tmp_path / "c.txt", "one\n")) == (["one"], None)
-    with pytest.raises(DataFileError, match="an id column needs a table file"):
+    with pytest.raises(
+        DataFileError, match=r"an id column \('id'\) was given, but a .txt file has no columns"
+    ):
         read_corpus(tmp_path / "c.txt", id_column="id")
 
 

@@ -2,6 +2,13 @@
 
 All readers return plain Python rows (``list[dict[str, str]]``) so that the callers choose columns by
 name and validate them with messages that name the file, the column and the row.
+
+No silent partial or misaligned input: lines are split on ``\n`` only (``\r\n`` accepted), so row i of
+the output always comes from line i of a ``.txt`` file (data row i of a table, after its header). A blank
+line before the last text is an error naming the line (blank lines at the very end are ignored); a
+tsv/csv field that starts with a quote must end with one on the same line (a quoted field spanning lines,
+a stray character after a closing quote, a field count different from the header's, a repeated column
+name: an error naming the line and the cause); options that do not apply to a file are errors.
 """
 
 from __future__ import annotations
@@ -71,11 +78,29 @@ def read_text_file(path: Path) -> str:
         ) from None
 
 
+def split_lines(text: str, path: Path) -> list[str]:
+    """The lines of a text file, split on ``\n`` only (a trailing ``\r`` is dropped), without the blank
+    lines at its end.
+
+    Raises:
+        DataFileError: a blank (empty or whitespace-only) line before the last non-blank one, naming it:
+            skipping it would shift every later row against its line number.
+    """
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise DataFileError(
+                f"{path}, line {n}: blank line; every line is one row (output row i is input line i), so "
+                "remove the blank line or put a text on it"
+            )
+    return lines
+
+
 def _json_lines(text: str, path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in enumerate(split_lines(text, path), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -106,24 +131,49 @@ def _json_rows(text: str, path: Path) -> list[dict]:
 
 def _table_rows(text: str, path: Path, delimiter: str) -> list[dict]:
     # Standard CSV quoting for both tsv and csv: the shared tsv files quote fields that contain '"' and
-    # double the inner quotes ("says ""no diving""."), and a quote inside a field is kept as is.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # double the inner quotes ("says ""no diving""."), and a quote inside an unquoted field is kept as is.
+    # strict: a character after a closing quote is an error, not silently joined; a quoted field may not
+    # span lines (an unclosed quote would otherwise swallow every following line into one field).
+    kind = path.suffix[1:] or "table"
+    separators = "tabs" if delimiter == "\t" else "commas"
+    lines = split_lines(text, path)  # blank lines are errors (they would shift the rows)
+    if not lines:
+        raise DataFileError(f"{path}: empty file (no header row)")
+    reader = csv.reader(io.StringIO("\n".join(lines) + "\n", newline=""), delimiter=delimiter, strict=True)
+    rows: list[dict] = []
+    header: list[str] | None = None
+    start = 1
     try:
-        header = next(reader, None)
-        if not header:
-            raise DataFileError(f"{path}: empty file (no header row)")
-        rows = []
         for fields in reader:
-            if not fields:
-                continue  # a blank line
-            if len(fields) != len(header):
+            end = reader.line_num
+            if end > start:
                 raise DataFileError(
-                    f"{path}, line {reader.line_num}: {len(fields)} field(s), but the header has "
-                    f"{len(header)} ({header})"
+                    f"{path}, line {start}: a quoted field runs over lines {start}-{end} (an unclosed quote? "
+                    f'a field that starts with " must end with " on the same line; write a quote inside it '
+                    f'as ""); texts with line breaks need a jsonl file'
                 )
-            rows.append(dict(zip(header, fields)))
+            if header is None:
+                header = fields
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    raise DataFileError(f"{path}, line 1: repeated column name(s) {repeated} in the header")
+            elif len(fields) != len(header):
+                raise DataFileError(
+                    f"{path}, line {start}: {len(fields)} field(s), but the header has {len(header)} "
+                    f"({header}); check the {separators} and quotes on that line"
+                )
+            else:
+                rows.append(dict(zip(header, fields)))
+            start = end + 1
     except csv.Error as e:
-        raise DataFileError(f"{path}, line {reader.line_num}: malformed {path.suffix[1:]} ({e})") from None
+        end = reader.line_num
+        where = f"line {start}" + (f" (the quoted field runs to line {end})" if end > start else "")
+        raise DataFileError(
+            f"{path}, {where}: malformed {kind} ({e}); a field that starts with a quote must end with one, "
+            'and a quote inside it is written ""'
+        ) from None
+    if header is None:
+        raise DataFileError(f"{path}: empty file (no header row)")
     return rows
 
 
@@ -139,9 +189,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, object]]:
         DataFileError: naming the file (and the line where known): the file is missing, of an unknown type,
             not UTF-8, unparsable, has a row with the wrong number of fields, or has no data rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"data file not found: {path}")
+    path = require_file(path, "data file")
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataFileError(
@@ -269,22 +317,26 @@ def read_corpus(
     """Texts to encode, and their ids if ``id_column`` is given.
 
     Args:
-        path: a ``.txt`` file (one text a line, blank lines skipped; no ids) or a table file (see
-            :func:`read_rows`).
+        path: a ``.txt`` file (one text a line: text i is line i; a blank line before the last text is an
+            error naming it; no ids) or a table file (see :func:`read_rows`).
         column: the text column of a table file; default :func:`default_text_column`.
         id_column: the id column of a table file (see :func:`id_values`); None: no ids.
 
     Raises:
-        DataFileError: a missing or unreadable file, no texts, a missing column, a non-text value, a
-            missing, empty or repeated id, or an id column asked of a ``.txt`` file.
+        DataFileError: a missing or unreadable file, a folder, no texts, a blank line, a missing column, a
+            non-text value, a missing, empty or repeated id, or a column or id column asked of a ``.txt``
+            file (it has no columns).
     """
     path = Path(path)
     if path.suffix.lower() in (".txt", ""):
-        if id_column is not None:
-            raise DataFileError(f"{path}: an id column needs a table file ({', '.join(TABLE_SUFFIXES)})")
-        if not path.is_file():
-            raise DataFileError(f"input file not found: {path}")
-        texts = [line for line in read_text_file(path).splitlines() if line.strip()]
+        for option, value in (("a column", column), ("an id column", id_column)):
+            if value is not None:
+                raise DataFileError(
+                    f"{path}: {option} ({value!r}) was given, but a .txt file has no columns (one text a "
+                    f"line); use a table file ({', '.join(TABLE_SUFFIXES)}) or leave the option out"
+                )
+        path = require_file(path, "input file")
+        texts = split_lines(read_text_file(path), path)
         if not texts:
             raise DataFileError(f"{path}: no texts (the file is empty)")
         return texts, None
@@ -294,10 +346,11 @@ def read_corpus(
 
 
 def read_texts(path: str | os.PathLike, column: str | None = None) -> list[str]:
-    """Texts to encode: one a line from a ``.txt`` file (blank lines skipped), or one column of a table.
+    """Texts to encode: one a line from a ``.txt`` file (text i is line i), or one column of a table.
 
     Args:
         path: a ``.txt`` file, or a tsv/csv/jsonl/json/parquet file.
-        column: the column to read from a table file; defaults to ``text`` if present, else the first column.
+        column: the column to read from a table file (an error for a ``.txt`` file); defaults to ``text``
+            if present, else the first column.
     """
     return read_corpus(path, column)[0]

@@ -44,6 +44,7 @@ import torch
 
 from matryoshka2d.errors import ModelLoadError, OutputPathError
 from matryoshka2d.pooling import pooling_config, pooling_mode_from_config
+from matryoshka2d.validation import check_int
 
 #: Extra metadata file written next to the sentence-transformers files.
 METADATA_FILE = "matryoshka2d.json"
@@ -152,8 +153,6 @@ def _describe_entries(folder: Path, limit: int = 4) -> str:
 
 def _check_common(path: Path, real: Path, kind: str, inputs, is_folder: bool) -> None:
     """The rules shared by folder and file outputs: not the current folder, not an input, a usable parent."""
-    if str(path) in ("", "."):
-        raise OutputPathError(f"no output path given for the {kind}")
     cwd = _real(Path.cwd())
     if is_folder and _within(cwd, real):
         where = "the current folder" if real == cwd else f"a folder that contains the current folder ({cwd})"
@@ -214,6 +213,8 @@ def check_output_folder(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
+    if not str(os.fspath(path)).strip():
+        raise OutputPathError(f"no output path given for the {kind} (empty path)")
     path = Path(path).expanduser()
     real = _real(path)
     _check_common(path, real, kind, inputs, is_folder=True)
@@ -278,9 +279,12 @@ def check_output_file(
         ``path`` as a :class:`~pathlib.Path`.
     """
     text = os.fspath(path)
+    if not str(text).strip():
+        raise OutputPathError(f"no output path given for the {kind} (empty path)")
     path = Path(path).expanduser()
     if path.is_dir() or text.endswith((os.sep, "/")):
-        raise OutputPathError(f"{text} is a folder: give the path of the {kind} file to write")
+        what = kind if kind.endswith("file") else f"{kind} file"
+        raise OutputPathError(f"{text} is a folder: give the path of the {what} to write")
     real = _real(path)
     _check_common(path, real, kind, inputs, is_folder=False)
     if not path.exists():
@@ -297,8 +301,8 @@ def check_output_file(
         )
     if recognize is not None and not recognize(path):
         raise OutputPathError(
-            f"{path} exists and is not a {kind} written by matryoshka2d: it is left alone even with "
-            "--overwrite; remove it yourself or choose another path"
+            f"{path} exists and does not look like a matryoshka2d {kind} output: it is left alone even "
+            "with --overwrite; remove it yourself or choose another path"
         )
     return path
 
@@ -611,7 +615,17 @@ def read_folder_spec(folder: Path) -> FolderSpec:
             st_config = sub / "sentence_bert_config.json"
             if st_config.is_file():
                 cfg = read_json(st_config)
+                if not isinstance(cfg, dict):
+                    raise ModelLoadError(f"{st_config}: expected a JSON object, got {type(cfg).__name__}")
                 spec.max_seq_length = cfg.get("max_seq_length")
+                if spec.max_seq_length is not None:
+                    check_int(
+                        spec.max_seq_length,
+                        f"{st_config}: max_seq_length",
+                        minimum=1,
+                        error=ModelLoadError,
+                        what="it must be a positive number of tokens",
+                    )
                 spec.do_lower_case = bool(cfg.get("do_lower_case", False))
         elif spec is None:
             raise ModelLoadError(f"{modules_file}: the first module must be a Transformer, got {kind!r}")

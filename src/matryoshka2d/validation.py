@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Set
 
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 
@@ -75,3 +76,24 @@ def check_real(
         high = "inf" if maximum is None else f"{maximum:g}"
         raise error(f"{name} must be in [{low}, {high}], got {value:g}")
     return value
+
+
+def check_ordered(value: object, name: str, error: type[Matryoshka2dError] = InvalidInputError) -> list:
+    """``value`` as a list if it is an ordered collection: not a string, a set, a dict or a non-iterable.
+
+    Row i of an output must belong to item i of the input: a set has no order and a dict would give its
+    keys, so both are refused instead of being read in an arbitrary order.
+
+    Args:
+        value: the collection (texts, ids, ...).
+        name: the argument's name, for the message.
+        error: the exception type to raise.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise error(f"{name} must be a list, got {type(value).__name__}")
+    if isinstance(value, (Set, Mapping)):
+        raise error(
+            f"{name} is a {type(value).__name__}, which has no row order (a dict would give its keys): pass "
+            "a list, e.g. sorted(...) or list(mapping.values())"
+        )
+    return list(value)
