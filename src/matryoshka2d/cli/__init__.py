@@ -34,12 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``m2d`` command; returns its exit code (0, 2 for a user error, 130 after Ctrl-C).
+
+    Ctrl-C prints ``m2d CMD: interrupted`` and leaves no partial output: every writer writes under a
+    temporary name that is removed on the interrupt (:func:`matryoshka2d.persistence.atomic_directory`).
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("m2d: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"m2d {args.command}: interrupted; no partial output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Matryoshka2dError as e:
         print(f"m2d {args.command}: error: {e}", file=sys.stderr)
         return 2

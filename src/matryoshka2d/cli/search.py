@@ -6,7 +6,7 @@ import argparse
 import json
 
 from matryoshka2d.cli.common import int_list, model_reference, positive_int
-from matryoshka2d.persistence import atomic_write
+from matryoshka2d.persistence import atomic_write, check_output_file, check_output_folder, json_with_keys
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -17,6 +17,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if args.backend == "qdrant":
         return cmd_index_build_qdrant(args)
     check_qdrant_options(args, build=True)
+    check_output_folder(args.out, "search-index", overwrite=args.overwrite, inputs=[args.corpus, args.model])
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
     model = EmbeddingModel.load(model_reference(args.model))
     index = SearchIndex.from_model(
@@ -30,7 +31,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index=args.index,
         quantization=args.quantization,
     )
-    index.save(args.out)
+    index.save(args.out, overwrite=args.overwrite, inputs=[args.corpus, args.model])
     c = index.shortlist
     print(f"indexed {len(index)} documents ({index.dim} dims) in {args.out}")
     print(f"shortlist: first {c.dim} dims, {c.index} index, {c.quantization} codes")
@@ -46,7 +47,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)
     model = EmbeddingModel.load(args.model or index_model(index))
     index.add_texts(model, texts, ids, batch_size=args.batch_size)
-    index.save(args.index_dir)
+    index.save(args.index_dir, overwrite=True, inputs=[args.corpus, args.model])  # updated in place
     print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)})")
     return 0
 
@@ -67,6 +68,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if bool(args.query) == bool(args.queries):
         raise InvalidInputError("give the queries either with --query (repeatable) or with --queries FILE")
+    if args.column is not None and not args.queries:
+        raise InvalidInputError(f"--column {args.column!r} applies to a --queries table file, not to --query")
+    json_write = {
+        "overwrite": args.overwrite,
+        "inputs": [args.queries, args.index_dir, args.model],
+        "recognize": json_with_keys("query", "hits", in_list=True),
+    }
+    if args.json:
+        check_output_file(args.json, "search JSON", **json_write)  # refuse before the work
     queries = args.query or read_texts(args.queries, column=args.column)
     if args.backend == "qdrant":
         index = open_qdrant(args)
@@ -88,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{rank:>4}  {hit['score']:.4f}  {hit['id']}" + (f"  {hit['text']}" if hit["text"] else ""))
     if args.json:
         text = json.dumps(hits, indent=2, ensure_ascii=False).encode()
-        atomic_write(args.json, text)
+        atomic_write(args.json, text, "search JSON", **json_write)
         print(f"wrote {args.json}")
     return 0
 
@@ -97,6 +107,13 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from matryoshka2d.evaluation.retrieval import evaluate_retrieval, load_retrieval
     from matryoshka2d.model import EmbeddingModel
 
+    json_write = {
+        "overwrite": args.overwrite,
+        "inputs": [args.data, args.model],
+        "recognize": json_with_keys("layers", "dims", "metrics"),
+    }
+    if args.json:
+        check_output_file(args.json, "eval-retrieval JSON", **json_write)  # refuse before the work
     data = load_retrieval(args.data, min_score=args.min_score)  # validate the data before loading the model
     model = EmbeddingModel.load(args.model)
     result = evaluate_retrieval(
@@ -110,7 +127,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
         print()
     if args.json:
         text = json.dumps(result.to_dict(), indent=2).encode()
-        atomic_write(args.json, text)
+        atomic_write(args.json, text, "eval-retrieval JSON", **json_write)
         print(f"wrote {args.json}")
     return 0
 
@@ -129,6 +146,7 @@ def register(sub) -> None:
     p.add_argument("--column", help="text column of a table file (default: 'text' or the first column)")
     p.add_argument("--id-column", help="id column of a table file (default: row numbers 0, 1, ...)")
     p.add_argument("--out", help="output index folder (faiss backend; Qdrant: --collection)")
+    p.add_argument("--overwrite", action="store_true", help="replace an index previously built at --out")
     p.add_argument(
         "--shortlist-dim", type=int, default=None, help="leading dims for the shortlist (default 64)"
     )
@@ -175,6 +193,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", help="also write the hits as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous --json file")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("eval-retrieval", help="recall@k, MRR@10, nDCG@10 over the layers x dims grid")
@@ -190,6 +209,7 @@ def register(sub) -> None:
     p.add_argument("--dims", type=int_list, help="comma-separated embedding sizes (default: full)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", help="write the grids as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous --json file")
     p.set_defaults(func=cmd_eval_retrieval)
 
 

@@ -57,6 +57,7 @@ import numpy as np
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError
 from matryoshka2d.persistence import atomic_directory
 from matryoshka2d.truncation import check_layers, truncate_dims
+from matryoshka2d.validation import check_ordered
 
 if TYPE_CHECKING:  # pragma: no cover
     from matryoshka2d.model import EmbeddingModel
@@ -491,9 +492,7 @@ class SearchIndex:
             start = len(self._ids)
             new = [str(start + i) for i in range(count)]
         else:
-            if isinstance(ids, str) or not isinstance(ids, Iterable):
-                raise InvalidInputError(f"ids must be a list of strings, got {type(ids).__name__}")
-            new = list(ids)
+            new = check_ordered(ids, "ids")  # a set or dict has no row order: refused
             if len(new) != count:
                 raise InvalidInputError(f"got {len(new)} ids for {count} vectors/texts; give one id each")
             for i, id_ in enumerate(new):
@@ -517,9 +516,7 @@ class SearchIndex:
             if self._ids:
                 raise InvalidInputError("this index stores document texts: pass texts= with the new vectors")
             return None
-        if isinstance(texts, str):
-            raise InvalidInputError("texts must be a list of strings, got one string")
-        new = list(texts)
+        new = check_ordered(texts, "texts")  # a set or dict has no row order: refused
         if len(new) != count:
             raise InvalidInputError(f"got {len(new)} texts for {count} vectors; give one text each")
         for i, text in enumerate(new):
