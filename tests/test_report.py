@@ -91,7 +91,7 @@ def test_cli_report_and_bad_results(tmp_path, capsys):
     )
     with pytest.raises(DataFileError, match="not a layers x dims table"):
         load_results(results)
-    assert main(["report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r2")]) == 2
     assert "results file not found" in capsys.readouterr().err
 
 
@@ -175,3 +175,17 @@ def test_report_files_are_replaced_atomically_and_other_files_kept(tmp_path, mon
     assert (out / "REPORT.md").read_text().startswith("# test")
     assert json.loads(results.read_text()) == fake_results()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_undefined_cells_are_read_and_shown_as_nan(tmp_path):
+    results = fake_results()
+    results["models"]["two_d"]["grid"]["spearman"][0][4] = float("nan")  # an undefined Spearman
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))  # json writes NaN
+    assert "NaN" in path.read_text()
+    text = write_report(path, tmp_path / "out").read_text()
+    assert "| 1 | 59.50 | 59.25 | 58.50 | 57.00 | nan | nan |" in text  # the row mean is undefined too
+    results["models"]["two_d"]["grid"]["spearman"][0][4] = float("inf")
+    path.write_text(json.dumps(results))
+    with pytest.raises(DataFileError, match=r"spearman\[0\]\[4\] is inf, not a finite number"):
+        load_results(path)

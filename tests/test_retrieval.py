@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -131,7 +132,8 @@ def test_grid_cells_equal_direct_evaluation(tiny_model):
     )
     assert result.layers == [1, 3] and result.dims == [32, 8]
     assert set(result.metrics) == {"recall@1", "recall@5", "mrr@10", "ndcg@10"}
-    assert (result.num_queries, result.num_docs) == (6, 12)
+    assert (result.info["num_queries"], result.info["num_docs"]) == (6, 12)
+    assert result.primary == "ndcg@10" and result.cell(3, 8) == result.cell(3, 8, "ndcg@10")
     for k in (1, 3):
         for d in (8, 32):
             direct = retrieval_metrics(
@@ -143,9 +145,21 @@ def test_grid_cells_equal_direct_evaluation(tiny_model):
             for name, value in direct.items():
                 assert result.cell(k, d, name) == pytest.approx(value, abs=1e-6), (k, d, name)
     assert RetrievalGridResult.from_dict(result.to_dict()) == result
+    as_json = json.loads(json.dumps(result.to_dict()))  # the eval-retrieval --json format
+    assert set(as_json) == {"model", "layers", "dims", "num_queries", "num_docs", "primary", "metrics"}
+    del as_json["primary"]  # files written before "primary" existed still default to ndcg@10
+    assert RetrievalGridResult.from_dict(as_json) == result
     assert "ndcg@10: layers \\ dims" in result.table() and f"{result.cell(3, 8):.4f}" in result.table()
     with pytest.raises(InvalidLayersError, match="layers=9 is out of range"):
         evaluate_retrieval(tiny_model, data, layers=[9])
+
+
+def test_bad_recall_at_is_refused_before_encoding(tiny_model, monkeypatch):
+    data = RetrievalData(queries=["a cat"], corpus=SENTENCES, relevant=[[0]])
+    monkeypatch.setattr(tiny_model, "_encode_chunk", lambda *a, **k: pytest.fail("encoded first"))
+    for bad in ((0,), (), (1.5,), (True,), "10"):
+        with pytest.raises(InvalidInputError, match="recall_at must be positive integers"):
+            evaluate_retrieval(tiny_model, data, recall_at=bad)
 
 
 # nDCG@10 that all-MiniLM-L6-v2 at full size clearly exceeds on this SNLI subset (a broken encoder or
@@ -163,6 +177,6 @@ def test_minilm_on_snli_ranks_entailed_hypotheses_high(tmp_path):
     subset.write_text("\n".join(path.read_text(encoding="utf-8").splitlines()[:901]) + "\n", encoding="utf-8")
     model = EmbeddingModel.load(packaged_minilm())
     result = evaluate_retrieval(model, subset, layers=[1, 6], dims=[384, 32], batch_size=64)
-    assert result.num_queries > 250 and result.num_docs > 800
+    assert result.info["num_queries"] > 250 and result.info["num_docs"] > 800
     assert result.cell(6, 384) > THRESHOLD_FULL
     assert result.cell(6, 384) > result.cell(1, 32) + 0.1  # the smallest cell is clearly worse

@@ -8,6 +8,7 @@
         "<key>": {
           "label": "plain MNRL",                      # legend text
           "grid": {"model", "layers", "dims", "spearman"},            # eval-sts JSON, test split
+                                                      # (NaN: Spearman undefined in that cell)
           "validation_grid": {...},                   # optional, same format, validation split
           "speed": {"layers": [1, ...], "sentences_per_s": [...]},    # optional
           "training_time_s": 123.4                    # optional (null for untouched models)
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.errors import DataFileError
-from matryoshka2d.evaluation.sts import GridResult
+from matryoshka2d.evaluation.grid import GridResult
 from matryoshka2d.persistence import atomic_write
 
 
@@ -40,7 +41,8 @@ def load_results(path: str | os.PathLike) -> dict:
     Raises:
         DataFileError: naming the file and the bad entry, for a missing file, invalid JSON, no models, a
             grid without ``layers``/``dims``/``spearman`` or whose ``spearman`` is not a layers x dims
-            table of finite numbers, or a malformed ``speed`` entry. A grid's ``model`` key is optional.
+            table of numbers (finite, or NaN for an undefined cell), or a malformed ``speed`` entry. A
+            grid's ``model`` key is optional.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,10 +108,13 @@ def _check_grid(grid: object, where: str) -> GridResult:
         )
     for i, row in enumerate(table):
         for j, value in enumerate(row):
-            if not _is_number(value):
-                raise DataFileError(f"{where}: spearman[{i}][{j}] is {value!r}, not a finite number")
+            undefined = isinstance(value, float) and math.isnan(value)  # NaN: an undefined Spearman
+            if not (_is_number(value) or undefined):
+                raise DataFileError(
+                    f"{where}: spearman[{i}][{j}] is {value!r}, not a finite number (or NaN for undefined)"
+                )
     spearman = [[float(v) for v in row] for row in table]
-    return GridResult(str(grid.get("model") or ""), layers, dims, spearman)
+    return GridResult(str(grid.get("model") or ""), layers, dims, {"spearman": spearman})
 
 
 def _check_speed(speed: object, where: str) -> None:
@@ -254,8 +259,9 @@ def write_figures(results: dict, out: Path) -> list[Path]:
         hline=100,
     )
 
-    lo = min(min(map(min, _grid(e).spearman)) for e in models.values())
-    hi = max(max(map(max, _grid(e).spearman)) for e in models.values())
+    values = np.array([v for e in models.values() for row in _grid(e).spearman for v in row])
+    finite = values[np.isfinite(values)]  # undefined (NaN) cells are left blank in the heatmaps
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
     for key, entry in models.items():
         g = _grid(entry)
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -270,7 +276,7 @@ def write_figures(results: dict, out: Path) -> list[Path]:
                 ax.text(
                     j,
                     i,
-                    f"{value:.1f}",
+                    "nan" if math.isnan(value) else f"{value:.1f}",
                     ha="center",
                     va="center",
                     fontsize=8,

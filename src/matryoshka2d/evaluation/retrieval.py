@@ -1,8 +1,8 @@
 """Retrieval quality (recall@k, MRR@10, nDCG@10) over the whole layers x dims grid, from one pass.
 
-Like the STS grid evaluator, every text (queries and corpus) is encoded once with
-:meth:`EmbeddingModel.encode_layers`, which returns every requested layer count from one forward pass;
-each dim is a slice of those arrays, re-normalised. Each grid cell is then scored with exact cosine
+Like the STS grid evaluator, every text (queries and corpus) is encoded once by the grid engine
+(:mod:`matryoshka2d.evaluation.grid`), which streams every requested layer count from one forward pass
+and every dim as a re-normalised prefix. Each grid cell is then scored with exact cosine
 search (queries x corpus in chunks), so the numbers measure the embeddings, not an approximate index.
 
 Metrics (binary relevance, averaged over queries):
@@ -29,13 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from matryoshka2d.data import load_sts, read_rows, require_columns, text_column
 from matryoshka2d.errors import DataFileError, InvalidInputError
-from matryoshka2d.evaluation.sts import resolve_grid
-from matryoshka2d.model import EmbeddingModel
+from matryoshka2d.evaluation.grid import GridEncoder, GridResult, evaluate_grid
 from matryoshka2d.truncation import truncate_dims
+from matryoshka2d.validation import is_int
 
 #: The metrics every evaluation reports, besides ``recall@k`` for each requested ``k``.
 RANKED_METRICS = ("mrr@10", "ndcg@10")
@@ -160,6 +159,14 @@ def load_retrieval(path: str | os.PathLike, min_score: float = 4.0) -> Retrieval
     )
 
 
+def check_recall_at(recall_at: Sequence[int]) -> list[int]:
+    """``recall_at`` as a list if it is a non-empty sequence of positive integers."""
+    values = list(recall_at) if isinstance(recall_at, Sequence) and not isinstance(recall_at, str) else None
+    if not values or any(not is_int(k) or k < 1 for k in values):
+        raise InvalidInputError(f"recall_at must be positive integers, got {recall_at!r}")
+    return [int(k) for k in values]
+
+
 def retrieval_metrics(
     query_embeddings: np.ndarray,
     corpus_embeddings: np.ndarray,
@@ -190,10 +197,7 @@ def retrieval_metrics(
         )
     if len(relevant) != len(query_embeddings):
         raise InvalidInputError(f"got {len(relevant)} relevance lists for {len(query_embeddings)} queries")
-    if not recall_at or any(
-        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in recall_at
-    ):
-        raise InvalidInputError(f"recall_at must be positive integers, got {list(recall_at)!r}")
+    recall_at = check_recall_at(recall_at)
     num_docs = len(corpus_embeddings)
     depth = min(max(*recall_at, 10), num_docs)
     queries = truncate_dims(np.asarray(query_embeddings, dtype=np.float32), None, normalize=True)
@@ -231,75 +235,25 @@ def retrieval_metrics(
     return metrics
 
 
-@dataclass
-class RetrievalGridResult:
-    """Retrieval metrics for every (layers, dims) cell.
-
-    ``metrics[name][i][j]`` is metric ``name`` at ``layers[i]``, ``dims[j]``; ``to_dict`` gives the
-    ``eval-retrieval --json`` format.
-    """
-
-    model: str
-    layers: list[int]
-    dims: list[int]
-    metrics: dict[str, list[list[float]]]
-    num_queries: int = 0
-    num_docs: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "layers": self.layers,
-            "dims": self.dims,
-            "num_queries": self.num_queries,
-            "num_docs": self.num_docs,
-            "metrics": self.metrics,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RetrievalGridResult:
-        return cls(
-            data["model"],
-            list(data["layers"]),
-            list(data["dims"]),
-            {name: [list(row) for row in grid] for name, grid in data["metrics"].items()},
-            int(data.get("num_queries", 0)),
-            int(data.get("num_docs", 0)),
-        )
-
-    def cell(self, layers: int, dim: int, metric: str = "ndcg@10") -> float:
-        """One metric at one (layers, dim) cell."""
-        if metric not in self.metrics:
-            raise InvalidInputError(f"unknown metric {metric!r}; have {list(self.metrics)}")
-        return self.metrics[metric][self.layers.index(layers)][self.dims.index(dim)]
-
-    def table(self, metric: str = "ndcg@10", precision: int = 4) -> str:
-        """A plain-text table of one metric: one row per layer count, one column per dim."""
-        if metric not in self.metrics:
-            raise InvalidInputError(f"unknown metric {metric!r}; have {list(self.metrics)}")
-        head = [f"{metric}: layers \\ dims"] + [str(d) for d in self.dims]
-        rows = [
-            [str(k)] + [f"{v:.{precision}f}" for v in row]
-            for k, row in zip(self.layers, self.metrics[metric], strict=True)
-        ]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-        return "\n".join(fmt.format(*r) for r in [head, *rows])
+#: Retrieval results are :class:`~matryoshka2d.evaluation.grid.GridResult` objects (several metrics; the
+#: default one is ``ndcg@10``). The name is kept for existing imports.
+RetrievalGridResult = GridResult
 
 
 def evaluate_retrieval(
-    model: EmbeddingModel,
+    model: GridEncoder,
     data: RetrievalData | str | os.PathLike,
     layers: Sequence[int] | None = None,
     dims: Sequence[int] | None = None,
     recall_at: Sequence[int] = (1, 10, 100),
     batch_size: int = 32,
     show_progress: bool | None = None,
-) -> RetrievalGridResult:
+) -> GridResult:
     """Retrieval metrics for every (layers, dims) cell, encoding every distinct text once.
 
     Args:
-        model: the model to evaluate.
+        model: the encoder to evaluate (an :class:`~matryoshka2d.model.EmbeddingModel` or any encoder
+            with ``iter_encode``, ``num_layers`` and ``dim``).
         data: a :class:`RetrievalData`, or the path of an SNLI pair-class or STS file (see
             :func:`load_retrieval`).
         layers: layer counts to evaluate (default: 1..num_layers).
@@ -307,28 +261,30 @@ def evaluate_retrieval(
         recall_at: cut-offs for recall@k.
         batch_size: encoding batch size.
         show_progress: tqdm bars while encoding and scoring (default: for more than 20 batches).
+
+    Returns:
+        a :class:`GridResult` with ``recall@k`` for each ``k``, ``mrr@10`` and ``ndcg@10`` (the default
+        metric), and ``num_queries``/``num_docs`` in its ``info``.
     """
+    recall_at = check_recall_at(recall_at)  # before the (slow) encoding
     if not isinstance(data, RetrievalData):
         data = load_retrieval(data)
-    layers, dims = resolve_grid(model, layers, dims)
     texts = list(dict.fromkeys(data.queries + data.corpus))
     position = {text: i for i, text in enumerate(texts)}
     query_rows = np.array([position[t] for t in data.queries])
     corpus_rows = np.array([position[t] for t in data.corpus])
-    by_layer = model.encode_layers(texts, layers, batch_size=batch_size, show_progress=show_progress)
-    cells = [(k, d) for k in layers for d in dims]
-    show = show_progress if show_progress is not None else len(texts) > 20 * batch_size
-    results: dict[tuple[int, int], dict[str, float]] = {}
-    for k, d in tqdm(cells, desc="Scoring cells", unit="cell", disable=not show):
-        emb = truncate_dims(by_layer[k], d, normalize=True)
-        results[k, d] = retrieval_metrics(emb[query_rows], emb[corpus_rows], data.relevant, recall_at)
-    names = list(results[cells[0]])
-    grid = {name: [[results[k, d][name] for d in dims] for k in layers] for name in names}
-    return RetrievalGridResult(
-        model=str(model.name_or_path),
-        layers=layers,
-        dims=dims,
-        metrics=grid,
-        num_queries=len(data.queries),
-        num_docs=len(data.corpus),
+
+    def score(embeddings: np.ndarray) -> dict[str, float]:
+        return retrieval_metrics(embeddings[query_rows], embeddings[corpus_rows], data.relevant, recall_at)
+
+    return evaluate_grid(
+        model,
+        texts,
+        score,
+        layers,
+        dims,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        primary="ndcg@10",
+        info={"num_queries": len(data.queries), "num_docs": len(data.corpus)},
     )
