@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -99,17 +97,21 @@ def test_truncate(tiny_model_dir, tmp_path):
         ),
     ],
 )
-def test_errors_are_one_line_with_exit_code_2(tiny_model_dir, sts_file, tmp_path, args, message):
+def test_errors_are_one_line_with_exit_code_2(tiny_model_dir, sts_file, tmp_path, args, message, capsys):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "nocol.tsv").write_text("sentence1\tsentence2\na\tb\n")
     (tmp_path / "nan.tsv").write_text("sentence1\tsentence2\tscore\na\tb\tnan\n")
     (tmp_path / "word.tsv").write_text("sentence1\tsentence2\tscore\na\tb\thigh\n")
     (tmp_path / "header.tsv").write_text("sentence1\tsentence2\tscore\n")
     argv = [a.format(model=tiny_model_dir, tmp=tmp_path, sts=sts_file) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "matryoshka2d.cli", *argv], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    try:  # in-process (a subprocess per case costs a torch import each); an exception would fail the test
+        code = main(argv)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_usage_errors_exit_2(capsys):
@@ -250,7 +252,7 @@ def test_search_errors_are_one_line_with_exit_code_2(tiny_model_dir, tmp_path, c
             "c.jsonl, row 2: id column 'id' is None",
         ),
         ("c.csv", "id,text\na,one\ntwo\n", "c.csv, line 3: 1 field(s), but the header has 2"),
-        ("c.txt", "one\ntwo\n", "c.txt: an id column needs a table file"),
+        ("c.txt", "one\ntwo\n", "c.txt: an id column ('id') was given, but a .txt file has no columns"),
     ],
 )
 def test_index_build_rejects_rows_without_an_id(tiny_model_dir, tmp_path, capsys, name, content, message):

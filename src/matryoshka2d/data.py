@@ -53,7 +53,8 @@ def require_file(path: str | os.PathLike, what: str = "data file") -> Path:
         raise DataFileError(f"no {what} given (empty path)")
     path = Path(path).expanduser()
     if path.is_dir():
-        raise DataFileError(f"{path} is a folder, not a {what}: give the path of a file")
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise DataFileError(f"{path} is a folder, not {article} {what}: give the path of a file")
     if not path.exists():
         raise DataFileError(f"{what} not found: {path}")
     if not path.is_file():

@@ -636,6 +636,8 @@ class SearchIndex:
             InvalidDimError: ``model`` makes embeddings of another size.
         """
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise DataFileError(f"{path} is a file, not a search index folder (written by 'm2d index build')")
         if not path.is_dir():
             raise DataFileError(f"search index folder not found: {path}")
         manifest = _read_json(path, MANIFEST_FILE)

@@ -163,6 +163,8 @@ class TrainConfig:
         import yaml
 
         path = Path(path)
+        if path.is_dir():
+            raise InvalidInputError(f"{path} is a folder, not a config file: give the path of a YAML file")
         if not path.is_file():
             raise InvalidInputError(f"config file not found: {path}")
         try:
