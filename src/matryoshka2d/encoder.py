@@ -286,3 +286,30 @@ class Encoder(abc.ABC):
 def sort_longest_first(input_ids: Sequence[Sequence[int]]) -> np.ndarray:
     """Row order by decreasing token count (stable), so each batch pads to similar lengths."""
     return np.argsort([-len(ids) for ids in input_ids], kind="stable")
+
+
+def pad_rows(
+    encoded: Mapping[str, Sequence[Sequence[int]]],
+    rows: Sequence[int],
+    pad_token_id: int | None,
+    left: bool = False,
+) -> dict[str, np.ndarray]:
+    """int64 arrays for ``rows`` of un-padded tokenizer output, padded to the longest of those rows.
+
+    Pads like a tokenizer (``input_ids`` with ``pad_token_id``, everything else, e.g. the attention mask
+    and token types, with 0; on the left if ``left``) without touching the tokenizer, so any number of
+    threads may pad at once.
+    """
+    width = max(len(encoded["input_ids"][i]) for i in rows)
+    pad_values = {"input_ids": pad_token_id or 0}
+    out = {}
+    for key, values in encoded.items():
+        array = np.full((len(rows), width), pad_values.get(key, 0), dtype=np.int64)
+        for r, i in enumerate(rows):
+            seq = values[i]
+            if left:
+                array[r, width - len(seq) :] = seq
+            else:
+                array[r, : len(seq)] = seq
+        out[key] = array
+    return out

@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError, ModelLoadError
+from matryoshka2d.encoder import (  # noqa: F401 - check_texts, EmbeddingBatch, ...: public here too
+    DEFAULT_CHUNK_SIZE,
+    EmbeddingBatch,
+    Encoder,
+    check_text,
+    check_texts,
+    check_texts_iterable,
+    pad_rows,
+    sort_longest_first,
+)
+from matryoshka2d.errors import InvalidInputError, InvalidLayersError, ModelLoadError
 from matryoshka2d.persistence import (
     FolderSpec,
     atomic_directory,
@@ -38,9 +45,8 @@ from matryoshka2d.truncation import (
     find_layer_stack,
     keep_first_layers,
     layer_view,
-    truncate_dims,
 )
-from matryoshka2d.validation import check_positive_int
+from matryoshka2d.validation import check_int
 
 # Families whose position ids start after the padding index, so max_position_embeddings overstates the
 # usable length by pad_token_id + 1 (514 positions = 512 tokens for RoBERTa).
@@ -54,61 +60,54 @@ _OFFSET_POSITION_FAMILIES = {
 }
 
 
-def check_texts_iterable(texts: object) -> None:
-    """Refuse what cannot be encoded row by row in a defined order: a string, a non-iterable, a set or a dict.
+# The dtypes a model can run its transformer layers in (pooling and normalisation are always float32).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    Output row i must belong to input item i; a set has no order and a dict would silently encode its keys.
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 ``avx512_bf16`` or AMX; read from /proc/cpuinfo).
+
+    Elsewhere (no /proc/cpuinfo, older x86, ARM) bfloat16 is emulated and slower than float32: False.
     """
-    if isinstance(texts, str) or not isinstance(texts, Iterable):
-        raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
-    if isinstance(texts, (Set, Mapping)):
-        raise InvalidInputError(
-            f"texts is a {type(texts).__name__}, which has no row order (a dict would give its keys): "
-            "pass a list of strings, e.g. sorted(texts) or list(mapping.values())"
-        )
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
-def _check_text(text: object, i: int) -> str:
-    if not isinstance(text, str):
-        raise InvalidInputError(f"texts[{i}] is {type(text).__name__} ({text!r:.50}), expected str")
-    return text
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """The torch dtype for a ``dtype`` option on ``device`` (default CPU).
 
+    ``"auto"`` is bfloat16 where the hardware computes it natively (a CUDA GPU that supports it, a CPU
+    with ``avx512_bf16``/AMX) and float32 otherwise.
 
-def check_texts(texts: object) -> list[str]:
-    """Validate a list of texts: an ordered collection (not a set or dict), non-empty, every item a string."""
-    check_texts_iterable(texts)
-    texts = [_check_text(text, i) for i, text in enumerate(texts)]  # type: ignore[union-attr]
-    if not texts:
-        raise InvalidInputError("texts is empty: nothing to encode")
-    return texts
-
-
-# Texts tokenised and sorted by length together: enough to batch similar lengths, small enough for memory.
-DEFAULT_CHUNK_SIZE = 8192
-
-
-@dataclass(frozen=True)
-class EmbeddingBatch:
-    """Embeddings of consecutive input texts, for every requested (layers, dim) cell.
-
-    Attributes:
-        start: position of the first text of this batch in the input stream.
-        size: number of texts in this batch.
-        embeddings: ``{(layers, dim): float32 array of shape (size, dim)}``.
+    Raises:
+        InvalidInputError: an unknown dtype name.
     """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _TORCH_DTYPES.values():
+            raise InvalidInputError(f"dtype {dtype} is not supported; choose one of {list(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    if dtype != "auto":
+        return _TORCH_DTYPES[dtype]
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if supported else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
 
-    start: int
-    size: int
-    embeddings: dict[tuple[int, int], np.ndarray]
 
-    def __getitem__(self, cell: tuple[int, int]) -> np.ndarray:
-        return self.embeddings[cell]
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class EmbeddingModel(nn.Module):
+class EmbeddingModel(nn.Module, Encoder):
     """A sentence embedding model that can be truncated to its first k layers and first d dims.
 
     Args:
@@ -164,7 +163,17 @@ class EmbeddingModel(nn.Module):
             positions -= (getattr(transformer.config, "pad_token_id", None) or 0) + 1  # ids start at pad + 1
         if limit > 100_000:  # tokenizers without a configured limit report a huge sentinel
             limit = positions
-        self.max_seq_length: int = int(max_seq_length or min(limit, positions))
+        if max_seq_length is not None:  # 0, negative, non-integer or past the position embeddings: refused
+            check_int(
+                max_seq_length,
+                "max_seq_length",
+                minimum=1,
+                maximum=positions,
+                error=ModelLoadError,
+                what=f"{self.name_or_path} has {positions} position embeddings, so 1..{positions}",
+            )
+        default_length = min(limit, positions)
+        self.max_seq_length: int = int(max_seq_length if max_seq_length is not None else default_length)
         self._input_names = set(inspect.signature(transformer.forward).parameters)
         # A fast tokenizer's call may switch its truncation/padding state: not safe from several threads.
         # Only tokenising is serialised; forward passes of any layer count run concurrently.
@@ -173,7 +182,10 @@ class EmbeddingModel(nn.Module):
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def load(
-        cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
     ) -> EmbeddingModel:
         """Load a sentence-transformers model folder, a plain transformers folder, or a hub id.
 
@@ -181,17 +193,28 @@ class EmbeddingModel(nn.Module):
         plain transformers folders get mean pooling. Hub ids are downloaded (and cached) with
         ``huggingface_hub``; set ``HF_HUB_OFFLINE=1`` to use the cache only.
 
+        Args:
+            name_or_path: a model folder or a hub id.
+            device: where to run (default: CPU).
+            dtype: what the transformer layers compute in: ``"float32"`` (default: exact, and what
+                training needs), ``"bfloat16"``, ``"float16"`` or ``"auto"`` (bfloat16 where the hardware
+                has it natively, see :func:`resolve_dtype`; about 2.7x faster on a CPU with avx512_bf16 at
+                a ~0.01 STSB cost). Pooling, dim truncation and normalisation are float32 either way;
+                the choice is ``model.dtype``.
+
         Raises:
             ModelLoadError: the folder is missing, is not a model folder, holds an unsupported module
                 (a projecting Dense layer) or an architecture whose layer stack cannot be found.
+            InvalidInputError: an unknown ``dtype``.
         """
         from transformers import AutoModel, AutoTokenizer
 
+        torch_dtype = resolve_dtype(dtype, device)
         folder = resolve_model_path(name_or_path)
         spec: FolderSpec = read_folder_spec(folder)
         try:
             with quiet_transformers():  # e.g. "pooler weights not initialised": we never use the pooler
-                transformer = AutoModel.from_pretrained(spec.transformer_dir)
+                transformer = AutoModel.from_pretrained(spec.transformer_dir, dtype=torch_dtype)
                 tokenizer = AutoTokenizer.from_pretrained(spec.transformer_dir)
         except Exception as e:  # OSError, ValueError, SafetensorError, ...: a folder we cannot read
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -221,22 +244,40 @@ class EmbeddingModel(nn.Module):
         return model
 
     def save(
-        self, path: str | os.PathLike, model_card: str | None = None, metadata: dict | None = None
+        self,
+        path: str | os.PathLike,
+        model_card: str | None = None,
+        metadata: dict | None = None,
+        *,
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
+        extra_files: Callable[[Path], None] | None = None,
     ) -> Path:
         """Save in the sentence-transformers layout (loadable by sentence-transformers), atomically.
 
         The folder is written under a temporary name and renamed into place, so an interrupted save never
-        leaves a half-written model. An existing folder at ``path`` is replaced.
+        leaves a half-written model. ``path`` must be new or empty, or hold a model saved by matryoshka2d
+        (replaced only with ``overwrite=True``); a folder holding anything else, the folder the model was
+        loaded from (or one containing it) and the current folder are refused
+        (:func:`~matryoshka2d.persistence.check_output_folder`).
 
         Args:
             path: the output folder.
             model_card: README.md text; a short default card if None.
             metadata: extra entries for ``matryoshka2d.json`` (e.g. training settings).
+            overwrite: replace a model previously saved at ``path`` by matryoshka2d.
+            inputs: other paths the caller read (data files); never written over, into or above.
+            extra_files: called with the temporary folder once the model files are in it, to add more
+                files in the same atomic save (the ONNX export adds ``onnx/model.onnx``).
+
+        Raises:
+            OutputPathError: ``path`` may not be written (the message says what is there).
         """
         path = Path(path)
         meta = {**self.metadata, **(metadata or {}), "num_layers": self.num_layers, "dim": self.dim}
         card = model_card or default_model_card(self)
-        with atomic_directory(path) as tmp:
+        sources = [*inputs, self.name_or_path]  # never replace the folder the weights came from
+        with atomic_directory(path, "model", overwrite=overwrite, inputs=sources) as tmp:
             write_folder(
                 tmp,
                 self.transformer,
@@ -250,6 +291,8 @@ class EmbeddingModel(nn.Module):
                 do_lower_case=self.do_lower_case,
                 normalize=self.normalize,
             )
+            if extra_files is not None:
+                extra_files(tmp)
         return path
 
     # ------------------------------------------------------------------ properties
@@ -261,6 +304,16 @@ class EmbeddingModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the transformer layers compute in (pooling and normalisation are float32 regardless)."""
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def precision(self) -> str:
+        """``model.dtype`` as a name: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+        return str(self.dtype).removeprefix("torch.")
 
     # ------------------------------------------------------------------ forward
     def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
@@ -289,29 +342,18 @@ class EmbeddingModel(nn.Module):
         Pads like the tokenizer (``pad_token_id``, attention mask 0, token type 0, on its padding side)
         without touching the shared tokenizer, so it is safe from any number of threads.
         """
-        width = max(len(encoded["input_ids"][i]) for i in rows)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        pad_values = {"input_ids": self.tokenizer.pad_token_id or 0}
-        out = {}
-        for key, values in encoded.items():
-            array = np.full((len(rows), width), pad_values.get(key, 0), dtype=np.int64)
-            for r, i in enumerate(rows):
-                seq = values[i]
-                if left:
-                    array[r, width - len(seq) :] = seq
-                else:
-                    array[r, : len(seq)] = seq
-            out[key] = torch.from_numpy(array)
-        return out
+        arrays = pad_rows(encoded, rows, self.tokenizer.pad_token_id, left)
+        return {key: torch.from_numpy(array) for key, array in arrays.items()}
 
     def forward(
         self, features: dict[str, torch.Tensor], layers: Iterable[int] | None = None
     ) -> dict[int, torch.Tensor]:
         """Pooled embeddings of several layers from one forward pass.
 
-        Only the transformer layers up to the deepest requested one run. Outputs are full-size and not
-        normalised (callers truncate dims and normalise); gradients flow when called outside
-        ``torch.no_grad``.
+        Only the transformer layers up to the deepest requested one run. Outputs are full-size, float32
+        (pooled in float32 whatever dtype the layers run in) and not normalised (callers truncate dims and
+        normalise); gradients flow when called outside ``torch.no_grad``.
 
         Args:
             features: tokenizer output (``input_ids``, ``attention_mask``, ...), on the model's device.
@@ -334,74 +376,21 @@ class EmbeddingModel(nn.Module):
         transformer = layer_view(self.transformer, deepest)  # shares every weight; self is not changed
         out = transformer(**inputs, output_hidden_states=need_all, return_dict=True)
         mask = features["attention_mask"]
+        # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).
         if not need_all:
-            return {deepest: pool(out.last_hidden_state, mask, self.pooling_mode)}
-        return {k: pool(out.hidden_states[k], mask, self.pooling_mode) for k in wanted}
+            return {deepest: pool(out.last_hidden_state.float(), mask, self.pooling_mode)}
+        return {k: pool(out.hidden_states[k].float(), mask, self.pooling_mode) for k in wanted}
 
     # ------------------------------------------------------------------ inference
-    def iter_encode(
-        self,
-        texts: Iterable[str],
-        layers: int | Sequence[int] | None = None,
-        dims: int | Sequence[int] | None = None,
-        batch_size: int = 32,
-        normalize: bool = True,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        show_progress: bool | None = None,
-    ) -> Iterator[EmbeddingBatch]:
-        """Stream embeddings of any number of texts at several (layers, dim) cells from one forward pass.
-
-        Texts are read ``chunk_size`` at a time from ``texts`` (any iterable, e.g. a generator over a
-        file), tokenised, sorted by token count (less padding) and run in batches of ``batch_size``
-        through the layers up to the deepest requested one; every requested layer count is pooled from
-        that one pass and every dim is a prefix of it. Each chunk is yielded in input order, so memory
-        stays bounded by ``chunk_size`` whatever the size of the input.
-
-        Args:
-            texts: an ordered iterable of strings (a list, a generator; not a set or a dict).
-            layers: a layer count or a list of them (default: all layers).
-            dims: an embedding size or a list of them (default: ``model.dim``).
-            batch_size: texts per forward pass.
-            normalize: L2-normalise each dim prefix (dot product = cosine similarity).
-            chunk_size: texts tokenised and held at once.
-            show_progress: a tqdm bar counting texts (default: when there are more than 20 batches, or
-                always if the input length is unknown).
-
-        Yields:
-            :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
-            ``(batch.size, dim)``; ``batch.start`` is the position of its first text.
-
-        Raises:
-            InvalidLayersError, InvalidDimError, InvalidInputError: for out-of-range or malformed input.
-        """
-        check_texts_iterable(texts)
-        ks = self._layer_list(layers)
-        ds = self._dim_list(dims)
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
-        batch_size = check_positive_int(batch_size, "batch_size")
-        total = len(texts) if hasattr(texts, "__len__") else None  # type: ignore[arg-type]
-        if show_progress is None:
-            show_progress = total is None or total > 20 * batch_size
-        iterator = iter(texts)
-        start = 0
-        with tqdm(total=total, desc="Encoding", unit="text", disable=not show_progress) as bar:
-            while chunk := [
-                _check_text(t, start + i) for i, t in enumerate(itertools.islice(iterator, chunk_size))
-            ]:
-                pooled = self._encode_chunk(chunk, ks, batch_size)
-                cells = {(k, d): truncate_dims(pooled[k], d, normalize) for k in ks for d in ds}
-                yield EmbeddingBatch(
-                    start, len(chunk), {c: np.ascontiguousarray(e) for c, e in cells.items()}
-                )
-                start += len(chunk)
-                bar.update(len(chunk))
-        if start == 0:
-            raise InvalidInputError("texts is empty: nothing to encode")
-
+    # iter_encode, encode and encode_layers come from Encoder, built on this one method.
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
-        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order."""
+        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
+
+        Gradients are never recorded; the model's train/eval mode is used as it is (loaded models are in
+        eval mode). Safe from many threads at once (see :func:`~matryoshka2d.truncation.layer_view`).
+        """
         encoded = self.tokenize(texts, padding=False)
-        order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")  # longest first
+        order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
         device = self.device
         with torch.inference_mode():
@@ -411,90 +400,6 @@ class EmbeddingModel(nn.Module):
                 for k, emb in self.forward(features, layers).items():
                     out[k][idx] = emb.float().cpu().numpy()
         return out
-
-    def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
-        if layers is None:
-            return [self.num_layers]
-        if not isinstance(layers, (Sequence, np.ndarray)) or isinstance(layers, str):
-            return [check_layers(layers, self.num_layers)]  # type: ignore[arg-type]
-        if len(layers) == 0:
-            raise InvalidLayersError("layers is empty: request at least one layer count")
-        return sorted({check_layers(k, self.num_layers) for k in layers})
-
-    def _dim_list(self, dims: int | Sequence[int] | None) -> list[int]:
-        if dims is None:
-            return [self.dim]
-        if not isinstance(dims, (Sequence, np.ndarray)) or isinstance(dims, str):
-            return [check_dim(dims, self.dim)]  # type: ignore[arg-type]
-        if len(dims) == 0:
-            raise InvalidDimError("dims is empty: request at least one embedding size")
-        return sorted({check_dim(d, self.dim) for d in dims}, reverse=True)
-
-    def encode_layers(
-        self,
-        texts: Sequence[str],
-        layers: Iterable[int] | None = None,
-        batch_size: int = 32,
-        show_progress: bool | None = None,
-    ) -> dict[int, np.ndarray]:
-        """Full-size, un-normalised embeddings of every requested layer count, from one pass over the data.
-
-        Returns:
-            ``{k: float32 array of shape (len(texts), hidden_size)}``.
-        """
-        texts = check_texts(texts)
-        ks = self._layer_list(list(layers) if layers is not None else None)
-        batch_size = check_positive_int(batch_size, "batch_size")
-        parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
-        show = len(texts) > 20 * batch_size if show_progress is None else show_progress
-        with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show) as bar:
-            for start in range(0, len(texts), DEFAULT_CHUNK_SIZE):
-                chunk = texts[start : start + DEFAULT_CHUNK_SIZE]
-                for k, emb in self._encode_chunk(chunk, ks, batch_size).items():
-                    parts[k].append(emb)
-                bar.update(len(chunk))
-        return {k: np.concatenate(v) for k, v in parts.items()}
-
-    def encode(
-        self,
-        texts: str | Sequence[str],
-        layers: int | None = None,
-        dim: int | None = None,
-        batch_size: int = 32,
-        normalize: bool = True,
-        show_progress: bool | None = None,
-    ) -> np.ndarray:
-        """Embed texts using the first ``layers`` transformer layers and the first ``dim`` dimensions.
-
-        Safe to call from many threads at once with different ``layers`` and ``dim``: the loaded model is
-        never changed (see :func:`~matryoshka2d.truncation.layer_view`). The model's train/eval mode is
-        used as it is (loaded models are in eval mode); gradients are never recorded.
-
-        Args:
-            texts: a list of strings (or one string, which gives a 1-D result).
-            layers: run only the embeddings plus the first ``layers`` transformer layers (default: all).
-                The dropped layers are not computed; the loaded model is not changed.
-            dim: keep the first ``dim`` values of each embedding (default: ``model.dim``).
-            batch_size: texts per forward pass (texts are sorted by length first).
-            normalize: L2-normalise after truncation, so dot product = cosine similarity.
-            show_progress: show a tqdm bar (default: when there are more than 20 batches).
-
-        Returns:
-            float32 array of shape ``(len(texts), dim)``.
-
-        Raises:
-            InvalidLayersError, InvalidDimError, InvalidInputError: for out-of-range or malformed input.
-        """
-        single = isinstance(texts, str)
-        texts = check_texts([texts] if single else texts)
-        k = check_layers(layers, self.num_layers) if layers is not None else self.num_layers
-        d = check_dim(dim, self.dim) if dim is not None else self.dim
-        batches = self.iter_encode(
-            texts, k, d, batch_size=batch_size, normalize=normalize, show_progress=show_progress
-        )
-        parts = [batch[(k, d)] for batch in batches]
-        emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return emb[0] if single else emb
 
     # ------------------------------------------------------------------ export
     def truncate(self, layers: int | None = None, dim: int | None = None) -> EmbeddingModel:
