@@ -141,7 +141,10 @@ def register(sub) -> None:
     p = index_sub.add_parser("build", help="encode a corpus and write a search index folder")
     p.add_argument("model", help="model folder or Hugging Face hub id")
     p.add_argument(
-        "--corpus", required=True, help="one document a line (.txt) or a tsv/csv/jsonl/parquet file"
+        "--corpus",
+        required=True,
+        help="one document a line (.txt) or a tsv/csv/jsonl/parquet file (with --backend qdrant also an "
+        "'m2d embed-corpus' output folder, whose vectors are uploaded without encoding)",
     )
     p.add_argument("--column", help="text column of a table file (default: 'text' or the first column)")
     p.add_argument("--id-column", help="id column of a table file (default: row numbers 0, 1, ...)")
@@ -279,6 +282,8 @@ def qdrant_place(args: argparse.Namespace) -> dict:
 
 
 def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from matryoshka2d.data import read_corpus
     from matryoshka2d.errors import InvalidInputError
     from matryoshka2d.model import EmbeddingModel
@@ -289,9 +294,25 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
             "--out/--overwrite are for the faiss backend: name the Qdrant collection with --collection"
         )
     place = qdrant_place(args)
+    collection = args.collection or DEFAULT_COLLECTION
+    if (Path(args.corpus) / "manifest.json").is_file():  # an embed-corpus output: upload its vectors
+        with QdrantIndex.from_corpus(
+            args.corpus,
+            collection,
+            layers=args.layers,
+            shortlist_dim=args.shortlist_dim,
+            index=args.index,
+            quantization=args.quantization,
+            recreate=args.recreate,
+            **place,
+        ) as index:
+            print(
+                f"uploaded the {index.dim}-dim, {index.layers}-layer vectors of {args.corpus} (model "
+                f"{index.model}) to {index.backend} collection {collection!r} (now {len(index)} points)"
+            )
+        return 0
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
     model = EmbeddingModel.load(model_reference(args.model))
-    collection = args.collection or DEFAULT_COLLECTION
     with QdrantIndex.create(
         collection,
         dim=model.dim,

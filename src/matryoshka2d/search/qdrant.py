@@ -715,6 +715,57 @@ class QdrantIndex:
             raise
         return self
 
+    @classmethod
+    def from_corpus(
+        cls,
+        folder: str | os.PathLike,
+        collection: str = DEFAULT_COLLECTION,
+        *,
+        layers: int | None = None,
+        batch_size: int = 256,
+        show_progress: bool | None = True,
+        **create_options,
+    ) -> QdrantIndex:
+        """A collection holding an ``m2d embed-corpus`` output (see :meth:`upload_corpus`).
+
+        The model name, layer count and full dim come from the folder's manifest: the cell of the model's
+        full dim at ``layers`` (default: the deepest layer count written).
+
+        Args:
+            folder: a finished ``embed-corpus`` output folder.
+            collection: collection name.
+            layers: which layer count's vectors to upload.
+            batch_size, show_progress: see :meth:`upload`.
+            **create_options: the place (``url``/``path``/``edge_path``/``client``) and :meth:`create`
+                options (``shortlist_dim``, ``index``, ``quantization``, ...).
+        """
+        from matryoshka2d.corpus import read_manifest
+
+        manifest = read_manifest(folder)
+        model = manifest.get("model") or {}
+        dim = model.get("dim")
+        deepest = max(
+            (int(c["layers"]) for c in manifest.get("cells", []) if c.get("dim") == dim), default=None
+        )
+        if not isinstance(dim, int) or deepest is None:
+            raise InvalidInputError(
+                f"{folder}: the embed-corpus output has no cell of the model's full dim ({dim!r}); "
+                "run embed-corpus with --dims including the model's dim"
+            )
+        options = {
+            "dim": dim,
+            "model": model.get("name"),
+            "layers": layers if layers is not None else deepest,
+        }
+        options.update(create_options)
+        self = cls.create(collection, **options)
+        try:
+            self.upload_corpus(folder, batch_size=batch_size, show_progress=show_progress)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def _check_existing(self, expected_dim: int | None, expected_shortlist: ShortlistConfig | None) -> dict:
         """Read the collection's vectors and metadata, check them, adopt them; return the stored metadata."""
         backend = self._backend
@@ -947,6 +998,63 @@ class QdrantIndex:
             batch_size=batch_size,
             show_progress=show_progress,
         )
+
+    def upload_corpus(
+        self,
+        folder: str | os.PathLike,
+        layers: int | None = None,
+        batch_size: int = 256,
+        show_progress: bool | None = True,
+    ) -> int:
+        """Upload an ``m2d embed-corpus`` output folder: its full-dim cell, shard by shard (bounded memory).
+
+        The short vectors are the first ``shortlist.dim`` dims of the full ones, re-normalised (the same
+        as the folder's smaller cells), so only the cell with the collection's ``dim`` is read. The shards
+        hold no texts: hits have ids only.
+
+        Args:
+            folder: a finished ``embed-corpus`` output (its ``manifest.json`` is read).
+            layers: which layer count's cell to upload (default: the collection's ``layers``, else the
+                deepest cell of the folder).
+            batch_size, show_progress: see :meth:`upload`.
+
+        Raises:
+            InvalidInputError: the folder is not a finished output or holds no ``(layers, dim)`` cell.
+        """
+        import pyarrow.parquet as pq
+
+        from matryoshka2d.corpus import cell_folder, read_manifest
+
+        manifest = read_manifest(folder)
+        if manifest.get("status") != "complete":
+            raise InvalidInputError(
+                f"{folder}: the embed-corpus job is not finished ({manifest.get('status')!r})"
+            )
+        cells = [(int(c["layers"]), int(c["dim"])) for c in manifest.get("cells", [])]
+        wanted = layers if layers is not None else self.layers
+        if wanted is None:
+            wanted = max((k for k, d in cells if d == self.dim), default=None)
+        if (wanted, self.dim) not in cells:
+            raise InvalidInputError(
+                f"{folder} holds the cells (layers, dim) {cells}; collection {self.collection!r} needs "
+                f"{self.dim}-dim vectors" + (f" of {wanted} layers" if wanted is not None else "")
+            )
+        total = 0
+        from tqdm.auto import tqdm
+
+        shards = manifest.get("shards", [])
+        for shard in tqdm(shards, desc=f"upload {folder}", unit="shard", disable=_no_bar(show_progress)):
+            path = Path(folder) / cell_folder(wanted, self.dim) / f"part-{int(shard['index']):05d}.parquet"
+            try:
+                table = pq.read_table(path, columns=["id", "embedding"])
+            except (OSError, ValueError) as e:
+                raise DataFileError(f"cannot read {path}: {e}") from None
+            ids = [str(i) for i in table.column("id").to_pylist()]
+            flat = table.column("embedding").combine_chunks().flatten().to_numpy()
+            vectors = flat.reshape(table.num_rows, self.dim)
+            total += self.upload(vectors, ids, batch_size=batch_size, show_progress=False, finish=False)
+        self.finish_upload()
+        return total
 
     def finish_upload(self) -> None:
         """Let the engine build its index and quantised codes for the uploaded points (see :meth:`upload`)."""
