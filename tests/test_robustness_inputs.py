@@ -198,3 +198,9 @@ def test_ids_and_stored_texts_must_be_ordered_too(tiny_model):
         SearchIndex.from_embeddings(vectors, texts={"x", "y", "z"}, shortlist_dim=4)
     with pytest.raises(InvalidInputError, match="ids is a dict"):
         SearchIndex.from_model(tiny_model, ["a", "b"], ids={"1": 0, "2": 1}, shortlist_dim=8)
+
+
+def test_min_score_on_an_snli_style_file_is_an_error(tiny_model_dir, tmp_path, capsys):
+    snli = write(tmp_path / "snli.tsv", "premise\thypothesis\tlabel\na cat\ta pet\t0\na dog\ta car\t2\n")
+    code, err = run(["eval-retrieval", tiny_model_dir, "--data", snli, "--min-score", "3"], capsys)
+    assert code == 2 and "--min-score applies to STS-style files" in err

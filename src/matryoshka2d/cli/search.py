@@ -114,7 +114,18 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     }
     if args.json:
         check_output_file(args.json, "eval-retrieval JSON", **json_write)  # refuse before the work
-    data = load_retrieval(args.data, min_score=args.min_score)  # validate the data before loading the model
+    if args.min_score is not None:  # an option that does not apply is an error, not ignored
+        from matryoshka2d.data import read_rows
+        from matryoshka2d.errors import InvalidInputError
+
+        columns = set(read_rows(args.data)[0])
+        if not {"sentence1", "sentence2", "score"} <= columns:
+            raise InvalidInputError(
+                f"--min-score applies to STS-style files (sentence1, sentence2, score); {args.data} has "
+                f"{sorted(columns)}"
+            )
+    min_score = 4.0 if args.min_score is None else args.min_score
+    data = load_retrieval(args.data, min_score=min_score)  # validate the data before loading the model
     model = EmbeddingModel.load(args.model)
     result = evaluate_retrieval(
         model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True
@@ -207,7 +218,9 @@ def register(sub) -> None:
         help="SNLI-style file (premise, hypothesis, label: entailed hypotheses are relevant) or STS-style "
         "file (sentence1, sentence2, score: pairs scored >= --min-score are relevant)",
     )
-    p.add_argument("--min-score", type=float, default=4.0, help="relevance threshold for STS-style files")
+    p.add_argument(
+        "--min-score", type=float, default=None, help="relevance threshold for STS-style files (default 4.0)"
+    )
     p.add_argument("--layers", type=int_list, help="comma-separated layer counts (default: all)")
     p.add_argument("--dims", type=int_list, help="comma-separated embedding sizes (default: full)")
     p.add_argument("--batch-size", type=positive_int, default=32)
