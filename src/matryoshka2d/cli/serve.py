@@ -1,0 +1,127 @@
+"""``m2d serve``: an OpenAI-compatible embeddings server where each request picks its dims and its layers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from matryoshka2d.cli.common import int_list, model_parent, positive_int
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from matryoshka2d.serving import ServeConfig, create_app, make_server
+        from matryoshka2d.serving.runner import run_until_signal
+    except ImportError as e:  # the serve extra is missing
+        from matryoshka2d.errors import Matryoshka2dError
+
+        raise Matryoshka2dError(
+            f"m2d serve needs the serve extra ({e.name} is missing): pip install 'matryoshka2d[serve]'"
+        ) from None
+    import torch
+
+    from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.persistence import resolve_model_path
+
+    resolve_model_path(args.model)  # a missing folder fails now, before the server starts
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    name = args.served_model_name or _default_name(args.model)
+    config = ServeConfig(
+        model_name=name,
+        aliases=tuple({args.model} - {name}),
+        layers_allowed=tuple(args.layers_allowed) if args.layers_allowed else None,
+        default_layers=args.default_layers,
+        max_inputs=args.max_inputs,
+        max_request_bytes=args.max_request_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        max_queue_texts=args.max_queue_texts,
+        workers=args.workers,
+        batch_mode=args.batch_mode,
+        api_key=args.api_key,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    failed: list[BaseException] = []
+
+    def on_load_error(error: BaseException) -> None:
+        failed.append(error)
+        server.should_exit = True
+
+    app = create_app(config, lambda: EmbeddingModel.load(args.model), on_load_error=on_load_error)
+    server = make_server(app, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    print(f"m2d serve: {args.model} as '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    run_until_signal(server)  # SIGTERM: in-flight requests finish, then exit 0
+    if failed:
+        print(f"m2d serve: error: cannot load {args.model}: {failed[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _default_name(model: str) -> str:
+    """The model's folder name (``all-MiniLM-L6-v2``) or the hub id as given."""
+    from pathlib import Path
+
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[model_parent()],
+        help="OpenAI-compatible embeddings server; each request picks its layers and dims",
+        description="Serve POST /v1/embeddings (OpenAI's API plus a 'layers' field), GET /v1/models, "
+        "GET /health and GET /metrics. See docs/SERVING.md.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", help="the 'model' name clients send (default: the folder name)")
+    p.add_argument(
+        "--layers-allowed",
+        type=int_list,
+        help="comma-separated layer counts requests may ask for (default: all)",
+    )
+    p.add_argument(
+        "--default-layers", type=positive_int, help="layers when a request has none (default: deepest)"
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=16384,
+        help="padded tokens per forward pass (default 16384)",
+    )
+    p.add_argument(
+        "--max-batch-size", type=positive_int, default=256, help="texts per forward pass (default 256)"
+    )
+    p.add_argument("--max-inputs", type=positive_int, default=2048, help="texts per request (default 2048)")
+    p.add_argument(
+        "--max-queue-texts",
+        type=positive_int,
+        default=8192,
+        help="texts waiting at most; past it requests get 429 (default 8192)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=positive_int,
+        default=8 * 1024 * 1024,
+        help="request body limit; past it 413 (default 8 MiB)",
+    )
+    p.add_argument(
+        "--batch-mode",
+        choices=("shared", "grouped"),
+        default="shared",
+        help="mixed layer counts: one pass to the deepest (shared, default) or a pass per layer count",
+    )
+    p.add_argument("--workers", type=positive_int, default=1, help="engine worker threads (default 1)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn log level",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+    p.set_defaults(func=cmd_serve)

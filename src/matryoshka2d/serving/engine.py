@@ -1,0 +1,365 @@
+"""Dynamic batching for the embeddings server: a bounded queue, worker threads and token-budget batches.
+
+Requests are tokenised when they arrive (:meth:`BatchingEngine.prepare`, any thread) and queued as rows
+(one row per text). A worker thread takes rows first-in first-out until a token budget is reached, sorts
+them by length and cuts them into batches whose padded size (rows x longest row) stays within the budget.
+Requests asking for different layer counts share batches: in ``"shared"`` mode one forward pass runs to
+the deepest layer count of the batch and every shallower exit is pooled from that same pass (the
+backend's ``forward(features, layers=[...])`` primitive); in ``"grouped"`` mode a batch is split by layer
+count and each group runs only its own layers. ``benchmarks/bench_server.py`` measures both.
+
+The queue is bounded in texts: :meth:`BatchingEngine.submit` raises :class:`QueueFullError` at once
+instead of letting memory grow, and a cancelled job (its client went away) leaves the queue at once; rows
+already in a running forward pass finish and are dropped. :meth:`BatchingEngine.stop` finishes every
+queued job before the workers exit (graceful shutdown).
+
+The backend is anything with the engine-core interface of :class:`~matryoshka2d.model.EmbeddingModel`:
+``num_layers``, ``dim``, ``hidden_size``, ``max_seq_length``, ``tokenizer``, ``do_lower_case``,
+``tokenize(texts, padding=False)``, ``pad(encoded, rows)`` and ``forward(features, layers)`` returning
+``{k: pooled (batch, hidden_size)}`` as torch tensors or numpy arrays.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
+from matryoshka2d.truncation import truncate_dims
+from matryoshka2d.validation import check_positive_int
+
+log = logging.getLogger("matryoshka2d.serving")
+
+BATCH_MODES = ("shared", "grouped")
+
+
+class QueueFullError(Matryoshka2dError):
+    """The engine's queue holds as many texts as it may: the request is refused (HTTP 429)."""
+
+
+class EngineStoppedError(Matryoshka2dError):
+    """The engine is shutting down and takes no new work (HTTP 503)."""
+
+
+class InputTooLongError(InvalidInputError):
+    """A text is longer than ``max_seq_length`` tokens and truncation was switched off (HTTP 400)."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class Prepared:
+    """Tokenised texts, ready to queue: ``encoded`` holds unpadded id lists, ``lengths`` their sizes."""
+
+    encoded: dict[str, list[list[int]]]
+    lengths: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the engine: its rows, the cell it asked for and the future that receives the result.
+
+    ``future.result()`` is a float32 array ``(n, dim)``, L2-normalised, in input order.
+    """
+
+    prepared: Prepared
+    layers: int
+    dim: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    next_row: int = 0  # rows before this one have been taken by a worker
+    done_rows: int = 0
+    cancelled: bool = False
+    pooled: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.prepared.lengths)
+
+
+@dataclass
+class BatchStats:
+    """What one forward pass did, for metrics: rows, padded tokens, layers run and seconds."""
+
+    rows: int
+    padded_tokens: int
+    layers: tuple[int, ...]
+    seconds: float
+
+
+class BatchingEngine:
+    """Batches embedding requests from many threads into few forward passes.
+
+    Args:
+        model: the backend (see the module docstring for the interface).
+        max_batch_tokens: padded tokens (rows x longest row) per forward pass; also how many real tokens
+            a worker takes from the queue at once.
+        max_batch_size: rows per forward pass at most.
+        max_queue_texts: texts waiting in the queue at most; past it :meth:`submit` raises
+            :class:`QueueFullError`. A request larger than this is still taken when the queue is empty.
+        workers: worker threads, each running its own forward passes (1 is right for a CPU whose cores
+            all serve one torch thread pool).
+        mode: ``"shared"`` (one pass to the deepest layer count of a batch) or ``"grouped"`` (a pass per
+            layer count).
+        on_batch: called with :class:`BatchStats` after every forward pass (metrics).
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch_tokens: int = 16384,
+        max_batch_size: int = 256,
+        max_queue_texts: int = 8192,
+        workers: int = 1,
+        mode: str = "shared",
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if mode not in BATCH_MODES:
+            raise InvalidInputError(f"mode must be one of {BATCH_MODES}, got {mode!r}")
+        self.model = model
+        self.max_batch_tokens = check_positive_int(max_batch_tokens, "max_batch_tokens")
+        if self.max_batch_tokens < model.max_seq_length:
+            raise InvalidInputError(
+                f"max_batch_tokens={max_batch_tokens} is below the model's max_seq_length "
+                f"({model.max_seq_length}): one long text would not fit in a batch"
+            )
+        self.max_batch_size = check_positive_int(max_batch_size, "max_batch_size")
+        self.max_queue_texts = check_positive_int(max_queue_texts, "max_queue_texts")
+        self.workers = check_positive_int(workers, "workers")
+        self.mode = mode
+        self.on_batch = on_batch
+        self._pending: collections.deque[Job] = collections.deque()
+        self._queued_texts = 0  # rows of pending jobs not yet taken by a worker
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._length_tokenizer = None  # a private copy, for the truncate=False length check
+        self._length_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> BatchingEngine:
+        """Start the worker threads (idempotent)."""
+        with self._cond:
+            if self._threads:
+                return self
+            for i in range(self.workers):
+                thread = threading.Thread(target=self._work, name=f"m2d-engine-{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new work, finish every queued job, then stop the workers.
+
+        Args:
+            timeout: seconds to wait for the workers (None: until they are done).
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def queued_texts(self) -> int:
+        """Texts waiting for a worker."""
+        return self._queued_texts
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests with texts waiting for a worker."""
+        return len(self._pending)
+
+    def has_room(self, texts: int) -> bool:
+        """Whether ``texts`` more texts would fit in the queue now (a cheap check before tokenising)."""
+        return self._queued_texts == 0 or self._queued_texts + texts <= self.max_queue_texts
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, texts: Sequence[str], truncate: bool = True) -> Prepared:
+        """Tokenise ``texts`` (thread-safe) to at most ``max_seq_length`` tokens each.
+
+        Raises:
+            InputTooLongError: with ``truncate=False``, for the first text longer than ``max_seq_length``.
+        """
+        encoded = self.model.tokenize(list(texts), padding=False)
+        encoded = {key: list(value) for key, value in encoded.items()}
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        if not truncate:
+            limit = self.model.max_seq_length
+            for i, n in enumerate(lengths):
+                if n >= limit and self._full_length(texts[i]) > limit:
+                    raise InputTooLongError(
+                        f"input[{i}] has {self._full_length(texts[i])} tokens, more than the model's "
+                        f"max_seq_length of {limit}; shorten it or send truncate=true",
+                        i,
+                    )
+        return Prepared(encoded, lengths)
+
+    def _full_length(self, text: str) -> int:
+        """Token count of ``text`` without truncation (special tokens included)."""
+        with self._length_lock:
+            if self._length_tokenizer is None:
+                self._length_tokenizer = copy.deepcopy(self.model.tokenizer)
+            if getattr(self.model, "do_lower_case", False):
+                text = text.lower()
+            ids = self._length_tokenizer(text, truncation=False, verbose=False)["input_ids"]
+        return len(ids)
+
+    def submit(self, prepared: Prepared, layers: int, dim: int) -> Job:
+        """Queue tokenised texts for the cell (``layers``, ``dim``); the job's future receives the result.
+
+        ``layers`` and ``dim`` must already be valid for the model (the server checks them).
+
+        Raises:
+            QueueFullError: the queue has no room for these texts.
+            EngineStoppedError: the engine is shutting down.
+        """
+        job = Job(prepared, layers, dim)
+        if job.size == 0:
+            raise InvalidInputError("nothing to encode: no texts")
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if not self.has_room(job.size):
+                raise QueueFullError(
+                    f"the queue is full ({self._queued_texts} texts waiting, at most "
+                    f"{self.max_queue_texts}): retry later"
+                )
+            self._pending.append(job)
+            self._queued_texts += job.size
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client went away): its queued rows leave the queue and its result is dropped."""
+        with self._cond:
+            if job.cancelled or job.future.done():
+                return
+            job.cancelled = True
+            if job in self._pending:
+                self._pending.remove(job)
+                self._queued_texts -= job.size - job.next_row
+        job.future.cancel()
+
+    def encode(self, texts: Sequence[str], layers: int, dim: int, truncate: bool = True) -> np.ndarray:
+        """Blocking helper: prepare, submit and wait (the engine must be started)."""
+        return self.submit(self.prepare(texts, truncate), layers, dim).future.result()
+
+    # ------------------------------------------------------------------ workers
+    def _take(self) -> list[tuple[Job, int]] | None:
+        """Rows for the next forward passes, first-in first-out up to the token budget; None to stop."""
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            rows: list[tuple[Job, int]] = []
+            tokens = 0
+            while self._pending and len(rows) < self.max_batch_size:
+                job = self._pending[0]
+                while job.next_row < job.size and len(rows) < self.max_batch_size:
+                    n = job.prepared.lengths[job.next_row]
+                    if rows and tokens + n > self.max_batch_tokens:
+                        break
+                    rows.append((job, job.next_row))
+                    job.next_row += 1
+                    tokens += n
+                if job.next_row < job.size:
+                    break  # budget reached in the middle of this job; it stays at the head
+                self._pending.popleft()
+            self._queued_texts -= len(rows)
+            return rows
+
+    def _batches(self, rows: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
+        """Rows sorted longest first, cut so that rows x longest row <= max_batch_tokens."""
+        groups = [rows]
+        if self.mode == "grouped":
+            by_layers: dict[int, list[tuple[Job, int]]] = collections.defaultdict(list)
+            for row in rows:
+                by_layers[row[0].layers].append(row)
+            groups = list(by_layers.values())
+        batches = []
+        for group in groups:
+            group = sorted(group, key=lambda row: -row[0].prepared.lengths[row[1]])
+            batch: list[tuple[Job, int]] = []
+            width = 0  # the first (longest) row's length: the padded width of the batch
+            for row in group:
+                if batch and (
+                    (len(batch) + 1) * width > self.max_batch_tokens or len(batch) >= self.max_batch_size
+                ):
+                    batches.append(batch)
+                    batch = []
+                if not batch:
+                    width = row[0].prepared.lengths[row[1]]
+                batch.append(row)
+            if batch:
+                batches.append(batch)
+        return batches
+
+    def _work(self) -> None:
+        while (rows := self._take()) is not None:
+            for batch in self._batches(rows):
+                batch = [row for row in batch if not row[0].cancelled]
+                if batch:
+                    self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
+        try:
+            keys = batch[0][0].prepared.encoded.keys()
+            encoded = {key: [job.prepared.encoded[key][i] for job, i in batch] for key in keys}
+            layers = sorted({job.layers for job, _ in batch})
+            start = time.perf_counter()
+            features = self.model.pad(encoded, range(len(batch)))
+            with torch.inference_mode():
+                pooled = self.model.forward(features, layers)
+                pooled = {k: _as_numpy(v) for k, v in pooled.items()}
+            seconds = time.perf_counter() - start
+        except Exception as e:  # a bug or an out-of-memory: fail these jobs, keep serving
+            log.exception("forward pass failed")
+            for job in {job for job, _ in batch}:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            width = max(job.prepared.lengths[i] for job, i in batch)
+            self.on_batch(BatchStats(len(batch), width * len(batch), tuple(layers), seconds))
+        finished = []
+        with self._cond:  # rows of one job may be finished by several workers
+            for r, (job, i) in enumerate(batch):
+                if job.pooled is None:
+                    job.pooled = np.empty((job.size, pooled[job.layers].shape[1]), dtype=np.float32)
+                job.pooled[i] = pooled[job.layers][r]
+                job.done_rows += 1
+                if job.done_rows == job.size:
+                    finished.append(job)
+        for job in finished:
+            if job.cancelled or job.future.done():
+                continue
+            result = np.ascontiguousarray(
+                truncate_dims(job.pooled, job.dim, normalize=True), dtype=np.float32
+            )
+            job.pooled = None
+            try:
+                job.future.set_result(result)
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+                pass
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)

@@ -1,0 +1,512 @@
+"""m2d serve: the OpenAI client against a loopback server; batching, errors, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from conftest import SENTENCES, packaged_minilm
+from prometheus_client.parser import text_string_to_metric_families
+
+from matryoshka2d import EmbeddingModel
+from matryoshka2d.serving import BackgroundServer, BatchingEngine, QueueFullError, ServeConfig, create_app
+from matryoshka2d.serving.runner import free_port
+
+KEY = "test-key"
+NAME = "tiny"
+ALLOWED = (1, 2, 4)  # the tiny model has 4 layers; 3 is deliberately not served
+
+
+class GatedModel:
+    """A backend wrapper whose forward passes wait while ``gate`` is closed; counts the rows it ran."""
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        self.model = model
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+        self.rows = 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, features, layers):
+        self.waiting.set()
+        assert self.gate.wait(30)
+        self.rows += len(features["input_ids"])
+        return self.model.forward(features, layers)
+
+
+def make_app(model_dir, gated: GatedModel | None = None, **overrides):
+    settings = dict(
+        model_name=NAME,
+        aliases=("tiny-alias",),
+        layers_allowed=ALLOWED,
+        api_key=KEY,
+        max_inputs=16,
+        max_request_bytes=16 * 1024,
+        max_batch_tokens=256,
+    )
+    settings.update(overrides)
+    return create_app(
+        ServeConfig(**settings), (lambda: gated) if gated else (lambda: EmbeddingModel.load(model_dir))
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs["bert"]
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    return EmbeddingModel.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with BackgroundServer(make_app(model_dir)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def post(server, body, key: str | None = KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        return httpx.post(server.url + "/v1/embeddings", json=body, headers=headers, timeout=30, **kwargs)
+    return httpx.post(server.url + "/v1/embeddings", content=body, headers=headers, timeout=30, **kwargs)
+
+
+def as_array(response) -> np.ndarray:
+    return np.array([item.embedding for item in response.data], dtype=np.float32)
+
+
+def decode_base64(response) -> np.ndarray:
+    return np.stack([np.frombuffer(base64.b64decode(item.embedding), dtype="<f4") for item in response.data])
+
+
+# ---------------------------------------------------------------- results equal offline encode
+@pytest.mark.parametrize("layers,dims", [(4, 32), (2, 16), (1, 5), (None, None)])
+def test_openai_client_matches_offline_encode(client, offline, layers, dims):
+    extra = {"layers": layers} if layers else None
+    kwargs = {"dimensions": dims} if dims else {}
+    response = client.embeddings.create(model=NAME, input=SENTENCES, extra_body=extra, **kwargs)
+    expected = offline.encode(SENTENCES, layers=layers or 4, dim=dims or offline.dim)
+    got = as_array(response)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # dims are re-normalised
+    assert [item.index for item in response.data] == list(range(len(SENTENCES)))
+    assert response.model == NAME and response.object == "list"
+    tokens = sum(len(ids) for ids in offline.tokenize(SENTENCES, padding=False)["input_ids"])
+    assert response.usage.prompt_tokens == response.usage.total_tokens == tokens
+
+    b64 = client.embeddings.create(
+        model=NAME, input=SENTENCES, encoding_format="base64", extra_body=extra, **kwargs
+    )
+    assert all(isinstance(item.embedding, str) for item in b64.data)
+    decoded = decode_base64(b64)
+    np.testing.assert_array_equal(decoded, got)  # the same float32 values, bit for bit
+    assert np.abs(decoded - expected).max() <= 1e-5
+
+
+def test_single_string_and_alias(client, offline):
+    response = client.embeddings.create(model="tiny-alias", input="a cat sat on the mat", dimensions=8)
+    assert len(response.data) == 1
+    expected = offline.encode(["a cat sat on the mat"], dim=8)
+    assert np.abs(as_array(response) - expected).max() <= 1e-5
+
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [NAME]
+    card = httpx.get(server.url + f"/v1/models/{NAME}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert card["num_layers"] == 4 and card["dim"] == 32 and card["layers_allowed"] == list(ALLOWED)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---------------------------------------------------------------- concurrency
+def test_32_concurrent_clients_mixed_cells(server, offline):
+    rng = random.Random(0)
+    jobs = []
+    for client_id in range(32):
+        for _ in range(3):
+            texts = rng.sample(SENTENCES, rng.randint(1, len(SENTENCES)))
+            jobs.append((client_id, texts, rng.choice(ALLOWED), rng.choice([32, 16, 8, 3])))
+    expected = {
+        i: offline.encode(texts, layers=layers, dim=dim) for i, (_, texts, layers, dim) in enumerate(jobs)
+    }
+    clients = [openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) for _ in range(32)]
+
+    def run(client_id: int) -> list[tuple[int, np.ndarray]]:
+        out = []
+        for i, (owner, texts, layers, dim) in enumerate(jobs):
+            if owner == client_id:
+                response = clients[client_id].embeddings.create(
+                    model=NAME, input=texts, dimensions=dim, extra_body={"layers": layers}
+                )
+                out.append((i, as_array(response)))
+        return out
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [pair for chunk in pool.map(run, range(32)) for pair in chunk]
+    assert sorted(i for i, _ in results) == list(range(len(jobs)))  # none lost
+    for i, got in results:
+        assert got.shape == expected[i].shape
+        assert np.abs(got - expected[i]).max() <= 1e-5, jobs[i]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'status="500"' not in metrics and 'status="503"' not in metrics
+
+
+# ---------------------------------------------------------------- bad input
+GOOD = {"model": NAME, "input": ["a cat"]}
+BAD_REQUESTS = [
+    ({**GOOD, "dimensions": 0}, 400, "dimensions"),
+    ({**GOOD, "dimensions": -3}, 400, "dimensions"),
+    ({**GOOD, "dimensions": 33}, 400, "dimensions"),
+    ({**GOOD, "dimensions": 3.5}, 400, "dimensions"),
+    ({**GOOD, "dimensions": 8.0}, 400, "dimensions"),
+    ({**GOOD, "dimensions": "8"}, 400, "dimensions"),
+    ({**GOOD, "dimensions": True}, 400, "dimensions"),
+    ({**GOOD, "layers": 0}, 400, "layers"),
+    ({**GOOD, "layers": 5}, 400, "layers"),
+    ({**GOOD, "layers": 3}, 400, "layers"),  # valid for the model, not in --layers-allowed
+    ({**GOOD, "layers": "2"}, 400, "layers"),
+    ({**GOOD, "input": []}, 400, "input"),
+    ({**GOOD, "input": ""}, 400, "input"),
+    ({**GOOD, "input": ["a", ""]}, 400, "input"),
+    ({**GOOD, "input": ["a", 3]}, 400, "input"),
+    ({**GOOD, "input": ["a", None]}, 400, "input"),
+    ({**GOOD, "input": [101, 2023, 102]}, 400, "input"),
+    ({**GOOD, "input": [[101, 2023], [101]]}, 400, "input"),
+    ({**GOOD, "input": 7}, 400, "input"),
+    ({**GOOD, "input": ["a"] * 17}, 400, "input"),  # max_inputs=16
+    ({**GOOD, "encoding_format": "int8"}, 400, "encoding_format"),
+    ({**GOOD, "truncate": "no"}, 400, "truncate"),
+    ({**GOOD, "unknown_field": 1}, 400, "unknown_field"),
+    ({"input": ["a"]}, 400, "model"),
+    ({"model": NAME}, 400, "input"),
+    ({**GOOD, "model": "gpt-4"}, 404, "model"),
+    (b'{"model": "tiny", "input": ["a"', 400, None),  # malformed JSON
+    (b"\xff\xfe not utf-8", 400, None),
+    (b'["a list", "not an object"]', 400, None),
+    (json.dumps({**GOOD, "input": ["x" * 100] * 10, "pad": "y" * 20_000}).encode(), 413, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server, body, status, param):
+    response = post(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert isinstance(error["message"], str) and error["message"]
+    assert post(server, GOOD).status_code == 200
+
+
+def test_bad_request_messages_name_the_value(server):
+    assert "dimensions=0" in post(server, {**GOOD, "dimensions": 0}).json()["error"]["message"]
+    assert (
+        "allowed layer counts are [1, 2, 4]" in post(server, {**GOOD, "layers": 3}).json()["error"]["message"]
+    )
+    assert "input[1]" in post(server, {**GOOD, "input": ["a", 3]}).json()["error"]["message"]
+    token_ids = post(server, {**GOOD, "input": [1, 2]}).json()["error"]
+    assert token_ids["code"] == "token_ids_not_supported"
+    assert post(server, {**GOOD, "model": "gpt-4"}).json()["error"]["code"] == "model_not_found"
+
+
+def test_openai_client_raises_on_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="dimensions=0"):
+        client.embeddings.create(model=NAME, input="a cat", dimensions=0)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="other", input="a cat")
+
+
+def test_api_key(server):
+    missing = post(server, GOOD, key=None)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    wrong = post(server, GOOD, key="nope")
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model=NAME, input="a cat")
+
+
+def test_unknown_route_and_method(server):
+    response = httpx.get(server.url + "/v1/nothing")
+    assert response.status_code == 404 and set(response.json()["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+    response = httpx.get(server.url + "/v1/embeddings")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_truncation(server, offline):
+    long_text = " ".join(["the cat sat on the mat"] * 20)  # far more than max_seq_length (48) tokens
+    truncated = post(server, {**GOOD, "input": [long_text, "a dog"]})
+    assert truncated.status_code == 200
+    got = np.array([row["embedding"] for row in truncated.json()["data"]], dtype=np.float32)
+    assert np.abs(got - offline.encode([long_text, "a dog"])).max() <= 1e-5
+    assert truncated.json()["usage"]["prompt_tokens"] == offline.max_seq_length + 4  # [CLS] a dog [SEP]
+
+    refused = post(server, {**GOOD, "input": ["a dog", long_text], "truncate": False})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "input[1]" in error["message"]
+
+    words = ["cat"] * (offline.max_seq_length - 2)  # exactly max_seq_length tokens with [CLS] and [SEP]
+    exact = " ".join(words)
+    assert len(offline.tokenize([exact], padding=False)["input_ids"][0]) == offline.max_seq_length
+    assert post(server, {**GOOD, "input": [exact], "truncate": False}).status_code == 200
+
+
+def test_metrics_parse(server):
+    post(server, GOOD)
+    post(server, {**GOOD, "dimensions": 0})
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    requests = {
+        s.labels["status"]: s.value
+        for s in families["m2d_requests"].samples
+        if s.name == "m2d_requests_total"
+    }
+    assert requests["200"] >= 1 and requests["400"] >= 1
+    latency_count = [s for s in families["m2d_request_latency_seconds"].samples if s.name.endswith("_count")]
+    assert latency_count[0].value >= 2
+    batches = [s for s in families["m2d_batch_size"].samples if s.name.endswith("_count")]
+    assert batches[0].value >= 1
+    assert families["m2d_prompt_tokens"].samples[0].value > 0
+    assert families["m2d_model_loaded"].samples[0].value == 1
+    assert "m2d_queue_texts" in families and "m2d_queue_requests" in families
+
+
+# ---------------------------------------------------------------- loading, backpressure, disconnects
+def test_health_503_until_loaded(model_dir):
+    release = threading.Event()
+
+    def slow_loader():
+        assert release.wait(30)
+        return EmbeddingModel.load(model_dir)
+
+    app = create_app(ServeConfig(model_name=NAME), slow_loader)
+    with BackgroundServer(app).start(wait_loaded=False) as running:
+        health = httpx.get(running.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        early = httpx.post(running.url + "/v1/embeddings", json=GOOD)
+        assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"
+        release.set()
+        assert app.state.server.wait_loaded(30)
+        assert httpx.get(running.url + "/health").status_code == 200
+        assert httpx.post(running.url + "/v1/embeddings", json=GOOD).status_code == 200
+
+
+def test_load_error_is_reported(tmp_path):
+    errors = []
+    app = create_app(ServeConfig(model_name=NAME), lambda: EmbeddingModel.load(tmp_path), errors.append)
+    with BackgroundServer(app).start(wait_loaded=False) as running:
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = httpx.get(running.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert httpx.post(running.url + "/v1/embeddings", json=GOOD).status_code == 503
+    assert len(errors) == 1
+
+
+def _in_thread(fn):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("value", fn()), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_full_queue_answers_429_at_once(model_dir, offline):
+    gated = GatedModel(EmbeddingModel.load(model_dir))
+    app = make_app(model_dir, gated, api_key=None, max_queue_texts=3)
+    with BackgroundServer(app) as running:
+        gated.gate.clear()
+        gated.waiting.clear()
+        first, first_box = _in_thread(lambda: post(running, {**GOOD, "input": ["a cat"]}, key=None))
+        assert gated.waiting.wait(10)  # the worker holds the first request
+        second, second_box = _in_thread(lambda: post(running, {**GOOD, "input": SENTENCES[:3]}, key=None))
+        engine = app.state.server.engine
+        deadline = time.monotonic() + 10
+        while engine.queued_texts < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = time.perf_counter()
+        refused = post(running, {**GOOD, "input": ["one more"]}, key=None)
+        assert time.perf_counter() - start < 2
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        gated.gate.set()
+        first.join(10)
+        second.join(10)
+        assert first_box["value"].status_code == 200 and second_box["value"].status_code == 200
+        got = np.array([r["embedding"] for r in second_box["value"].json()["data"]], dtype=np.float32)
+        assert np.abs(got - offline.encode(SENTENCES[:3])).max() <= 1e-5
+        assert post(running, GOOD, key=None).status_code == 200  # serving again
+
+
+def test_disconnected_client_leaves_no_work(model_dir):
+    gated = GatedModel(EmbeddingModel.load(model_dir))
+    app = make_app(model_dir, gated, api_key=None)
+    with BackgroundServer(app) as running:
+        engine = app.state.server.engine
+        gated.gate.clear()
+        gated.waiting.clear()
+        first, first_box = _in_thread(lambda: post(running, {**GOOD, "input": ["a cat"]}, key=None))
+        assert gated.waiting.wait(10)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(running.url + "/v1/embeddings", json={**GOOD, "input": SENTENCES}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while engine.queued_texts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.queued_texts == 0 and engine.queued_requests == 0  # its texts left the queue
+        rows_before = gated.rows
+        gated.gate.set()
+        first.join(10)
+        assert first_box["value"].status_code == 200
+        assert gated.rows == rows_before + 1  # only the first request's text ran
+        metrics = httpx.get(running.url + "/metrics").text
+        assert 'status="499"' in metrics
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), "--port", str(port)]
+    command += [
+        "--served-model-name",
+        NAME,
+        "--max-batch-size",
+        "1",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        texts = [f"{s} number {i}" for i in range(30) for s in SENTENCES[:2]]
+        body = {"model": NAME, "input": texts}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(httpx.post, url + "/v1/embeddings", json=body, timeout=60) for _ in range(4)
+            ]
+            while time.monotonic() < deadline:  # wait until requests are queued behind the worker
+                metrics = httpx.get(url + "/metrics").text
+                queued = [line for line in metrics.splitlines() if line.startswith("m2d_queue_requests ")]
+                if queued and float(queued[0].split()[1]) >= 2:
+                    break
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 4
+        assert all(len(r.json()["data"]) == len(texts) for r in responses)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------- the engine itself
+@pytest.mark.parametrize("mode", ["shared", "grouped"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, workers):
+    stats = []
+    engine = BatchingEngine(offline, max_batch_tokens=64, max_batch_size=5, mode=mode, workers=workers)
+    engine.on_batch = stats.append
+    engine.start()
+    try:
+        cells = [(k, d) for k in (1, 2, 4) for d in (32, 7)]
+        jobs = [
+            (texts, k, d, engine.submit(engine.prepare(texts), k, d))
+            for (k, d), texts in zip(cells * 2, [SENTENCES, SENTENCES[:3]] * len(cells))
+        ]
+        for texts, k, d, job in jobs:
+            assert np.abs(job.future.result(10) - offline.encode(texts, layers=k, dim=d)).max() <= 1e-5
+    finally:
+        engine.stop()
+    assert stats and all(s.padded_tokens <= 64 and s.rows <= 5 for s in stats)
+    if mode == "grouped":
+        assert all(len(s.layers) == 1 for s in stats)
+
+
+def test_engine_queue_bound_and_stop(offline):
+    gated = GatedModel(offline)
+    engine = BatchingEngine(gated, max_batch_tokens=64, max_queue_texts=4).start()
+    gated.gate.clear()
+    running = engine.submit(engine.prepare(["a"]), 4, 32)
+    assert gated.waiting.wait(10)
+    queued = engine.submit(engine.prepare(SENTENCES[:4]), 2, 8)
+    with pytest.raises(QueueFullError, match="queue is full"):
+        engine.submit(engine.prepare(["b"]), 4, 32)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    gated.gate.set()
+    stopper.join(10)
+    assert running.future.result(1).shape == (1, 32) and queued.future.result(1).shape == (4, 8)
+
+
+def test_engine_refuses_a_budget_below_max_seq_length(offline):
+    with pytest.raises(ValueError, match="max_batch_tokens=8"):
+        BatchingEngine(offline, max_batch_tokens=8)
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_serve_missing_model_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "matryoshka2d.cli", "serve", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr
+
+
+@pytest.mark.integration
+def test_minilm_openai_client_matches_offline_encode():
+    folder = packaged_minilm()
+    model = EmbeddingModel.load(folder)
+    app = create_app(ServeConfig(model_name="minilm"), lambda: model)
+    texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The sky is blue."] * 3
+    with BackgroundServer(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        for layers, dims in ((6, 384), (3, 64), (1, 128)):
+            response = client.embeddings.create(
+                model="minilm", input=texts, dimensions=dims, extra_body={"layers": layers}
+            )
+            expected = model.encode(texts, layers=layers, dim=dims)
+            assert np.abs(as_array(response) - expected).max() <= 1e-5
