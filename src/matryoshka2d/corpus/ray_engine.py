@@ -1,0 +1,135 @@
+"""The Ray engine of ``embed-corpus``: the same shards, encoded by a pool of Ray Data actors.
+
+The pending shards become a Ray Dataset of shard numbers (``ray.data.from_items``, one block per shard),
+mapped with ``map_batches`` over a fixed-size actor pool (``ray.data.ActorPoolStrategy``): each actor
+loads the model once and, per shard, reads the shard's rows straight from the input file (the plan holds
+each shard's byte or row offset), encodes them with the same function as the local engine
+(:func:`~matryoshka2d.corpus.job.encode_shard`) and writes the shard's files and commit record into the
+output folder. Only shard numbers and row counts travel through Ray; texts and vectors do not.
+
+So on a multi-machine cluster the model, the inputs and the output folder must be reachable under the
+same paths from every node (a shared file system), and matryoshka2d must be installed on every node. A
+shard that Ray retries (a lost actor) is simply written again: the files are replaced atomically and are
+byte-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from matryoshka2d.corpus.inputs import ShardSpec
+from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
+
+#: Environment variables the workers get from the driver when set there (offline hub, tokenizers).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "M2D_DATA_DIR")
+
+
+class ShardEncoder:
+    """A Ray Data actor: one model, encodes whole shards (``batch["shard"]`` holds shard numbers).
+
+    Args:
+        job: the :class:`~matryoshka2d.corpus.job.ShardJob`.
+        threads: torch threads for this actor (its CPU share).
+    """
+
+    def __init__(self, job, threads: int) -> None:
+        import torch
+
+        from matryoshka2d.model import EmbeddingModel
+
+        torch.set_num_threads(max(1, threads))
+        self.job = job
+        self.model = EmbeddingModel.load(job.model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from matryoshka2d.corpus.job import encode_shard
+
+        indices = [int(i) for i in batch["shard"]]
+        for index in indices:
+            encode_shard(self.model, self.job, self.job.plan.shards[index])
+        return {"shard": np.asarray(indices, dtype=np.int64)}
+
+
+def _user_error(error: BaseException) -> Matryoshka2dError | None:
+    """The :class:`Matryoshka2dError` behind a Ray error (bad input met by a worker), if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, Matryoshka2dError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise InvalidInputError(
+            "--engine ray needs Ray Data: pip install 'matryoshka2d[ray]' (or use --engine local)"
+        ) from None
+    return ray
+
+
+def run_on_ray(
+    job, pending: list[ShardSpec], address: str | None, workers: int | None, cpus_per_worker: float
+) -> Iterator[ShardSpec]:
+    """Encode ``pending`` shards on Ray; yields each shard as its files are committed (in any order).
+
+    Joins the cluster at ``address`` (``auto``: the running cluster; ``ray://...``: a remote one), or uses
+    the Ray already initialised in this process, or starts a local one (shut down afterwards).
+
+    Raises:
+        InvalidInputError: Ray is not installed, or ``cpus_per_worker`` exceeds the cluster's CPUs.
+    """
+    ray = _import_ray()
+    if not pending:
+        return
+    started_here = False
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env} if env else None,
+        )
+        started_here = True
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # embed-corpus shows its own bar
+        context.execution_options.verbose_progress = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+        if cpus_per_worker <= 0 or cpus_per_worker > cluster_cpus:
+            raise InvalidInputError(
+                f"cpus_per_worker={cpus_per_worker}: the Ray cluster has {cluster_cpus:g} CPUs"
+            )
+        size = workers or max(1, int(cluster_cpus // cpus_per_worker))
+        size = min(size, len(pending))
+        by_index = {s.index: s for s in pending}
+        dataset = ray.data.from_items([{"shard": s.index} for s in pending], override_num_blocks=len(pending))
+        encoded = dataset.map_batches(
+            ShardEncoder,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
+            num_cpus=cpus_per_worker,
+            fn_constructor_kwargs={"job": job, "threads": int(cpus_per_worker)},
+        )
+        try:
+            for row in encoded.iter_rows():
+                yield by_index[int(row["shard"])]
+        except Exception as e:  # a worker's error arrives wrapped (RayTaskError): surface ours as is
+            cause = _user_error(e)
+            if cause is not None:
+                raise cause from None
+            raise
+    finally:
+        if started_here:
+            ray.shutdown()
