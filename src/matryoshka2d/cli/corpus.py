@@ -38,10 +38,9 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         max_shards=args.max_shards,
     )
     cells = ", ".join(f"{c['layers']}x{c['dim']}" for c in result.manifest["cells"])
-    print(
-        f"{'finished' if result.complete else 'stopped early'}: {result.rows} rows in {result.shards} shards, "
-        f"cells (layers x dim) {cells}, in {result.out}"
-    )
+    state = "finished" if result.complete else "stopped early"
+    print(f"{state}: {result.rows} rows in {result.shards} shards, cells (layers x dim) {cells}")
+    print(f"output: {result.out}")
     print(
         f"this run: encoded {result.encoded_shards} shard(s), {result.encoded_rows} rows in "
         f"{result.seconds:.1f} s ({result.rows_per_second:.0f} rows/s, engine {result.engine}); "
@@ -58,9 +57,9 @@ def register(sub) -> None:
         parents=[model_parent(), batch_parent()],
         help="encode a corpus into Parquet shards per (layers, dim), resumable, locally or on Ray",
         description=(
-            "One pass over the inputs writes, for every (layers, dim) cell, Parquet shards of (id, embedding) "
-            "plus manifest.json. Re-running the same command resumes: intact shards are kept, missing or "
-            "damaged ones are redone."
+            "One pass over the inputs writes, for every (layers, dim) cell, Parquet shards of "
+            "(id, embedding) plus manifest.json. Re-running the same command resumes: intact shards "
+            "are kept, missing or damaged ones are redone."
         ),
     )
     p.add_argument(
@@ -80,7 +79,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--ray-address",
-        help="Ray cluster to join ('auto' = the running one, or ray://host:10001); default: start a local Ray",
+        help="Ray cluster to join ('auto': the running one; ray://host:10001); default: start a local Ray",
     )
     p.add_argument(
         "--workers",
