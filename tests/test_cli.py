@@ -27,6 +27,8 @@ def test_encode(tiny_model_dir, tmp_path):
                 "2",
                 "--dim",
                 "8",
+                "--dtype",
+                "float32",
                 "--out",
                 str(out),
             ]

@@ -90,3 +90,45 @@ def cell_parent() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="number of transformer layers to run (default: all)")
     p.add_argument("--dim", type=int, help="embedding size to keep (default: full)")
     return p
+
+
+# The inference runtimes and dtypes (the same as matryoshka2d.backends.BACKENDS and model.DTYPES; kept
+# here as literals so that building the parser does not import torch).
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def runtime_parent() -> argparse.ArgumentParser:
+    """``--runtime`` and ``--dtype``: how a command that encodes runs the model (see :func:`load_runtime`)."""
+    p = _parent()
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="inference backend: torch (default), onnx (ONNX Runtime, CPU) or onnx-int8 (dynamic int8)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="what the torch layers compute in (default auto: bfloat16 on a CPU with avx512_bf16/AMX or "
+        "a GPU with bf16, else float32); pooling and normalisation are float32",
+    )
+    return p
+
+
+def load_runtime(args: argparse.Namespace, model: str | None = None):
+    """Load ``model`` (default ``args.model``) with ``args.runtime``/``args.dtype``; print which (stdout).
+
+    Returns:
+        an :class:`~matryoshka2d.encoder.Encoder` (``EmbeddingModel`` for the torch runtime).
+    """
+    from matryoshka2d.backends import load_encoder
+
+    encoder = load_encoder(
+        model if model is not None else args.model,
+        backend=getattr(args, "runtime", "torch"),
+        dtype=getattr(args, "dtype", "float32"),
+    )
+    print(f"model: {encoder.describe()}")
+    return encoder

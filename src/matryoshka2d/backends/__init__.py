@@ -1,0 +1,62 @@
+"""Inference backends behind one interface (:class:`~matryoshka2d.encoder.Encoder`).
+
+- ``"torch"``: :class:`~matryoshka2d.model.EmbeddingModel` in float32, bfloat16 or float16 (``dtype``;
+  ``"auto"`` = bfloat16 where the hardware has it natively).
+- ``"onnx"``: :class:`~matryoshka2d.backends.onnx.OnnxEncoder`, ONNX Runtime float32 on CPU.
+- ``"onnx-int8"``: the same with ONNX Runtime's dynamic int8 quantisation (preset for this CPU).
+
+Every backend has ``encode(texts, layers=, dim=)``, ``iter_encode``, ``encode_layers``, ``num_layers``
+and ``dim``; ``layers=k`` runs only the first k layers on every backend. Grid evaluation, the search
+index and the server accept any of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from matryoshka2d.encoder import Encoder
+from matryoshka2d.errors import InvalidInputError
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+__all__ = ["BACKENDS", "load_encoder"]
+
+
+def load_encoder(
+    name_or_path: str | os.PathLike,
+    backend: str = "torch",
+    dtype: str = "float32",
+    device: str | None = None,
+    threads: int | None = None,
+) -> Encoder:
+    """Load a model folder (or hub id) for inference with the chosen backend.
+
+    Args:
+        name_or_path: a model folder or a Hugging Face hub id.
+        backend: ``"torch"``, ``"onnx"`` or ``"onnx-int8"``.
+        dtype: for ``"torch"``: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"``
+            (:func:`~matryoshka2d.model.resolve_dtype`). The ONNX backends compute in float32 (int8
+            weights for ``"onnx-int8"``): they accept ``"auto"`` and ``"float32"`` only.
+        device: for ``"torch"``: where to run (default CPU). The ONNX backends run on CPU.
+        threads: for the ONNX backends: ONNX Runtime intra-op threads (default: its own choice).
+
+    Raises:
+        InvalidInputError: an unknown backend, or a dtype/device the backend does not offer.
+        ModelLoadError: the model cannot be loaded.
+    """
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "torch":
+        from matryoshka2d.model import EmbeddingModel
+
+        return EmbeddingModel.load(name_or_path, device=device, dtype=dtype)
+    if dtype not in ("auto", "float32"):
+        raise InvalidInputError(
+            f"dtype {dtype!r} is for the torch backend; backend {backend!r} computes in "
+            f"{'int8/float32' if backend == 'onnx-int8' else 'float32'} (use dtype 'auto' or 'float32')"
+        )
+    if device not in (None, "cpu"):
+        raise InvalidInputError(f"backend {backend!r} runs on the CPU; got device {device!r}")
+    from matryoshka2d.backends.onnx import OnnxEncoder
+
+    return OnnxEncoder(name_or_path, quantize="int8" if backend == "onnx-int8" else None, threads=threads)

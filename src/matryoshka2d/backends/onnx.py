@@ -1,0 +1,238 @@
+"""The ONNX Runtime backend: the same ``encode(texts, layers=, dim=)`` as the torch model, on CPU.
+
+``layers=k`` runs only the first k layers: ONNX Runtime runs every node of a graph whatever outputs are
+asked for, so each layer count gets its own graph, cut on first use from one graph of all layers
+(:func:`~matryoshka2d.export.onnx.extract_exits`) and cached on disk (see :func:`onnx_cache_dir`). A
+request for several layer counts (grid evaluation) runs the graph of the deepest one, which returns every
+earlier exit. Pooling, dim truncation and normalisation are float32, shared with the torch backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from matryoshka2d.encoder import Encoder, pad_rows, sort_longest_first
+from matryoshka2d.export.onnx import (
+    exit_output_name,
+    export_onnx,
+    extract_exits,
+    int8_file_name,
+    int8_preset,
+    quantize_int8,
+    read_exits,
+    require_onnx,
+)
+from matryoshka2d.pooling import pool
+
+#: Bump when the cached graphs change meaning (new exporter settings), so old caches are not reused.
+CACHE_VERSION = "1"
+
+
+def onnx_cache_dir() -> Path:
+    """Where cut and exported ONNX graphs are cached: ``$M2D_CACHE_DIR/onnx``, else
+    ``$XDG_CACHE_HOME/matryoshka2d/onnx`` (default ``~/.cache/matryoshka2d/onnx``).
+
+    Model folders are not written to (they may be read-only: an installed package, the hub cache).
+    """
+    root = os.environ.get("M2D_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "matryoshka2d" / "onnx"
+
+
+def _fingerprint(files: Sequence[Path]) -> str:
+    """A short hash of the files' real paths, sizes and modification times (a changed file: a new key)."""
+    digest = hashlib.sha256(CACHE_VERSION.encode())
+    for f in sorted(files):
+        stat = f.stat()
+        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class OnnxEncoder(Encoder):
+    """Encode with ONNX Runtime (CPU) at any (layers, dims), float32 or int8.
+
+    Built from a model folder (anything :meth:`EmbeddingModel.load` reads): the tokenizer, pooling,
+    ``max_seq_length`` and dim come from the folder. The graph of all layers is the folder's own
+    ``onnx/model.onnx`` (or ``onnx/model_qint8_<preset>.onnx`` for int8) when ``m2d export`` wrote it,
+    else it is exported from the torch weights once and cached. Safe to call from many threads at once
+    (``InferenceSession.run`` is thread-safe; graphs are built once, under a lock, and written atomically).
+
+    Args:
+        name_or_path: a model folder or a hub id.
+        quantize: None (float32) or ``"int8"`` (ONNX Runtime dynamic quantisation, preset for this CPU).
+        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's choice, one per physical core).
+        cache_dir: where cut graphs are cached (default :func:`onnx_cache_dir`).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        quantize: str | None = None,
+        threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        require_onnx()
+        from matryoshka2d.model import EmbeddingModel
+
+        if quantize not in (None, "int8"):
+            from matryoshka2d.errors import InvalidInputError
+
+            raise InvalidInputError(f"unknown quantisation {quantize!r}; choose 'int8' or none")
+        model = EmbeddingModel.load(name_or_path, dtype="float32")  # settings, and weights if we export
+        self.tokenizer = model.tokenizer
+        self.pooling_mode = model.pooling_mode
+        self.max_seq_length = model.max_seq_length
+        self.do_lower_case = model.do_lower_case
+        self.hidden_size = model.hidden_size
+        self.dim = model.dim
+        self.num_layers = model.num_layers
+        self.name_or_path = model.name_or_path
+        self.metadata = model.metadata
+        self.quantize = quantize
+        self.preset = int8_preset() if quantize else None
+        self.threads = threads
+        self._tokenizer_lock = threading.Lock()
+        self._build_lock = threading.Lock()
+        self._sessions: dict[int, object] = {}
+
+        from matryoshka2d.persistence import read_folder_spec, resolve_model_path
+
+        folder = resolve_model_path(name_or_path)
+        self._folder = folder
+        shipped_fp32 = self._shipped(folder / "onnx" / "model.onnx")
+        shipped_int8 = self._shipped(folder / "onnx" / int8_file_name(self.preset)) if quantize else None
+        self._fp32_graph = shipped_fp32  # None: exported from the torch weights into the cache on first use
+        self._int8_graph = shipped_int8
+        if shipped_fp32 or shipped_int8:
+            key_files = [f for f in (shipped_fp32, shipped_int8) if f is not None]
+        else:
+            spec = read_folder_spec(folder)
+            key_files = [
+                f
+                for f in spec.transformer_dir.iterdir()
+                if f.is_file() and re.search(r"\.(safetensors|bin|json)$", f.name)
+            ]
+        name = re.sub(r"[^\w.-]+", "_", Path(str(self.name_or_path)).name)[-40:] or "model"
+        self.cache = Path(cache_dir or onnx_cache_dir()) / f"{name}-{_fingerprint(key_files)}"
+        # The torch weights are kept only until the graph of all layers exists (reloaded if ever needed).
+        self._torch_model = model if shipped_fp32 is None else None
+        self.input_names = ["input_ids", "attention_mask"]
+        if "token_type_ids" in getattr(self.tokenizer, "model_input_names", []) and (
+            "token_type_ids" in model._input_names
+        ):
+            self.input_names.append("token_type_ids")
+
+    # ------------------------------------------------------------------ Encoder interface
+    @property
+    def backend(self) -> str:
+        return "onnx-int8" if self.quantize else "onnx"
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.quantize else "float32"
+
+    def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
+        """Tokenise a batch, truncated to ``max_seq_length``: numpy arrays if ``padding``, else lists."""
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                list(texts),
+                padding=padding,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_tensors="np" if padding else None,
+            )
+        return {key: value for key, value in encoded.items() if key in self.input_names}
+
+    def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
+        encoded = self.tokenize(texts, padding=False)
+        order = sort_longest_first(encoded["input_ids"])
+        out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
+        session = self.session(max(layers))
+        names = [exit_output_name(k) for k in layers]
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            feed = pad_rows(encoded, idx, self.tokenizer.pad_token_id, left)
+            mask = torch.from_numpy(feed["attention_mask"])
+            for k, hidden in zip(layers, session.run(names, feed)):
+                out[k][idx] = pool(torch.from_numpy(hidden), mask, self.pooling_mode).numpy()
+        return out
+
+    # ------------------------------------------------------------------ graphs
+    def graph_path(self, layers: int) -> Path:
+        """The cached graph running the first ``layers`` layers (it may not be built yet)."""
+        suffix = f".qint8_{self.preset}" if self.quantize else ""
+        return self.cache / f"layers-{layers}{suffix}.onnx"
+
+    def session(self, layers: int):
+        """The ``onnxruntime.InferenceSession`` running the first ``layers`` layers (built on first use)."""
+        session = self._sessions.get(layers)
+        if session is not None:
+            return session
+        with self._build_lock:
+            if layers not in self._sessions:
+                import onnxruntime as ort
+
+                path = self.graph_path(layers)
+                if not path.is_file():
+                    extract_exits(self._full_graph(), layers, path)
+                options = ort.SessionOptions()
+                if self.threads:
+                    options.intra_op_num_threads = self.threads
+                options.log_severity_level = 3
+                self._sessions[layers] = ort.InferenceSession(
+                    str(path), options, providers=["CPUExecutionProvider"]
+                )
+            return self._sessions[layers]
+
+    def _shipped(self, path: Path) -> Path | None:
+        """``path`` if it is a graph of all layers written by ``m2d export`` (with its exits), else None."""
+        exits = read_exits(path) if path.is_file() else None
+        return path if exits and max(exits) == self.num_layers else None
+
+    def _full_graph(self) -> Path:
+        """The graph of all layers with its exits: the folder's own, else exported/quantised into the cache.
+
+        Called under the build lock.
+        """
+        if self._fp32_graph is None:
+            full = self.cache / "model.onnx"
+            if not full.is_file():
+                if self._torch_model is None:
+                    from matryoshka2d.model import EmbeddingModel
+
+                    self._torch_model = EmbeddingModel.load(self._folder, dtype="float32")
+                export_onnx(self._torch_model, full)
+            self._fp32_graph = full
+            self._torch_model = None  # free the weights: every later graph is cut from this one
+        if not self.quantize:
+            return self._fp32_graph
+        if self._int8_graph is None:
+            quantized = self.cache / int8_file_name(self.preset)
+            if not quantized.is_file():
+                quantize_int8(self._fp32_graph, quantized, self.preset)
+            self._int8_graph = quantized
+        return self._int8_graph
+
+    def warm_up(self, layers: Sequence[int] | None = None) -> OnnxEncoder:
+        """Build the graphs of ``layers`` (default: every layer count) now rather than on first use."""
+        for k in self._layer_list(
+            list(layers) if layers is not None else list(range(1, self.num_layers + 1))
+        ):
+            self.session(k)
+        return self
+
+    def __repr__(self) -> str:
+        return f"OnnxEncoder({self.describe()}, cache={str(self.cache)!r})"
