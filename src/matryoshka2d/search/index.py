@@ -4,15 +4,22 @@ Matryoshka embeddings keep most of their quality in a short prefix (Kusupati et 
 arXiv 2205.13147, "adaptive retrieval"). :class:`SearchIndex` stores every corpus vector once at full
 size and searches in two stages:
 
-1. **Shortlist**: a faiss index over the first ``d`` dims of every vector (re-normalised) returns the
-   ``S`` best candidates per query. By default the scan is exact (``faiss.IndexFlatIP``); for large
-   corpora an approximate graph (HNSW) or inverted-file (IVF) index can be used instead, and the
-   shortlist codes can be compressed to int8 (faiss scalar quantizer, 1 byte a dim) or to binary
-   (the sign of each dim, 1 bit a dim, compared by Hamming distance).
+1. **Shortlist** (:mod:`matryoshka2d.search.shortlist`): a faiss index over the first ``d`` dims of every
+   vector (re-normalised) returns the ``S`` best candidates per query. By default the scan is exact
+   (``faiss.IndexFlatIP``); for large corpora an approximate graph (HNSW) or inverted-file (IVF) index can
+   be used instead, and the shortlist codes can be compressed to int8 (faiss scalar quantizer, 1 byte a
+   dim) or to binary (the sign of each dim, 1 bit a dim, compared by Hamming distance).
 2. **Rerank**: the ``S`` candidates are scored exactly against the full query (cosine similarity on
    all dims; numpy gather + batched dot product) and the best ``k`` are returned.
 
 All vectors are L2-normalised, so scores are cosine similarities. Ids are arbitrary strings.
+
+Which model (:mod:`matryoshka2d.search.fingerprint`): an index built from a model records the model's
+fingerprint (its embeddings of a few probe sentences); :meth:`SearchIndex.add_texts`,
+:meth:`SearchIndex.search_texts` and :meth:`SearchIndex.load` with ``model=`` refuse a model whose
+fingerprint differs (:class:`~matryoshka2d.search.fingerprint.ModelMismatchError`, naming both models),
+so vectors of two models are never mixed or compared. The same model run by another backend or precision
+(ONNX, bfloat16, int8) is accepted.
 
 Input handling (documented choices):
 
@@ -24,6 +31,10 @@ Input handling (documented choices):
   :class:`~matryoshka2d.errors.InvalidInputError`; a model whose embedding size differs from the
   index's raises :class:`~matryoshka2d.errors.InvalidDimError`.
 
+Thread safety: :meth:`SearchIndex.search` and :meth:`SearchIndex.search_texts` may run from many threads
+at once (search settings are passed to faiss per call); adding documents while searching is not
+supported.
+
 Example:
     >>> model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
     >>> index = SearchIndex.from_model(model, corpus_texts, ids=doc_ids, shortlist_dim=64)
@@ -31,112 +42,93 @@ Example:
     >>> hits.ids[0], hits.scores[0]
     >>> index.save("my-index"); index = SearchIndex.load("my-index", model=model)
 
-Folder layout written by :meth:`SearchIndex.save` (format version 1)::
+Folder layout written by :meth:`SearchIndex.save` (format version 2)::
 
-    manifest.json     format, format_version, model, layers, dim, count, shortlist settings
-    vectors.npy       (count, dim) float32, normalised full vectors
-    ids.json          list of count strings
-    texts.json        list of count document texts (only if the index stores texts)
-    shortlist.faiss   the faiss shortlist index (float or binary)
+    manifest.json            format, format_version, model, layers, dim, count, shortlist settings,
+                             model_fingerprint (probe texts and settings, or null)
+    vectors.npy              (count, dim) float32, normalised full vectors
+    ids.json                 list of count strings
+    texts.json               list of count document texts (only if the index stores texts)
+    shortlist.faiss          the faiss shortlist index (float or binary)
+    model_fingerprint.npy    (probes, dim) float32: the model's embeddings of the probe texts (if any)
+
+Format versions: a reader accepts every version up to its own and refuses newer ones (they may hold
+information it would ignore); a writer always writes the current version. Version 1 (before model
+fingerprints) has no ``model_fingerprint``: it loads, its model is checked by re-encoding stored texts
+(or by name only, with a warning, if it stores none), and saving it writes version 2.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError
 from matryoshka2d.persistence import atomic_directory
+from matryoshka2d.search.fingerprint import (
+    MIN_PROBE_COSINE,
+    ModelFingerprint,
+    ModelMismatchError,
+    encode_texts,
+    model_name,
+)
+from matryoshka2d.search.shortlist import (
+    DEFAULT_SHORTLIST_DIM,
+    QUANTIZATIONS,
+    SHORTLIST_INDEXES,
+    ShortlistConfig,
+    build_index,
+    check_positive_int,
+    default_dim,
+    read_index,
+    search_params,
+    serialized_size,
+    shortlist_codes,
+    write_index,
+)
 from matryoshka2d.truncation import check_layers, truncate_dims
 from matryoshka2d.validation import check_ordered
 
 if TYPE_CHECKING:  # pragma: no cover
-    from matryoshka2d.model import EmbeddingModel
+    import faiss
+
+    from matryoshka2d.encoder import Encoder
+
+__all__ = [
+    "DEFAULT_SHORTLIST_DIM",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "QUANTIZATIONS",
+    "SHORTLIST_INDEXES",
+    "SearchIndex",
+    "SearchResult",
+    "ShortlistConfig",
+]
 
 FORMAT = "matryoshka2d-search-index"
-FORMAT_VERSION = 1
-SHORTLIST_INDEXES = ("flat", "hnsw", "ivf")
-QUANTIZATIONS = ("none", "int8", "binary")
+FORMAT_VERSION = 2  # 2: model_fingerprint; 1: without it
 
 MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.json"
 TEXTS_FILE = "texts.json"
 SHORTLIST_FILE = "shortlist.faiss"
-DEFAULT_SHORTLIST_DIM = 64
+FINGERPRINT_FILE = "model_fingerprint.npy"
+
+# Stored documents re-encoded to check a model against an index without a fingerprint.
+_CHECK_DOCUMENTS = 8
 
 # Rerank in query chunks so the gathered (queries, shortlist, dim) block stays below ~64 MB.
 _RERANK_BLOCK_FLOATS = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ShortlistConfig:
-    """How the first-stage shortlist is built and searched.
-
-    Args:
-        dim: number of leading dims used for the shortlist (``1..index dim``; a multiple of 8 for
-            binary codes).
-        index: ``"flat"`` (exact scan, default), ``"hnsw"`` (graph, approximate, no training) or
-            ``"ivf"`` (inverted lists, approximate, trained with k-means on the first vectors added).
-        quantization: ``"none"`` (float32, ``4*dim`` bytes a vector), ``"int8"`` (faiss 8-bit scalar
-            quantizer, ``dim`` bytes, trained on the first vectors added) or ``"binary"`` (sign bits,
-            ``dim/8`` bytes, Hamming distance).
-        hnsw_m: HNSW neighbours per node (more: better recall, more memory, slower build).
-        hnsw_ef_construction: HNSW build-time beam width.
-        hnsw_ef_search: default HNSW search beam width; it is raised to the shortlist size if smaller.
-        ivf_nlist: IVF list count; default ``sqrt(count)`` of the first batch added, capped so that
-            every list gets at least 39 training vectors (faiss' rule of thumb). k-means is trained on
-            at most ``64 * nlist`` of those vectors (a random sample), which keeps training fast.
-        ivf_nprobe: default number of IVF lists scanned per query.
-    """
-
-    dim: int = 64
-    index: str = "flat"
-    quantization: str = "none"
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
-    ivf_nlist: int | None = None
-    ivf_nprobe: int = 32
-
-    def validate(self, full_dim: int) -> ShortlistConfig:
-        """Check every field against the index's full dim; return self."""
-        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)):
-            raise InvalidDimError(f"shortlist dim must be an integer, got {self.dim!r}")
-        if not 1 <= self.dim <= full_dim:
-            raise InvalidDimError(
-                f"shortlist dim={self.dim} is out of range: the vectors have 1..{full_dim} dims"
-            )
-        if self.index not in SHORTLIST_INDEXES:
-            raise InvalidInputError(
-                f"unknown shortlist index {self.index!r}; choose one of {list(SHORTLIST_INDEXES)}"
-            )
-        if self.quantization not in QUANTIZATIONS:
-            raise InvalidInputError(
-                f"unknown quantization {self.quantization!r}; choose one of {list(QUANTIZATIONS)}"
-            )
-        if self.quantization == "binary" and self.dim % 8:
-            raise InvalidDimError(
-                f"binary shortlist codes need a dim that is a multiple of 8, got {self.dim}"
-            )
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
-            _check_positive_int(getattr(self, name), name)
-        if self.ivf_nlist is not None:
-            _check_positive_int(self.ivf_nlist, "ivf_nlist")
-        return self
-
-    @property
-    def binary(self) -> bool:
-        return self.quantization == "binary"
 
 
 @dataclass
@@ -174,25 +166,33 @@ class SearchIndex:
         model: name or path of the model that produced the vectors (recorded in the manifest; the CLI
             loads it to encode queries).
         layers: the layer count the vectors were encoded with (None = all layers of the model).
+        fingerprint: the producing model's :class:`~matryoshka2d.search.fingerprint.ModelFingerprint`
+            (recorded by :meth:`from_model` and the first :meth:`add_texts`; None = unknown).
     """
 
     dim: int
     shortlist: ShortlistConfig | None = None
     model: str | None = None
     layers: int | None = None
+    fingerprint: ModelFingerprint | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.dim, "dim")
+        check_positive_int(self.dim, "dim")
         if self.shortlist is None:
             self.shortlist = ShortlistConfig(dim=min(DEFAULT_SHORTLIST_DIM, self.dim))
         self.shortlist.validate(self.dim)
         if self.layers is not None:
-            _check_positive_int(self.layers, "layers")
+            check_positive_int(self.layers, "layers")
+        if self.fingerprint is not None:
+            self._check_fingerprint(self.fingerprint)
         self._vectors = np.empty((0, self.dim), dtype=np.float32)
         self._ids: list[str] = []
         self._texts: list[str] | None = None  # document texts, if the index stores them
         self._positions: dict[str, int] = {}
         self._index: faiss.Index | faiss.IndexBinary | None = None
+        # Models already checked against the fingerprint (so search_texts checks a model once).
+        self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._checked_lock = threading.Lock()
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -204,6 +204,7 @@ class SearchIndex:
         model: str | None = None,
         layers: int | None = None,
         texts: Sequence[str] | None = None,
+        fingerprint: ModelFingerprint | None = None,
         **shortlist_options,
     ) -> SearchIndex:
         """An index over precomputed embeddings.
@@ -214,21 +215,23 @@ class SearchIndex:
             shortlist_dim: leading dims used for the shortlist (default: ``min(64, dim)``).
             model, layers: recorded in the manifest (see the class docs).
             texts: the documents' texts, to store and return with results (optional).
+            fingerprint: the producing model's fingerprint (``ModelFingerprint.of(model, layers)``), so
+                that later models are checked against it (optional).
             **shortlist_options: other :class:`ShortlistConfig` fields (``index``, ``quantization``, ...).
         """
         embeddings = _as_matrix(embeddings, "embeddings")
         if embeddings.shape[0] == 0:
             raise InvalidInputError("embeddings is empty: an index needs at least one vector")
         dim = embeddings.shape[1]
-        config = ShortlistConfig(dim=_default_dim(shortlist_dim, dim), **shortlist_options)
-        index = cls(dim=dim, shortlist=config, model=model, layers=layers)
+        config = ShortlistConfig(dim=default_dim(shortlist_dim, dim), **shortlist_options)
+        index = cls(dim=dim, shortlist=config, model=model, layers=layers, fingerprint=fingerprint)
         index.add(embeddings, ids, texts)
         return index
 
     @classmethod
     def from_model(
         cls,
-        model: EmbeddingModel,
+        model: Encoder,
         texts: Sequence[str],
         ids: Sequence[str] | None = None,
         shortlist_dim: int | None = None,
@@ -241,19 +244,21 @@ class SearchIndex:
         """Encode ``texts`` with ``model`` (at ``layers``, full dim) and index them.
 
         Args:
-            model: the embedding model; its ``name_or_path`` is recorded for later query encoding.
+            model: the encoder (an :class:`~matryoshka2d.model.EmbeddingModel`, an ONNX encoder, or any
+                object with ``encode(texts, layers=, ...)`` or ``iter_encode``, ``num_layers`` and ``dim``);
+                its ``name_or_path`` and fingerprint are recorded.
             texts: the corpus.
             ids: one string id per text (default: ``"0"``, ``"1"``, ...).
             shortlist_dim: leading dims used for the shortlist (default: ``min(64, model.dim)``).
             layers: encode with the first ``layers`` transformer layers (default: all).
-            batch_size, show_progress: passed to :meth:`EmbeddingModel.encode`.
+            batch_size, show_progress: passed to the encoder.
             store_texts: keep the texts in the index, so that results (and the CLI) can show them.
             **shortlist_options: other :class:`ShortlistConfig` fields.
         """
         if layers is not None:
             layers = check_layers(layers, model.num_layers)
-        config = ShortlistConfig(dim=_default_dim(shortlist_dim, model.dim), **shortlist_options)
-        index = cls(dim=model.dim, shortlist=config, model=str(model.name_or_path), layers=layers)
+        config = ShortlistConfig(dim=default_dim(shortlist_dim, model.dim), **shortlist_options)
+        index = cls(dim=model.dim, shortlist=config, model=model_name(model), layers=layers)
         index.add_texts(
             model, texts, ids, batch_size=batch_size, show_progress=show_progress, store_texts=store_texts
         )
@@ -263,6 +268,9 @@ class SearchIndex:
         self, embeddings: np.ndarray, ids: Sequence[str] | None = None, texts: Sequence[str] | None = None
     ) -> None:
         """Add vectors (normalised here) with their ids, and optionally their texts.
+
+        The vectors must come from the index's model: this method cannot check that (use
+        :meth:`add_texts`, which encodes and checks the model).
 
         Args:
             embeddings: ``(count, dim)`` array.
@@ -285,9 +293,9 @@ class SearchIndex:
         new_ids = self._check_new_ids(ids, embeddings.shape[0])
         new_texts = self._check_new_texts(texts, embeddings.shape[0])
         vectors = np.ascontiguousarray(truncate_dims(embeddings, None, normalize=True), dtype=np.float32)
-        codes = self._shortlist_codes(vectors)
+        codes = shortlist_codes(vectors, self.shortlist)
         if self._index is None:
-            self._index = self._new_index(codes)
+            self._index, self.shortlist = build_index(self.shortlist, codes)
         self._index.add(codes)
         self._vectors = vectors if len(self._ids) == 0 else np.concatenate([self._vectors, vectors])
         start = len(self._ids)
@@ -299,7 +307,7 @@ class SearchIndex:
 
     def add_texts(
         self,
-        model: EmbeddingModel,
+        model: Encoder,
         texts: Sequence[str],
         ids: Sequence[str] | None = None,
         batch_size: int = 32,
@@ -308,34 +316,122 @@ class SearchIndex:
     ) -> None:
         """Encode ``texts`` with ``model`` (at the index's ``layers``) and add them.
 
-        ``store_texts`` keeps the texts in the index; it only matters for the first add (see :meth:`add`).
-        """
-        from matryoshka2d.model import check_texts
+        The model is checked first (:meth:`check_model`): a model other than the one that built the
+        index is refused, so an index never mixes vectors of two models. The first model added to an
+        empty index is recorded (name and fingerprint).
 
-        self.check_model(model)
+        ``store_texts`` keeps the texts in the index; it only matters for the first add (see :meth:`add`).
+
+        Raises:
+            ModelMismatchError: ``model`` is not the index's model.
+            InvalidDimError, InvalidLayersError: see :meth:`check_model`.
+        """
+        from matryoshka2d.encoder import check_texts
+
         texts = check_texts(texts)
         new_ids = self._check_new_ids(ids, len(texts))  # fail before the (slow) encoding
-        emb = model.encode(
-            texts, layers=self.layers, batch_size=batch_size, normalize=True, show_progress=show_progress
-        )
+        self.check_model(model, record=True)
+        emb = encode_texts(model, texts, self.layers, batch_size=batch_size, show_progress=show_progress)
         keep = self._texts is not None if self._ids else store_texts
         self.add(emb, new_ids, texts if keep else None)
+        if self.model is None:
+            self.model = model_name(model)
 
-    def check_model(self, model: EmbeddingModel) -> None:
+    def check_model(self, model: Encoder, record: bool = False) -> None:
         """Refuse a model that cannot produce vectors comparable with the index's.
+
+        Checks the embedding size and layer count, then the model's identity: its fingerprint must match
+        the index's (:mod:`~matryoshka2d.search.fingerprint`). An index without a fingerprint (an older
+        folder, or built from bare embeddings) is checked by re-encoding a few stored texts; if it stores
+        no texts, only the model's name can be compared, and a different name gives a warning. A model
+        that passed is remembered, so repeated searches with it are not re-checked.
+
+        Args:
+            model: the encoder.
+            record: record ``model``'s fingerprint if the index has none yet and the model passed (used
+                when adding documents: from then on, the index knows its model).
 
         Raises:
             InvalidDimError: the model's embedding size differs from the index's.
             InvalidLayersError: the index was built at more layers than the model has.
+            ModelMismatchError: the model's embeddings differ from the index's model's (both named).
         """
         if model.dim != self.dim:
             raise InvalidDimError(
-                f"the model {model.name_or_path!r} makes {model.dim}-dim embeddings but the index holds "
+                f"the model {model_name(model)!r} makes {model.dim}-dim embeddings but the index holds "
                 f"{self.dim}-dim vectors (built with {self.model or 'an unknown model'!r}); query with"
                 " the model that built the index"
             )
         if self.layers is not None:
             check_layers(self.layers, model.num_layers)
+        fingerprint = self.fingerprint
+        if fingerprint is not None and self._was_checked(model, fingerprint):
+            return
+        if fingerprint is not None:
+            fingerprint.check(model, self.model)
+        elif self._ids and self._texts is not None:
+            self._check_by_documents(model)
+        elif self._ids:
+            if self.model is None or model_name(model) != self.model:
+                warnings.warn(
+                    f"cannot check that {model_name(model)!r} is the model that built this index "
+                    f"({self.model or 'not recorded'!r}): the index records no model fingerprint (an older "
+                    "index or one built from bare embeddings) and stores no texts to re-encode; vectors "
+                    "of different models must not be mixed or compared",
+                    stacklevel=3,
+                )
+                return  # not recorded: an unverified model must not become the index's identity
+        if self.fingerprint is None and (record or self._ids):
+            self.fingerprint = ModelFingerprint.of(model, self.layers)
+        self._remember(model, self.fingerprint)
+
+    def _check_by_documents(self, model: Encoder) -> None:
+        """Re-encode a few stored documents and compare them with their stored vectors."""
+        rows = np.unique(
+            np.linspace(0, len(self._ids) - 1, num=min(_CHECK_DOCUMENTS, len(self._ids))).astype(int)
+        )
+        new = encode_texts(model, [self._texts[i] for i in rows], self.layers, batch_size=len(rows))  # type: ignore[index]
+        agreement = float(np.min(np.einsum("ij,ij->i", np.asarray(self._vectors[rows]), new)))
+        if agreement < MIN_PROBE_COSINE:
+            built = self.model or "an unknown model"
+            raise ModelMismatchError(
+                f"the model {model_name(model)!r} is not the model that built this index ({built!r}): its "
+                f"embeddings of stored documents differ from the stored vectors (lowest cosine similarity "
+                f"{agreement:.3f}, need >= {MIN_PROBE_COSINE}); vectors of different models cannot be mixed "
+                f"or compared. Use {built!r}, or build a new index with {model_name(model)!r}"
+            )
+
+    def _was_checked(self, model: object, fingerprint: ModelFingerprint) -> bool:
+        with self._checked_lock:
+            try:
+                return self._checked.get(model) is fingerprint
+            except TypeError:  # not weak-referenceable: checked every time
+                return False
+
+    def _remember(self, model: object, fingerprint: ModelFingerprint | None) -> None:
+        if fingerprint is None:
+            return
+        with self._checked_lock:
+            try:
+                self._checked[model] = fingerprint
+            except TypeError:
+                pass
+
+    def _check_fingerprint(self, fingerprint: ModelFingerprint) -> None:
+        if not isinstance(fingerprint, ModelFingerprint):
+            raise InvalidInputError(
+                f"fingerprint must be a ModelFingerprint, got {type(fingerprint).__name__}"
+            )
+        if fingerprint.dim != self.dim:
+            raise InvalidDimError(
+                f"the fingerprint's model makes {fingerprint.dim}-dim embeddings but the index holds "
+                f"{self.dim}-dim vectors"
+            )
+        if fingerprint.layers != self.layers:
+            raise InvalidInputError(
+                f"the fingerprint was taken at layers={fingerprint.layers} but the index encodes at "
+                f"layers={self.layers}: take it with ModelFingerprint.of(model, layers={self.layers})"
+            )
 
     # ------------------------------------------------------------------ searching
     def search(
@@ -383,23 +479,31 @@ class SearchIndex:
                 f"queries have {queries.shape[1]} dims but the index holds {self.dim}-dim vectors"
             )
         queries = np.ascontiguousarray(truncate_dims(queries, None, normalize=True), dtype=np.float32)
-        self._set_search_params(shortlist, ef_search, nprobe)
-        _, candidates = self._index.search(self._shortlist_codes(queries), shortlist)
+        params = search_params(self.shortlist, shortlist, ef_search, nprobe)  # per call: thread-safe
+        codes = shortlist_codes(queries, self.shortlist)
+        _, candidates = self._index.search(codes, shortlist, params=params)
         return self._rerank(queries, candidates.astype(np.int64, copy=False), k)
 
     def search_texts(
         self,
-        model: EmbeddingModel,
+        model: Encoder,
         texts: Sequence[str],
         k: int = 10,
         shortlist: int = 200,
         batch_size: int = 32,
         **search_options,
     ) -> SearchResult:
-        """Encode query texts with ``model`` (at the index's ``layers``) and :meth:`search`."""
+        """Encode query texts with ``model`` (at the index's ``layers``) and :meth:`search`.
+
+        ``model`` is checked against the index's model first (once per model object; see
+        :meth:`check_model`): queries encoded by another model would find nonsense.
+
+        Raises:
+            ModelMismatchError: ``model`` is not the index's model.
+        """
         self.check_model(model)
         texts = [texts] if isinstance(texts, str) else texts
-        queries = model.encode(texts, layers=self.layers, batch_size=batch_size, show_progress=False)
+        queries = encode_texts(model, texts, self.layers, batch_size=batch_size, show_progress=False)
         return self.search(queries, k=k, shortlist=shortlist, **search_options)
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> SearchResult:
@@ -431,62 +535,7 @@ class SearchIndex:
         texts = [[self._texts[i] for i in row] for row in rows] if self._texts is not None else None
         return SearchResult(ids=ids, scores=scores, indices=indices, texts=texts)
 
-    # ------------------------------------------------------------------ shortlist internals
-    def _shortlist_codes(self, vectors: np.ndarray) -> np.ndarray:
-        prefix = np.ascontiguousarray(
-            truncate_dims(vectors, self.shortlist.dim, normalize=True), dtype=np.float32
-        )
-        if self.shortlist.binary:
-            return np.packbits(prefix > 0, axis=1)
-        return prefix
-
-    def _new_index(self, training_codes: np.ndarray) -> faiss.Index | faiss.IndexBinary:
-        """Create (and train, for IVF and int8) the shortlist index for the first batch of codes."""
-        c = self.shortlist
-        d = c.dim
-        nlist = c.ivf_nlist or _default_nlist(len(training_codes))
-        if c.index == "ivf" and len(training_codes) < nlist:
-            raise InvalidInputError(
-                f"an IVF shortlist with {nlist} lists needs at least {nlist} vectors in the first batch, "
-                f"got {len(training_codes)}; add more vectors at once, lower ivf_nlist, or use index='flat'"
-            )
-        if c.binary:
-            factory = {"flat": "BFlat", "hnsw": f"BHNSW{c.hnsw_m}", "ivf": f"BIVF{nlist}"}[c.index]
-            index = faiss.index_binary_factory(d, factory)
-        else:
-            codec = "SQ8" if c.quantization == "int8" else "Flat"
-            factory = {
-                "flat": codec,
-                "hnsw": f"HNSW{c.hnsw_m}" + ("_SQ8" if codec == "SQ8" else ""),
-                "ivf": f"IVF{nlist},{codec}",
-            }
-            index = faiss.index_factory(d, factory[c.index], faiss.METRIC_INNER_PRODUCT)
-        if c.index == "hnsw":
-            index.hnsw.efConstruction = c.hnsw_ef_construction
-        if c.index == "ivf":
-            if not c.binary:
-                faiss.extract_index_ivf(index).cp.spherical = True  # the prefixes are unit vectors
-            if c.ivf_nlist is None:
-                self.shortlist = _replace(c, ivf_nlist=nlist)
-        if not index.is_trained:
-            sample = training_codes
-            limit = max(64 * nlist, 10_000)  # IVF k-means, and the int8 ranges, need no more than this
-            if len(sample) > limit:
-                rng = np.random.default_rng(0)
-                sample = sample[np.sort(rng.choice(len(sample), limit, replace=False))]
-            index.train(sample)
-        return index
-
-    def _set_search_params(self, shortlist: int, ef_search: int | None, nprobe: int | None) -> None:
-        c = self.shortlist
-        if c.index == "hnsw":
-            ef = _check_positive_int(ef_search, "ef_search") if ef_search is not None else c.hnsw_ef_search
-            _downcast(self._index).hnsw.efSearch = max(ef, shortlist)
-        elif c.index == "ivf":
-            probe = _check_positive_int(nprobe, "nprobe") if nprobe is not None else c.ivf_nprobe
-            ivf = self._index if c.binary else faiss.extract_index_ivf(self._index)
-            ivf.nprobe = min(probe, ivf.nlist)
-
+    # ------------------------------------------------------------------ input checks
     def _check_new_ids(self, ids: Sequence[str] | None, count: int) -> list[str]:
         if ids is None:
             start = len(self._ids)
@@ -561,10 +610,7 @@ class SearchIndex:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``full`` (the float32 vectors), ``shortlist`` (the faiss index, serialised size)."""
-        shortlist = 0
-        if self._index is not None:
-            serialize = faiss.serialize_index_binary if self.shortlist.binary else faiss.serialize_index
-            shortlist = int(serialize(self._index).nbytes)
+        shortlist = serialized_size(self._index, self.shortlist.binary) if self._index is not None else 0
         return {"full": int(self._vectors.nbytes), "shortlist": shortlist}
 
     def manifest(self) -> dict:
@@ -581,7 +627,8 @@ class SearchIndex:
             "count": len(self._ids),
             "normalized": True,
             "texts": self._texts is not None,
-            "shortlist": asdict(self.shortlist),
+            "shortlist": self.shortlist.to_dict(),
+            "model_fingerprint": self.fingerprint.manifest() if self.fingerprint is not None else None,
         }
 
     # ------------------------------------------------------------------ persistence
@@ -613,27 +660,27 @@ class SearchIndex:
             (tmp / IDS_FILE).write_text(json.dumps(self._ids, ensure_ascii=False), encoding="utf-8")
             if self._texts is not None:
                 (tmp / TEXTS_FILE).write_text(json.dumps(self._texts, ensure_ascii=False), encoding="utf-8")
-            write = faiss.write_index_binary if self.shortlist.binary else faiss.write_index
-            write(self._index, str(tmp / SHORTLIST_FILE))
+            if self.fingerprint is not None:
+                np.save(tmp / FINGERPRINT_FILE, self.fingerprint.embeddings)
+            write_index(self._index, str(tmp / SHORTLIST_FILE), self.shortlist.binary)
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, model: EmbeddingModel | None = None, mmap: bool = False
-    ) -> SearchIndex:
-        """Read an index folder written by :meth:`save`.
+    def load(cls, path: str | os.PathLike, model: Encoder | None = None, mmap: bool = False) -> SearchIndex:
+        """Read an index folder written by :meth:`save` (any format version up to :data:`FORMAT_VERSION`).
 
         Args:
             path: the folder.
-            model: if given, checked against the index (same embedding size; enough layers).
+            model: if given, checked against the index (:meth:`check_model`: size, layers, identity).
             mmap: memory-map the full vectors instead of reading them into memory (they are then
                 read-only until more documents are added).
 
         Raises:
-            DataFileError: the folder is missing, incomplete, of another format or an unsupported
-                format version, or its files disagree with each other.
+            DataFileError: the folder is missing, incomplete, of another format or a newer format
+                version, or its files disagree with each other.
             InvalidDimError: ``model`` makes embeddings of another size.
+            ModelMismatchError: ``model`` is not the index's model.
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -644,16 +691,24 @@ class SearchIndex:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise DataFileError(f"{path / MANIFEST_FILE}: not a matryoshka2d search index manifest")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
             raise DataFileError(
                 f"{path}: search index format version {version!r} is not supported (this matryoshka2d reads "
-                f"version {FORMAT_VERSION})"
+                f"versions 1..{FORMAT_VERSION}"
+                + ("; it was written by a newer matryoshka2d)" if newer else ")")
             )
         try:
             config = ShortlistConfig(**manifest["shortlist"])
             layers, dim, count = manifest.get("layers"), int(manifest["dim"]), int(manifest["count"])
-            index = cls(dim=dim, shortlist=config, model=manifest.get("model"), layers=layers)
-        except (KeyError, TypeError, ValueError) as e:  # InvalidInputError is a ValueError too
+            fingerprint = None
+            if version >= 2 and manifest.get("model_fingerprint") is not None:
+                probe = np.load(_existing(path, FINGERPRINT_FILE))
+                fingerprint = ModelFingerprint.from_manifest(manifest["model_fingerprint"], probe)
+            index = cls(
+                dim=dim, shortlist=config, model=manifest.get("model"), layers=layers, fingerprint=fingerprint
+            )
+        except (KeyError, TypeError, ValueError, OSError) as e:  # InvalidInputError is a ValueError too
             raise DataFileError(f"{path / MANIFEST_FILE}: malformed manifest ({e})") from None
 
         ids = _read_json(path, IDS_FILE)
@@ -668,8 +723,7 @@ class SearchIndex:
             raise DataFileError(f"{path}: {TEXTS_FILE} must list {count} texts")
         try:
             vectors = np.load(_existing(path, VECTORS_FILE), mmap_mode="r" if mmap else None)
-            read = faiss.read_index_binary if config.binary else faiss.read_index
-            shortlist_index = read(str(_existing(path, SHORTLIST_FILE)))
+            shortlist_index = read_index(str(_existing(path, SHORTLIST_FILE)), config.binary)
         except (OSError, ValueError, RuntimeError) as e:
             raise DataFileError(f"{path}: cannot read the index files ({str(e).splitlines()[0]})") from None
         if vectors.dtype != np.float32 or vectors.shape != (count, dim):
@@ -703,10 +757,7 @@ def _read_json(folder: Path, name: str):
         raise DataFileError(f"cannot read {folder / name}: {e}") from None
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+_check_positive_int = check_positive_int  # the name matryoshka2d.search.qdrant imports
 
 
 def _as_matrix(array: object, name: str, allow_vector: bool = False) -> np.ndarray:
@@ -724,24 +775,3 @@ def _as_matrix(array: object, name: str, allow_vector: bool = False) -> np.ndarr
     if matrix.size and not np.isfinite(matrix).all():
         raise InvalidInputError(f"{name} contains NaN or infinite values")
     return matrix
-
-
-def _default_nlist(count: int) -> int:
-    """``sqrt(count)`` lists, at most ``count / 39`` (so k-means sees 39 points a list), at least 1."""
-    return max(1, min(round(math.sqrt(count)), count // 39))
-
-
-def _downcast(index):
-    return (
-        faiss.downcast_IndexBinary(index)
-        if isinstance(index, faiss.IndexBinary)
-        else faiss.downcast_index(index)
-    )
-
-
-def _replace(config: ShortlistConfig, **changes) -> ShortlistConfig:
-    return ShortlistConfig(**{**asdict(config), **changes})
-
-
-def _default_dim(shortlist_dim: int | None, dim: int) -> int:
-    return min(DEFAULT_SHORTLIST_DIM, dim) if shortlist_dim is None else shortlist_dim
