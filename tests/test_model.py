@@ -170,3 +170,52 @@ def test_truncate_is_a_standalone_copy(tiny_model):
         small.encode(SENTENCES, dim=17)
     with pytest.raises(InvalidLayersError):
         tiny_model.truncate(layers=5)
+
+
+# ---------------------------------------------------------------------------------------------- dtype
+def test_default_dtype_is_float32_and_recorded(tiny_model):
+    assert tiny_model.dtype == torch.float32 and tiny_model.precision == "float32"
+    assert tiny_model.backend == "torch" and "torch float32" in tiny_model.describe()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_layers_pool_in_float32(tiny_model_dir, tiny_model, dtype):
+    low = EmbeddingModel.load(tiny_model_dir, dtype=dtype)
+    assert low.dtype == getattr(torch, dtype) and low.precision == dtype
+    features = low.tokenize(SENTENCES[:3])
+    assert all(v.dtype == torch.float32 for v in low.forward(features, layers=[1, 4]).values())
+    emb = low.encode(SENTENCES, layers=3, dim=16)
+    ref = tiny_model.encode(SENTENCES, layers=3, dim=16)
+    assert emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)  # normalised in float32
+    assert (emb * ref).sum(axis=1).min() > 0.99  # cosine to the float32 embeddings
+    assert not np.array_equal(emb, ref)  # the layers really ran in low precision
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    from matryoshka2d import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    assert model_module.resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    assert model_module.resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_module.resolve_dtype("auto", "cuda") == torch.float32
+    assert model_module.resolve_dtype("float16", "cuda") == torch.float16
+    assert model_module.resolve_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def test_cpu_bf16_detection_reads_cpu_flags():
+    from matryoshka2d.model import cpu_has_native_bf16
+
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "float64", torch.int8, None])
+def test_bad_dtype_names_the_value(tiny_model_dir, dtype):
+    with pytest.raises(InvalidInputError, match="dtype"):
+        EmbeddingModel.load(tiny_model_dir, dtype=dtype)

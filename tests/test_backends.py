@@ -1,0 +1,196 @@
+"""matryoshka2d.backends: load_encoder and the ONNX Runtime backend (same results as torch, k layers only)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from conftest import SENTENCES
+
+from matryoshka2d import EmbeddingModel, InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.backends import BACKENDS, load_encoder
+from matryoshka2d.backends.onnx import OnnxEncoder, onnx_cache_dir
+from matryoshka2d.cli import main
+from matryoshka2d.export import ONNX_FILE, export_model
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    """Graphs built without an explicit cache_dir (the CLI) go to the test's folder, not ~/.cache."""
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "m2d-cache"))
+
+
+@pytest.fixture
+def onnx_encoder(tiny_model_dir, tmp_path):
+    return OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+
+
+def test_onnx_equals_torch_at_every_cell(onnx_encoder, tiny_model):
+    assert (onnx_encoder.num_layers, onnx_encoder.dim) == (tiny_model.num_layers, tiny_model.dim)
+    assert (onnx_encoder.backend, onnx_encoder.precision) == ("onnx", "float32")
+    for k in range(1, 5):
+        for d in (32, 8):
+            ours = onnx_encoder.encode(SENTENCES, layers=k, dim=d, batch_size=5)
+            np.testing.assert_allclose(ours, tiny_model.encode(SENTENCES, layers=k, dim=d), atol=1e-5)
+    raw = onnx_encoder.encode_layers(SENTENCES, [1, 3])
+    ref = tiny_model.encode_layers(SENTENCES, [1, 3])
+    assert all(np.abs(raw[k] - ref[k]).max() <= 1e-5 for k in (1, 3))
+    cells = [b for b in onnx_encoder.iter_encode(SENTENCES, layers=[2, 4], dims=[16, 4], chunk_size=5)]
+    assert [b.start for b in cells] == [0, 5, 10]
+    joined = np.concatenate([b[(2, 4)] for b in cells])
+    np.testing.assert_allclose(joined, tiny_model.encode(SENTENCES, layers=2, dim=4), atol=1e-5)
+
+
+def test_layers_k_runs_a_graph_of_k_layers(onnx_encoder):
+    import onnx
+
+    onnx_encoder.encode(SENTENCES, layers=1)
+    onnx_encoder.encode_layers(SENTENCES, [2, 3])  # several exits: one pass of the deepest graph
+    assert sorted(onnx_encoder._sessions) == [1, 3]
+    matmuls = {
+        k: sum(n.op_type == "MatMul" for n in onnx.load(str(onnx_encoder.graph_path(k))).graph.node)
+        for k in (1, 3)
+    }
+    assert matmuls[3] == 3 * matmuls[1] > 0
+    assert onnx_encoder._torch_model is None  # the torch weights are dropped once the graph exists
+
+
+def test_cached_graphs_are_reused(tiny_model_dir, tmp_path, monkeypatch):
+    first = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up([2])
+    path = first.graph_path(2)
+    stamp = path.stat().st_mtime_ns
+    from matryoshka2d.backends import onnx as onnx_backend
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_backend, "extract_exits", no_export)
+    second = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+    assert second.graph_path(2) == path
+    np.testing.assert_array_equal(second.encode(SENTENCES, layers=2), first.encode(SENTENCES, layers=2))
+    assert path.stat().st_mtime_ns == stamp
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]  # atomic writes leave nothing
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "m2d"))
+    assert onnx_cache_dir() == tmp_path / "m2d" / "onnx"
+    monkeypatch.delenv("M2D_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert onnx_cache_dir() == tmp_path / "xdg" / "matryoshka2d" / "onnx"
+
+
+def test_exported_folder_uses_its_own_graph(tiny_model, tmp_path, monkeypatch):
+    out = export_model(tiny_model, tmp_path / "small", layers=3, dim=16, format="onnx", quantize="int8")
+    from matryoshka2d.backends import onnx as onnx_backend
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the folder's own onnx/model.onnx should have been used")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_backend, "quantize_int8", no_export)
+    fp32 = OnnxEncoder(out, cache_dir=tmp_path / "cache")
+    assert fp32._fp32_graph == out / ONNX_FILE and fp32._torch_model is None
+    np.testing.assert_allclose(
+        fp32.encode(SENTENCES, layers=2), tiny_model.encode(SENTENCES, layers=2, dim=16), atol=1e-5
+    )
+    int8 = OnnxEncoder(out, quantize="int8", cache_dir=tmp_path / "cache")
+    emb = int8.encode(SENTENCES)
+    assert (int8.backend, int8.precision) == ("onnx-int8", "int8")
+    assert (emb * fp32.encode(SENTENCES)).sum(axis=1).min() > 0.95
+    assert set(int8.cache.iterdir()) == {int8.graph_path(3)}
+
+
+def test_concurrent_mixed_calls_equal_sequential(tiny_model_dir, tmp_path):
+    calls = [(k, d) for k in (1, 2, 3, 4) for d in (32, 16, 8, 4, 2)]  # 20 mixed calls
+    sequential = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "a")
+    expected = [sequential.encode(SENTENCES, layers=k, dim=d) for k, d in calls]
+    shared = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "b")  # graphs are built during the race
+    results: dict[tuple[int, int], list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def worker(t: int) -> None:
+        try:
+            start.wait()
+            order = calls[t * 5 :] + calls[: t * 5]  # each thread starts elsewhere
+            for k, d in order:
+                results.setdefault((t, k, d), []).append(shared.encode(SENTENCES, layers=k, dim=d))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for t in range(4):
+        for (k, d), want in zip(calls, expected):
+            np.testing.assert_array_equal(results[(t, k, d)][0], want)
+
+
+def test_onnx_bad_input_is_refused_like_torch(onnx_encoder):
+    with pytest.raises(InvalidLayersError, match="layers"):
+        onnx_encoder.encode(SENTENCES, layers=5)
+    with pytest.raises(InvalidDimError, match="dim"):
+        onnx_encoder.encode(SENTENCES, dim=33)
+    with pytest.raises(InvalidInputError):
+        onnx_encoder.encode(["ok", 3])
+
+
+def test_load_encoder_picks_the_backend(tiny_model_dir):
+    assert BACKENDS == ("torch", "onnx", "onnx-int8")
+    torch_model = load_encoder(tiny_model_dir, dtype="bfloat16")
+    assert isinstance(torch_model, EmbeddingModel) and torch_model.precision == "bfloat16"
+    assert isinstance(load_encoder(tiny_model_dir, "onnx-int8", dtype="auto"), OnnxEncoder)
+    with pytest.raises(InvalidInputError, match="'tensorrt'"):
+        load_encoder(tiny_model_dir, "tensorrt")
+    with pytest.raises(InvalidInputError, match="'bfloat16' is for the torch backend"):
+        load_encoder(tiny_model_dir, "onnx", dtype="bfloat16")
+    with pytest.raises(InvalidInputError, match="runs on the CPU"):
+        load_encoder(tiny_model_dir, "onnx", device="cuda")
+
+
+def test_cli_runtime_choices_match_the_library():
+    from matryoshka2d.cli.common import DTYPES, RUNTIMES
+    from matryoshka2d.model import DTYPES as MODEL_DTYPES
+
+    assert RUNTIMES == BACKENDS and DTYPES == MODEL_DTYPES
+
+
+def test_grid_evaluation_and_search_accept_the_onnx_backend(onnx_encoder, tiny_model, sts_file):
+    from matryoshka2d.data import load_sts
+    from matryoshka2d.evaluation import evaluate_sts
+    from matryoshka2d.search import SearchIndex
+
+    data = load_sts(sts_file)
+    ours = evaluate_sts(onnx_encoder, data, [1, 4], [32, 8]).to_dict()["spearman"]
+    ref = evaluate_sts(tiny_model, data, [1, 4], [32, 8]).to_dict()["spearman"]
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    index = SearchIndex.from_model(onnx_encoder, SENTENCES, shortlist_dim=8)
+    hits = index.search_texts(tiny_model, SENTENCES[:3], k=1)
+    assert [str(row[0]) for row in hits.ids] == ["0", "1", "2"]
+
+
+def test_cli_runtime_and_dtype(tiny_model_dir, sts_file, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "e.npy"
+    argv = ["encode", str(tiny_model_dir), "--input", str(texts), "--layers", "2", "--out", str(out)]
+    assert main([*argv, "--runtime", "onnx"]) == 0
+    assert "onnx float32" in capsys.readouterr().out
+    np.testing.assert_allclose(
+        np.load(out), EmbeddingModel.load(tiny_model_dir).encode(SENTENCES, layers=2), atol=1e-5
+    )
+    grid = tmp_path / "grid.json"
+    argv = ["eval-sts", str(tiny_model_dir), "--data", str(sts_file), "--json", str(grid)]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert "torch bfloat16" in capsys.readouterr().out
+    record = json.loads(grid.read_text())
+    assert (record["backend"], record["dtype"]) == ("torch", "bfloat16")
+    assert main([*argv, "--runtime", "onnx", "--dtype", "float16", "--overwrite"]) == 2
+    assert "'float16' is for the torch backend" in capsys.readouterr().err
