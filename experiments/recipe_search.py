@@ -93,6 +93,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="runs/demo")
     parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train this many steps instead of 1 epoch (a cheaper, shorter schedule; for quick comparisons "
+        "when the machine is busy; results are cached under their own name)",
+    )
+    parser.add_argument(
         "--validation-only",
         action="store_true",
         help="evaluate on STSB validation only (while choosing settings: test is looked at once, at the end)",
@@ -106,11 +113,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.names:
-        key = f"{name}-seed{args.seed}"
+        key = f"{name}-seed{args.seed}" + (f"-steps{args.steps}" if args.steps else "")
         cached = work / f"{key}.results.json"
         entry = json.loads(cached.read_text()) if cached.is_file() else None
         if entry is None or ("grid" not in entry and not args.validation_only):
-            folder, seconds = train({**CANDIDATES[name], "seed": args.seed}, base, root, work)
+            overrides = {**CANDIDATES[name], "seed": args.seed}
+            if args.steps:
+                overrides["steps"] = args.steps
+            folder, seconds = train(overrides, base, root, work)
             model = EmbeddingModel.load(folder)
             layers = list(range(1, model.num_layers + 1))
             if entry is None:
