@@ -1,4 +1,5 @@
-"""SearchIndex: two-stage results against numpy references, every shortlist variant, persistence, errors."""
+"""SearchIndex: two-stage results against numpy references, every shortlist variant, persistence, errors,
+the model fingerprint, concurrent searches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import SENTENCES, build_tiny_model
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.search.fingerprint import PROBE_TEXTS, ModelFingerprint, ModelMismatchError
 from matryoshka2d.search.index import FORMAT_VERSION, SearchIndex, ShortlistConfig
 
 VARIANTS = [(index, quant) for index in ("flat", "hnsw", "ivf") for quant in ("none", "int8", "binary")]
@@ -178,7 +180,7 @@ def test_save_and_load_round_trip(data, tmp_path, kind, quant):
 def test_save_replaces_an_existing_index_and_a_failed_save_keeps_the_old_one(data, tmp_path, monkeypatch):
     corpus, _ = data
     SearchIndex.from_embeddings(corpus[:50], shortlist_dim=8).save(tmp_path / "index")
-    SearchIndex.from_embeddings(corpus[:60], shortlist_dim=8).save(tmp_path / "index")
+    SearchIndex.from_embeddings(corpus[:60], shortlist_dim=8).save(tmp_path / "index", overwrite=True)
     assert len(SearchIndex.load(tmp_path / "index")) == 60
 
     import faiss
@@ -188,7 +190,7 @@ def test_save_replaces_an_existing_index_and_a_failed_save_keeps_the_old_one(dat
 
     monkeypatch.setattr(faiss, "write_index", broken)
     with pytest.raises(OSError, match="disk full"):
-        SearchIndex.from_embeddings(corpus[:70], shortlist_dim=8).save(tmp_path / "index")
+        SearchIndex.from_embeddings(corpus[:70], shortlist_dim=8).save(tmp_path / "index", overwrite=True)
     assert len(SearchIndex.load(tmp_path / "index")) == 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary folder left behind
 
@@ -349,3 +351,209 @@ def test_a_model_of_another_dim_or_depth_is_refused(tiny_model, tmp_path):
         index.search_texts(build_tiny_model(tmp_path / "two-layers", num_layers=2), ["a cat"])
     with pytest.raises(InvalidInputError, match="duplicate id"):
         index.add_texts(tiny_model, ["x", "y"], ids=["d", "d"])
+
+
+# ---------------------------------------------------------------------- which model (fingerprint)
+class IterEncodeOnly:
+    """An encoder with only iter_encode, num_layers, dim and name_or_path (like a minimal backend)."""
+
+    def __init__(self, model):
+        self.model, self.num_layers, self.dim, self.name_or_path = model, model.num_layers, model.dim, "iter"
+
+    def iter_encode(self, texts, **options):
+        return self.model.iter_encode(texts, **options)
+
+
+@pytest.fixture
+def other_model(tiny_model_dirs):
+    """A different model with the same dim and layer count as tiny_model (another family, other weights)."""
+    from matryoshka2d import EmbeddingModel
+
+    return EmbeddingModel.load(tiny_model_dirs["mpnet"])
+
+
+def test_the_index_records_its_model_fingerprint(tiny_model, tiny_model_dir, tmp_path):
+    from matryoshka2d import EmbeddingModel
+
+    index = SearchIndex.from_model(tiny_model, SENTENCES, layers=3, shortlist_dim=8, show_progress=False)
+    assert index.fingerprint is not None and index.fingerprint.layers == 3
+    assert index.fingerprint.texts == PROBE_TEXTS and index.fingerprint.embeddings.shape == (
+        len(PROBE_TEXTS),
+        32,
+    )
+    index.save(tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["model_fingerprint"]["texts"] == list(PROBE_TEXTS)
+    assert (tmp_path / "index" / "model_fingerprint.npy").is_file()
+    same = EmbeddingModel.load(tiny_model_dir)  # the same model, another object
+    loaded = SearchIndex.load(tmp_path / "index", model=same)
+    np.testing.assert_array_equal(loaded.fingerprint.embeddings, index.fingerprint.embeddings)
+    assert loaded.search_texts(same, SENTENCES[2], k=1).ids == [["2"]]
+    loaded.add_texts(same, ["a new text"], show_progress=False)
+    # the same weights computing in bfloat16 are the same model
+    bf16 = EmbeddingModel.load(tiny_model_dir, dtype="bfloat16")
+    assert loaded.search_texts(bf16, SENTENCES[2], k=1).ids == [["2"]]
+
+
+def test_another_model_of_the_same_dim_is_refused(tiny_model, other_model, tmp_path, capsys):
+    assert other_model.dim == tiny_model.dim and other_model.num_layers == tiny_model.num_layers
+    index = SearchIndex.from_model(tiny_model, SENTENCES, shortlist_dim=8, show_progress=False)
+    before = index.vectors.copy()
+    both = (
+        rf"the model '{other_model.name_or_path}' is not the model that built this index "
+        rf"\('{tiny_model.name_or_path}'\)"
+    )
+    with pytest.raises(ModelMismatchError, match=both):
+        index.add_texts(other_model, ["a text"], show_progress=False)
+    np.testing.assert_array_equal(index.vectors, before)  # nothing was added
+    with pytest.raises(ModelMismatchError, match="lowest cosine similarity"):
+        index.search_texts(other_model, ["a cat"])
+    index.save(tmp_path / "index")
+    with pytest.raises(ModelMismatchError, match=both):
+        SearchIndex.load(tmp_path / "index", model=other_model)
+    assert issubclass(ModelMismatchError, InvalidInputError)  # the CLI prints one line and exits 2
+
+
+def test_the_cli_refuses_index_add_with_another_model(tiny_model_dirs, tmp_path, capsys):
+    from matryoshka2d.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n")
+    more = tmp_path / "more.txt"
+    more.write_text("a cat on a mat\n")
+    out = tmp_path / "index"
+    assert (
+        main(["index", "build", str(tiny_model_dirs["bert"]), "--corpus", str(corpus), "--out", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+    code = main(["index", "add", str(out), "--corpus", str(more), "--model", str(tiny_model_dirs["mpnet"])])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(tiny_model_dirs["mpnet"]) in err and str(tiny_model_dirs["bert"]) in err
+    assert len(SearchIndex.load(out)) == len(SENTENCES)  # the index is unchanged
+    assert main(["index", "add", str(out), "--corpus", str(more)]) == 0  # its own model is fine
+    assert len(SearchIndex.load(out)) == len(SENTENCES) + 1
+
+
+def test_a_model_is_checked_once_per_object(tiny_model, monkeypatch):
+    index = SearchIndex.from_model(tiny_model, SENTENCES, shortlist_dim=8, show_progress=False)
+    calls = []
+    original = ModelFingerprint.check
+    monkeypatch.setattr(ModelFingerprint, "check", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for _ in range(3):
+        index.search_texts(tiny_model, ["a cat"], k=1)
+    assert calls == []  # the building model was remembered
+    from matryoshka2d import EmbeddingModel
+
+    again = EmbeddingModel.load(tiny_model.name_or_path)
+    for _ in range(3):
+        index.search_texts(again, ["a cat"], k=1)
+    assert calls == [1]
+
+
+def test_an_encoder_with_only_iter_encode_works(tiny_model):
+    encoder = IterEncodeOnly(tiny_model)
+    index = SearchIndex.from_model(encoder, SENTENCES, layers=2, shortlist_dim=8, show_progress=False)
+    assert index.model == "iter"
+    np.testing.assert_allclose(index.vectors, tiny_model.encode(SENTENCES, layers=2), atol=1e-6)
+    assert index.search_texts(tiny_model, SENTENCES[5], k=1).ids == [["5"]]  # the same model: accepted
+
+
+def write_version_1(folder):
+    """Turn a saved index into a format-1 folder (written before fingerprints existed)."""
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["model_fingerprint"]
+    manifest["format_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    (folder / "model_fingerprint.npy").unlink()
+
+
+def test_a_version_1_index_without_fingerprint_is_checked_by_its_stored_texts(
+    tiny_model, other_model, tmp_path
+):
+    SearchIndex.from_model(tiny_model, SENTENCES, shortlist_dim=8, show_progress=False).save(tmp_path / "v1")
+    write_version_1(tmp_path / "v1")
+    old = SearchIndex.load(tmp_path / "v1")
+    assert old.fingerprint is None and len(old) == len(SENTENCES)
+    with pytest.raises(ModelMismatchError, match="embeddings of stored documents differ"):
+        old.add_texts(other_model, ["a text"], show_progress=False)
+    assert old.fingerprint is None and len(old) == len(SENTENCES)
+    old.add_texts(tiny_model, ["a new text"], show_progress=False)  # verified, then recorded
+    assert old.fingerprint is not None
+    old.save(tmp_path / "v1", overwrite=True)
+    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["model_fingerprint"] is not None
+    with pytest.raises(ModelMismatchError):
+        SearchIndex.load(tmp_path / "v1").search_texts(other_model, ["a cat"])
+
+
+def test_an_index_without_fingerprint_or_texts_warns_for_another_model_name(
+    tiny_model, other_model, tmp_path
+):
+    vectors = tiny_model.encode(SENTENCES)
+    index = SearchIndex.from_embeddings(vectors, shortlist_dim=8, model=str(tiny_model.name_or_path))
+    assert index.fingerprint is None and index.texts is None
+    with pytest.warns(UserWarning, match="cannot check that .*mpnet.* is the model that built this index"):
+        index.search_texts(other_model, ["a cat"], k=1)
+    assert index.fingerprint is None  # an unverified model is not recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index.search_texts(tiny_model, ["a cat"], k=1)  # the recorded name: accepted, and recorded
+    assert index.fingerprint is not None and index.fingerprint.model == str(tiny_model.name_or_path)
+    with pytest.raises(ModelMismatchError):
+        index.search_texts(other_model, ["a cat"], k=1)
+
+
+def test_a_fingerprint_can_be_given_with_bare_embeddings(tiny_model, other_model):
+    fingerprint = ModelFingerprint.of(tiny_model, layers=2)
+    vectors = tiny_model.encode(SENTENCES, layers=2)
+    index = SearchIndex.from_embeddings(vectors, shortlist_dim=8, layers=2, fingerprint=fingerprint)
+    with pytest.raises(ModelMismatchError):
+        index.add_texts(other_model, ["x"], show_progress=False)
+    with pytest.raises(InvalidInputError, match="taken at layers=2 but the index encodes at layers=None"):
+        SearchIndex.from_embeddings(vectors, shortlist_dim=8, fingerprint=fingerprint)
+
+
+def test_version_rules(data, tmp_path):
+    corpus, _ = data
+    SearchIndex.from_embeddings(corpus[:50], shortlist_dim=8).save(tmp_path / "index")
+    manifest_path = tmp_path / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["model_fingerprint"] is None
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(DataFileError, match="version 3 is not supported .*written by a newer matryoshka2d"):
+        SearchIndex.load(tmp_path / "index")
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
+    assert len(SearchIndex.load(tmp_path / "index")) == 50
+    fp = {"method": "probe-embeddings", "texts": ["a", "b"], "layers": None, "model": "m"}
+    manifest_path.write_text(json.dumps({**manifest, "model_fingerprint": fp}))
+    with pytest.raises(DataFileError, match="model_fingerprint.npy is missing"):
+        SearchIndex.load(tmp_path / "index")
+    np.save(tmp_path / "index" / "model_fingerprint.npy", np.ones((3, 48), dtype=np.float32))
+    with pytest.raises(DataFileError, match="malformed manifest .*expected 2 rows"):
+        SearchIndex.load(tmp_path / "index")
+
+
+# ---------------------------------------------------------------------- threads
+def test_concurrent_searches_with_different_settings_equal_sequential_ones(data):
+    from concurrent.futures import ThreadPoolExecutor
+
+    corpus, queries = data
+    hnsw = SearchIndex.from_embeddings(corpus, shortlist_dim=16, index="hnsw", hnsw_m=4)
+    ivf = SearchIndex.from_embeddings(corpus, shortlist_dim=16, index="ivf", ivf_nlist=16)
+    calls = [
+        (index, option, value)
+        for index, option in ((hnsw, "ef_search"), (ivf, "nprobe"))
+        for value in (1, 2, 4, 16)
+    ] * 5
+
+    def run(call):
+        index, option, value = call
+        return index.search(queries, k=5, shortlist=5, **{option: value}).ids
+
+    expected = [run(call) for call in calls]
+    assert expected[0] != expected[3] or expected[4] != expected[7]  # the settings change the results
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(run, calls)) == expected
