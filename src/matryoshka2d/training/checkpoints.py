@@ -37,6 +37,7 @@ import torch
 
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 from matryoshka2d.persistence import atomic_directory
+from matryoshka2d.validation import is_int
 
 if TYPE_CHECKING:
     from matryoshka2d.training.config import TrainConfig
@@ -225,12 +226,9 @@ def read_state(path: Path) -> dict:
         raise CorruptCheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
     step = state.get("step")
     sampler = state.get("sampler")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not is_int(step) or step < 0:
         raise CorruptCheckpointError(f"{file}: 'step' is {step!r}, expected a step number")
-    if not isinstance(sampler, dict) or not all(
-        isinstance(sampler.get(k), int) and not isinstance(sampler.get(k), bool)
-        for k in ("epoch", "position")
-    ):
+    if not isinstance(sampler, dict) or not all(is_int(sampler.get(k)) for k in ("epoch", "position")):
         raise CorruptCheckpointError(f"{file}: 'sampler' is {sampler!r}, expected the data position")
     for key, kind in (
         ("config", dict),

@@ -346,12 +346,25 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _build(self, resumed: LoadedCheckpoint | None) -> None:
-        """Model, loss, data, evaluation set, batch stream, schedule, optimizer (in this order: the random
-        number streams depend on it)."""
-        from transformers import get_linear_schedule_with_warmup
-
+        """Model and loss, data and evaluation set, then the optimizer and schedule (in this order: the random
+        number streams depend on it), and the counters of a run at step 0."""
+        self.model, self.loss = self._build_model_and_loss(resumed)
+        self.data, self.stream = self._build_data()
+        self._build_optimizer()
+        self.step = 0
+        self.log_history.clear()
+        self.eval_history.clear()
+        self.layer_counts: Counter[int] = Counter()
         cfg = self.config
-        accelerator = self.accelerator
+        self.base_model = cfg.model if resumed is None else resumed.state.get("base_model", cfg.model)
+        self.window: list[float] = []  # step losses since the last log entry
+        self.last_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.train_time, self.train_steps = 0.0, 0
+        self.batches = iter(self.stream)
+
+    def _build_model_and_loss(self, resumed: LoadedCheckpoint | None) -> tuple[EmbeddingModel, nn.Module]:
+        cfg = self.config
         if resumed is not None:
             model = resumed.model
             model.name_or_path = resumed.state.get("base_model", cfg.model)  # the model being fine-tuned
@@ -368,6 +381,14 @@ class Trainer:
         if callable(check):
             check(model)  # dims and fixed layers within the model's range
         self.needs_labels = bool(getattr(loss, "needs_labels", False))
+        described = loss_config(loss)
+        schedule_dims = {int(d) for _, d in described.get("schedule") or []}
+        self.trained_dims = described.get("dims") or sorted(schedule_dims, reverse=True) or None
+        return model, loss
+
+    def _build_data(self) -> tuple[TrainingData, BatchStream]:
+        """The training rows (checked against the loss), the evaluation set, this process's batch stream."""
+        cfg, accelerator = self.config, self.accelerator
         data = self._given_data
         if data is None:
             data = load_training_data(
@@ -378,21 +399,16 @@ class Trainer:
                 cfg.label_range,
                 cfg.max_rows,
             )
-        self._check_data(loss, data)
-
-        described = loss_config(loss)
-        schedule_dims = {int(d) for _, d in described.get("schedule") or []}
-        self.trained_dims = described.get("dims") or sorted(schedule_dims, reverse=True) or None
+        self._check_data(self.loss, data)
         self.eval_data, self.eval_axes = None, None
         if cfg.eval_data:
             from matryoshka2d.data import load_sts
 
             self.eval_data = load_sts(cfg.eval_data)
-            self.eval_axes = self._eval_grid_axes(model, self.trained_dims)
-
-        in_batch = bool(getattr(loss, "in_batch_negatives", False))
+            self.eval_axes = self._eval_grid_axes(self.model, self.trained_dims)
+        in_batch = bool(getattr(self.loss, "in_batch_negatives", False))
         no_duplicates = in_batch if cfg.no_duplicates is None else cfg.no_duplicates
-        self.stream = BatchStream(
+        stream = BatchStream(
             data,
             cfg.batch_size,
             cfg.seed,
@@ -400,6 +416,13 @@ class Trainer:
             accelerator.num_processes,
             accelerator.process_index,
         )
+        return data, stream
+
+    def _build_optimizer(self) -> None:
+        """Step counts, AdamW with linear warmup and decay, and accelerate's wrapping (DDP, precision)."""
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg = self.config
         self.accum = cfg.gradient_accumulation_steps
         self.total_steps = cfg.steps or max(
             1, math.ceil(cfg.epochs * self.stream.batches_per_epoch() / self.accum)
@@ -410,24 +433,11 @@ class Trainer:
             if cfg.warmup_steps is not None
             else math.ceil(cfg.warmup_ratio * self.total_steps)
         )
-
-        model.train()
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        self.model.train()
+        optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate)
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
-        self.ddp_model, self.optimizer = accelerator.prepare(model, optimizer)
-        loss.to(self.device)
-        self.model, self.loss, self.data = model, loss, data
-
-        self.step = 0
-        self.log_history.clear()
-        self.eval_history.clear()
-        self.layer_counts: Counter[int] = Counter()
-        self.base_model = cfg.model if resumed is None else resumed.state.get("base_model", cfg.model)
-        self.window: list[float] = []  # step losses since the last log entry
-        self.last_loss: float | None = None
-        self.last_checkpoint: Path | None = None
-        self.train_time, self.train_steps = 0.0, 0
-        self.batches = iter(self.stream)
+        self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.loss.to(self.device)
 
     def _check_data(self, loss: nn.Module, data: TrainingData) -> None:
         if self.needs_labels and (data.labels is None or len(data.columns) != 2):
