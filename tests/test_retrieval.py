@@ -180,3 +180,18 @@ def test_minilm_on_snli_ranks_entailed_hypotheses_high(tmp_path):
     assert result.info["num_queries"] > 250 and result.info["num_docs"] > 800
     assert result.cell(6, 384) > THRESHOLD_FULL
     assert result.cell(6, 384) > result.cell(1, 32) + 0.1  # the smallest cell is clearly worse
+
+
+def test_grid_engine_gives_exactly_the_numbers_of_the_old_per_layer_code(tiny_model):
+    from matryoshka2d.truncation import truncate_dims
+
+    queries = [s + " outside" for s in SENTENCES[:6]]
+    data = RetrievalData(queries=queries, corpus=SENTENCES, relevant=[[i] for i in range(6)])
+    result = evaluate_retrieval(tiny_model, data, layers=[2, 4], dims=[32, 8], recall_at=(1, 3), batch_size=4)
+    texts = list(dict.fromkeys(queries + SENTENCES))
+    by_layer = tiny_model.encode_layers(texts, [2, 4], batch_size=4)  # what the evaluator did before
+    for k in (2, 4):
+        for d in (32, 8):
+            emb = truncate_dims(by_layer[k], d, normalize=True)
+            old = retrieval_metrics(emb[:6], emb[[texts.index(t) for t in SENTENCES]], data.relevant, (1, 3))
+            assert {name: result.cell(k, d, name) for name in old} == old
