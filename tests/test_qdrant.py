@@ -397,3 +397,69 @@ def test_cli_bad_qdrant_options(tiny_model_dir, tmp_path, capsys):
 
 def test_errors_are_matryoshka2d_errors():
     assert issubclass(QdrantBackendError, Matryoshka2dError)
+
+
+# ---------------------------------------------------------------------- embed-corpus output folders
+def test_upload_an_embed_corpus_output(tiny_model_dir, tiny_model, tmp_path, capsys):
+    from conftest import SENTENCES
+
+    from matryoshka2d.cli import main
+    from matryoshka2d.corpus import embed_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    out = tmp_path / "emb"
+    embed_corpus(tiny_model_dir, corpus, out, layers=[2, 4], dims=[8, 32], shard_rows=5, show_progress=False)
+    faiss_index = SearchIndex.from_model(
+        tiny_model, SENTENCES, shortlist_dim=8, layers=2, show_progress=False
+    )
+    expected = faiss_index.search_texts(tiny_model, SENTENCES[:3], k=4, shortlist=8)
+    with QdrantIndex.from_corpus(
+        out, "emb", layers=2, shortlist_dim=8, path=":memory:", show_progress=False
+    ) as q:
+        assert (len(q), q.dim, q.layers, q.model) == (12, 32, 2, str(tiny_model_dir.resolve()))
+        got = q.search_texts(tiny_model, SENTENCES[:3], k=4, shortlist=8)
+        assert got.ids == expected.ids and got.texts is None
+        with pytest.raises(InvalidInputError, match=r"holds the cells.*needs 32-dim vectors of 3 layers"):
+            q.upload_corpus(out, layers=3)
+    # the CLI takes the folder as --corpus; the default is the deepest layer count
+    qdrant = ["--backend", "qdrant", "--qdrant-edge", str(tmp_path / "edge")]
+    assert (
+        main(["index", "build", str(tiny_model_dir), "--corpus", str(out), "--shortlist-dim", "8", *qdrant])
+        == 0
+    )
+    assert "uploaded the 32-dim, 4-layer vectors" in capsys.readouterr().out
+    with QdrantIndex.open(edge_path=str(tmp_path / "edge")) as q:
+        assert (len(q), q.layers) == (12, 4)
+
+
+# ---------------------------------------------------------------------- model fingerprints
+def test_model_fingerprint_is_recorded_and_checked(tiny_model_dirs, tmp_path):
+    from conftest import SENTENCES
+
+    from matryoshka2d import EmbeddingModel
+    from matryoshka2d.search.fingerprint import ModelFingerprint, ModelMismatchError
+
+    bert = EmbeddingModel.load(tiny_model_dirs["bert"])
+    other = EmbeddingModel.load(tiny_model_dirs["mpnet"])  # same dim (32), other weights
+    assert other.dim == bert.dim
+    kw = {"edge_path": str(tmp_path / "edge")}
+    with QdrantIndex.create(
+        "c", dim=bert.dim, shortlist_dim=8, fingerprint=ModelFingerprint.of(bert), **kw
+    ) as q:
+        q.upload_texts(bert, SENTENCES, show_progress=False)
+        with pytest.raises(ModelMismatchError, match="is not the model that built collection 'c'"):
+            q.search_texts(other, ["a cat"])
+    with QdrantIndex.open("c", **kw) as q:  # the fingerprint comes back from the marker
+        assert q.fingerprint is not None
+        assert q.search_texts(bert, [SENTENCES[3]], k=1, shortlist=4).ids == [["3"]]
+        with pytest.raises(ModelMismatchError):
+            q.upload_texts(other, ["a dog"], ids=["x"], show_progress=False)
+    with pytest.raises(ModelMismatchError, match="was built with another model"):
+        QdrantIndex.create("c", dim=bert.dim, shortlist_dim=8, fingerprint=ModelFingerprint.of(other), **kw)
+    # a faiss index's fingerprint goes with it into Qdrant
+    faiss_index = SearchIndex.from_model(bert, SENTENCES, shortlist_dim=8, show_progress=False)
+    with QdrantIndex.from_search_index(faiss_index, "copy", path=":memory:", show_progress=False) as q:
+        assert q.fingerprint is not None
+        with pytest.raises(ModelMismatchError):
+            q.search_texts(other, ["a cat"])

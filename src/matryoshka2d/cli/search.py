@@ -300,6 +300,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_corpus
     from matryoshka2d.errors import InvalidInputError
     from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.search.fingerprint import ModelFingerprint
     from matryoshka2d.search.qdrant import DEFAULT_COLLECTION, QdrantIndex
 
     if args.out is not None or getattr(args, "overwrite", False):
@@ -334,6 +335,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         model=str(model.name_or_path),
         layers=args.layers,
+        fingerprint=ModelFingerprint.of(model, args.layers),
         recreate=args.recreate,
         **place,
     ) as index:

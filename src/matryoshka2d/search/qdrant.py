@@ -54,6 +54,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, Matryoshka2dError
+from matryoshka2d.search.fingerprint import MIN_PROBE_COSINE, ModelFingerprint, ModelMismatchError
 from matryoshka2d.search.index import (
     DEFAULT_SHORTLIST_DIM,
     SearchIndex,
@@ -545,8 +547,11 @@ class QdrantIndex:
         model: str | None = None,
         layers: int | None = None,
         retry: RetryPolicy | None = None,
+        fingerprint: ModelFingerprint | None = None,
     ) -> None:
         self._backend = backend
+        self.fingerprint = fingerprint
+        self._checked_models: weakref.WeakSet = weakref.WeakSet()  # models that passed the fingerprint
         self.dim = dim
         self.shortlist = shortlist
         self.model = model
@@ -566,6 +571,7 @@ class QdrantIndex:
         quantization: str = "none",
         model: str | None = None,
         layers: int | None = None,
+        fingerprint: ModelFingerprint | None = None,
         url: str | None = None,
         path: str | os.PathLike | None = None,
         edge_path: str | os.PathLike | None = None,
@@ -587,6 +593,8 @@ class QdrantIndex:
             quantization: ``"none"``, ``"int8"`` (Qdrant scalar quantisation) or ``"binary"`` (Qdrant
                 binary quantisation: one bit a dim).
             model, layers: recorded in the collection metadata (the CLI encodes queries with them).
+            fingerprint: the producing model's fingerprint (``ModelFingerprint.of(model, layers)``),
+                recorded so that a different model is refused when it adds documents or queries.
             url, path, edge_path, client: where the collection lives (exactly one; see the module docs).
             api_key, timeout: for ``url``.
             recreate: delete an existing collection of that name first.
@@ -611,7 +619,7 @@ class QdrantIndex:
             dim,
         )
         backend = _connect(collection, url, path, edge_path, client, api_key, timeout)
-        self = cls(backend, dim, shortlist, model=model, layers=layers, retry=retry)
+        self = cls(backend, dim, shortlist, model=model, layers=layers, retry=retry, fingerprint=fingerprint)
         try:
             exists = self._retrying(backend.exists, "checking the collection")
             if exists and recreate:
@@ -621,6 +629,17 @@ class QdrantIndex:
                 stored = self._check_existing(expected_dim=dim, expected_shortlist=shortlist)
                 self.model = self.model or stored.get("model")
                 self.layers = self.layers if self.layers is not None else stored.get("layers")
+                stored_fingerprint = self._stored_fingerprint(stored)
+                if stored_fingerprint is not None:
+                    if fingerprint is not None and stored_fingerprint.agreement(fingerprint.embeddings) < (
+                        MIN_PROBE_COSINE
+                    ):
+                        raise ModelMismatchError(
+                            f"{backend.name} collection {collection!r} was built with another model "
+                            f"({stored.get('model')!r}) than {fingerprint.model!r}: their embeddings of the "
+                            "same probe sentences differ; use another collection name or recreate it"
+                        )
+                    self.fingerprint = stored_fingerprint
                 if isinstance(backend, _EdgeBackend):
                     backend.open(dim, shortlist)
             else:
@@ -667,6 +686,7 @@ class QdrantIndex:
             if isinstance(backend, _EdgeBackend):
                 backend.open(self.dim, self.shortlist)
             self.model, self.layers = stored.get("model"), stored.get("layers")
+            self.fingerprint = self._stored_fingerprint(stored)
             if model is not None:
                 self.check_model(model)
         except BaseException:
@@ -702,6 +722,7 @@ class QdrantIndex:
             "quantization": c.quantization,
             "model": search_index.model,
             "layers": search_index.layers,
+            "fingerprint": getattr(search_index, "fingerprint", None),
             "hnsw_m": c.hnsw_m,
             "hnsw_ef_construction": c.hnsw_ef_construction,
             "hnsw_ef_search": c.hnsw_ef_search,
@@ -824,7 +845,22 @@ class QdrantIndex:
             "dim": self.dim,
             "normalized": True,
             "shortlist": asdict(self.shortlist),
+            "model_fingerprint": None
+            if self.fingerprint is None
+            else {**self.fingerprint.manifest(), "embeddings": self.fingerprint.embeddings.tolist()},
         }
+
+    def _stored_fingerprint(self, stored: dict) -> ModelFingerprint | None:
+        data = stored.get("model_fingerprint")
+        if data is None:
+            return None
+        try:
+            return ModelFingerprint.from_manifest(data, np.asarray(data["embeddings"], dtype=np.float32))
+        except (KeyError, TypeError, ValueError) as e:
+            raise QdrantBackendError(
+                f"{self._backend.name} collection {self.collection!r}: malformed model fingerprint in its "
+                f"metadata ({e})"
+            ) from None
 
     @property
     def collection(self) -> str:
@@ -857,7 +893,13 @@ class QdrantIndex:
         self._backend.close()
 
     def check_model(self, model: EmbeddingModel) -> None:
-        """Refuse a model whose embedding size differs from the collection's full vectors."""
+        """Refuse a model whose embedding size differs from the collection's full vectors, or whose
+        embeddings differ from the recorded fingerprint's (checked once per model object).
+
+        Raises:
+            InvalidDimError: another embedding size.
+            ModelMismatchError: another model (a different fingerprint).
+        """
         if model.dim != self.dim:
             raise InvalidDimError(
                 f"the model {model.name_or_path!r} makes {model.dim}-dim embeddings but collection "
@@ -866,6 +908,9 @@ class QdrantIndex:
             )
         if self.layers is not None:
             check_layers(self.layers, model.num_layers)
+        if self.fingerprint is not None and model not in self._checked_models:
+            self.fingerprint.check(model, self.model, f"collection {self.collection!r}")
+            self._checked_models.add(model)
 
     # ------------------------------------------------------------------ uploading
     def upload(
