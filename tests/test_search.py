@@ -557,3 +557,15 @@ def test_concurrent_searches_with_different_settings_equal_sequential_ones(data)
     assert expected[0] != expected[3] or expected[4] != expected[7]  # the settings change the results
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(run, calls)) == expected
+
+
+def test_an_encoder_with_a_plain_encode_works(tiny_model):
+    class PlainEncode:  # encode(texts, layers=, dim=) only
+        num_layers, dim, name_or_path = tiny_model.num_layers, tiny_model.dim, "plain"
+
+        def encode(self, texts, layers=None, dim=None):
+            return tiny_model.encode(texts, layers=layers, dim=dim)
+
+    index = SearchIndex.from_model(PlainEncode(), SENTENCES, layers=3, shortlist_dim=8)
+    np.testing.assert_allclose(index.vectors, tiny_model.encode(SENTENCES, layers=3), atol=1e-6)
+    assert index.search_texts(PlainEncode(), SENTENCES[7], k=1).ids == [["7"]]

@@ -25,6 +25,7 @@ probes), else only by its recorded name, with a warning.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,12 +69,17 @@ def encode_texts(
 ) -> np.ndarray:
     """Normalised float32 embeddings of ``texts`` by ``model`` at ``layers`` (full dim), one row each.
 
-    ``model`` is any encoder with ``encode(texts, layers=, batch_size=, show_progress=)`` (the torch
-    model, the ONNX encoders) or, failing that, ``iter_encode`` with ``num_layers`` and ``dim``.
+    ``model`` is any encoder with ``encode(texts, layers=)`` (the torch model, the ONNX encoders; its
+    ``batch_size`` and ``show_progress`` are passed if it takes them) or, failing that, ``iter_encode``
+    with ``num_layers`` and ``dim``.
     """
     texts = list(texts)
     if hasattr(model, "encode"):
-        emb = model.encode(texts, layers=layers, batch_size=batch_size, show_progress=show_progress)
+        options = {"batch_size": batch_size, "show_progress": show_progress}
+        params = inspect.signature(model.encode).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            options = {name: value for name, value in options.items() if name in params}
+        emb = model.encode(texts, layers=layers, **options)
     else:
         k = layers if layers is not None else model.num_layers  # type: ignore[attr-defined]
         batches = model.iter_encode(  # type: ignore[attr-defined]
