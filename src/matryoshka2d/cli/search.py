@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from matryoshka2d.cli.common import int_list, model_reference, positive_int
+from matryoshka2d.cli.common import int_list, load_runtime, model_reference, positive_int, runtime_parent
 from matryoshka2d.persistence import atomic_write, check_output_file, check_output_folder, json_with_keys
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_corpus
-    from matryoshka2d.model import EmbeddingModel
     from matryoshka2d.search.index import SearchIndex
 
     if args.backend == "qdrant":
@@ -19,7 +18,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     check_qdrant_options(args, build=True)
     check_output_folder(args.out, "search-index", overwrite=args.overwrite, inputs=[args.corpus, args.model])
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
-    model = EmbeddingModel.load(model_reference(args.model))
+    model = load_runtime(args, model_reference(args.model))
     index = SearchIndex.from_model(
         model,
         texts,
@@ -40,12 +39,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_index_add(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_corpus
-    from matryoshka2d.model import EmbeddingModel
     from matryoshka2d.search.index import SearchIndex
 
     index = SearchIndex.load(args.index_dir)
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)
-    model = EmbeddingModel.load(args.model or index_model(index))
+    model = load_runtime(args, args.model or index_model(index))
     index.add_texts(model, texts, ids, batch_size=args.batch_size)
     index.save(args.index_dir, overwrite=True, inputs=[args.corpus, args.model])  # updated in place
     print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)})")
@@ -63,7 +61,6 @@ def index_model(index) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_texts
     from matryoshka2d.errors import InvalidInputError
-    from matryoshka2d.model import EmbeddingModel
     from matryoshka2d.search.index import SearchIndex
 
     if bool(args.query) == bool(args.queries):
@@ -83,7 +80,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         check_qdrant_options(args, build=False)
         index = SearchIndex.load(args.index_dir)
-    model = EmbeddingModel.load(args.model or index_model(index))
+    model = load_runtime(args, args.model or index_model(index))
     result = index.search_texts(
         model, queries, k=args.k, shortlist=args.shortlist, batch_size=args.batch_size
     )
@@ -105,7 +102,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from matryoshka2d.evaluation.retrieval import evaluate_retrieval, load_retrieval
-    from matryoshka2d.model import EmbeddingModel
 
     json_write = {
         "overwrite": args.overwrite,
@@ -126,7 +122,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
             )
     min_score = 4.0 if args.min_score is None else args.min_score
     data = load_retrieval(args.data, min_score=min_score)  # validate the data before loading the model
-    model = EmbeddingModel.load(args.model)
+    model = load_runtime(args)
     result = evaluate_retrieval(
         model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True
     )
@@ -149,7 +145,10 @@ def register(sub) -> None:
 
     index = sub.add_parser("index", help="build or extend a shortlist-and-rerank search index")
     index_sub = index.add_subparsers(dest="index_command", required=True)
-    p = index_sub.add_parser("build", help="encode a corpus and write a search index folder")
+    runtime = runtime_parent()
+    p = index_sub.add_parser(
+        "build", parents=[runtime], help="encode a corpus and write a search index folder"
+    )
     p.add_argument("model", help="model folder or Hugging Face hub id")
     p.add_argument(
         "--corpus",
@@ -174,7 +173,7 @@ def register(sub) -> None:
     add_qdrant_options(p, build=True)
     p.set_defaults(func=cmd_index_build)
 
-    p = index_sub.add_parser("add", help="encode more documents into an existing index")
+    p = index_sub.add_parser("add", parents=[runtime], help="encode more documents into an existing index")
     p.add_argument("index_dir", help="index folder written by 'm2d index build'")
     p.add_argument(
         "--corpus", required=True, help="one document a line (.txt) or a tsv/csv/jsonl/parquet file"
@@ -185,7 +184,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.set_defaults(func=cmd_index_add)
 
-    p = sub.add_parser("search", help="search an index: shortlist on the first dims, rerank with all dims")
+    p = sub.add_parser(
+        "search", parents=[runtime], help="search an index: shortlist on the first dims, rerank with all dims"
+    )
     p.add_argument(
         "index_dir",
         metavar="INDEX_OR_COLLECTION",
@@ -210,7 +211,9 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a previous --json file")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("eval-retrieval", help="recall@k, MRR@10, nDCG@10 over the layers x dims grid")
+    p = sub.add_parser(
+        "eval-retrieval", parents=[runtime], help="recall@k, MRR@10, nDCG@10 over the layers x dims grid"
+    )
     p.add_argument("model", help="model folder or Hugging Face hub id")
     p.add_argument(
         "--data",
@@ -299,7 +302,6 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
 
     from matryoshka2d.data import read_corpus
     from matryoshka2d.errors import InvalidInputError
-    from matryoshka2d.model import EmbeddingModel
     from matryoshka2d.search.fingerprint import ModelFingerprint
     from matryoshka2d.search.qdrant import DEFAULT_COLLECTION, QdrantIndex
 
@@ -326,7 +328,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
             )
         return 0
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
-    model = EmbeddingModel.load(model_reference(args.model))
+    model = load_runtime(args, model_reference(args.model))
     with QdrantIndex.create(
         collection,
         dim=model.dim,
