@@ -1,0 +1,85 @@
+"""matryoshka2d.encoder: what any backend gets from implementing only ``_encode_chunk``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from matryoshka2d import InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.encoder import Encoder, pad_rows
+
+
+class CountingEncoder(Encoder):
+    """A backend without a model: text i at layer k pools to a fixed vector; records every chunk."""
+
+    num_layers, dim, hidden_size, max_seq_length, name_or_path = 3, 6, 6, 16, "counting"
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, list[int]]] = []
+
+    def tokenize(self, texts, padding=True):
+        return {"input_ids": [[len(t)] for t in texts]}
+
+    def _encode_chunk(self, texts, layers, batch_size):
+        self.chunks.append((len(texts), list(layers)))
+        base = np.array([[len(t), 1, 2, 3, 4, 5] for t in texts], dtype=np.float32)
+        return {k: base * k for k in layers}
+
+
+def test_encode_is_built_on_encode_chunk():
+    enc = CountingEncoder()
+    texts = ["a", "bb", "ccc"]
+    raw = enc.encode(texts, layers=2, dim=3, normalize=False)
+    np.testing.assert_array_equal(raw, [[2, 2, 4], [4, 2, 4], [6, 2, 4]])
+    unit = enc.encode(texts, layers=2, dim=3)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    assert enc.encode("dddd", dim=2).shape == (2,)
+    assert enc.describe() == "counting (3 layers, 6 dims; torch float32)"
+
+
+def test_iter_encode_streams_chunks_in_order_with_every_cell():
+    enc = CountingEncoder()
+    texts = (f"t{'x' * i}" for i in range(7))  # a generator: length unknown
+    batches = list(enc.iter_encode(texts, layers=[3, 1], dims=[2, 6], chunk_size=3, normalize=False))
+    assert [(b.start, b.size) for b in batches] == [(0, 3), (3, 3), (6, 1)]
+    assert enc.chunks == [(3, [1, 3]), (3, [1, 3]), (1, [1, 3])]  # one pass per chunk for all exits
+    assert set(batches[0].embeddings) == {(1, 2), (1, 6), (3, 2), (3, 6)}
+    assert batches[2][(3, 2)].tolist() == [[3 * len("txxxxxx"), 3]]
+
+
+def test_encode_layers_returns_full_size_per_layer():
+    out = CountingEncoder().encode_layers(["a", "bb"], layers=[1, 3])
+    assert sorted(out) == [1, 3] and out[3].shape == (2, 6)
+    np.testing.assert_array_equal(out[3], 3 * out[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"layers": 4}, InvalidLayersError),
+        ({"layers": 0}, InvalidLayersError),
+        ({"dim": 7}, InvalidDimError),
+        ({"batch_size": 0}, InvalidInputError),
+    ],
+)
+def test_bad_cells_are_refused_before_encoding(kwargs, error):
+    enc = CountingEncoder()
+    with pytest.raises(error):
+        enc.encode(["a"], **kwargs)
+    assert enc.chunks == []
+
+
+@pytest.mark.parametrize("texts", [[], {"a", "b"}, {"a": 1}, "text", ["a", 3]])
+def test_bad_texts(texts):
+    with pytest.raises(InvalidInputError):
+        list(CountingEncoder().iter_encode(texts))
+
+
+def test_pad_rows_pads_like_a_tokenizer():
+    encoded = {"input_ids": [[5, 6, 7], [8]], "attention_mask": [[1, 1, 1], [1]]}
+    right = pad_rows(encoded, [1, 0], pad_token_id=9)
+    assert right["input_ids"].tolist() == [[8, 9, 9], [5, 6, 7]]
+    assert right["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    left = pad_rows(encoded, [1], pad_token_id=None, left=True)
+    assert left["input_ids"].tolist() == [[8]] and left["input_ids"].dtype == np.int64
+    assert pad_rows(encoded, [0, 1], 0, left=True)["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
