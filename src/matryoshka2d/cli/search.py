@@ -243,17 +243,27 @@ def add_qdrant_options(p: argparse.ArgumentParser, build: bool) -> None:
     )
     where = p.add_argument_group("Qdrant (with --backend qdrant; give one of url, path, edge)")
     place = where.add_mutually_exclusive_group()
-    place.add_argument("--qdrant-url", help="a Qdrant server or cluster, e.g. http://localhost:6333")
     place.add_argument(
-        "--qdrant-path", help="a folder for qdrant-client's embedded local mode (small corpora)"
+        "--qdrant-url", metavar="URL", help="a Qdrant server or cluster, e.g. http://localhost:6333"
     )
     place.add_argument(
-        "--qdrant-edge", help="a folder for qdrant-edge: Qdrant's engine embedded in this process"
+        "--qdrant-path",
+        metavar="DIR",
+        help="a folder for qdrant-client's embedded local mode (small corpora)",
     )
-    where.add_argument("--qdrant-api-key", help="API key for --qdrant-url (default: $QDRANT_API_KEY)")
+    place.add_argument(
+        "--qdrant-edge",
+        metavar="DIR",
+        help="a folder for qdrant-edge: Qdrant's engine embedded in this process",
+    )
+    where.add_argument(
+        "--qdrant-api-key", metavar="KEY", help="API key for --qdrant-url (default: $QDRANT_API_KEY)"
+    )
     if build:
         where.add_argument(
-            "--collection", help="collection name (default matryoshka2d); an existing one is added to"
+            "--collection",
+            metavar="NAME",
+            help="collection name (default matryoshka2d); an existing one is added to",
         )
         where.add_argument("--recreate", action="store_true", help="delete the collection first")
 
