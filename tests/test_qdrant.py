@@ -136,6 +136,10 @@ def test_upload_is_an_upsert_and_default_ids_continue(tmp_path):
         hit = q.search(docs[25], k=1, shortlist=5)
         assert hit.ids == [["25"]] and hit.texts is None
         assert hit.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    with QdrantIndex.create("small", dim=DIM, shortlist_dim=SHORT, path=":memory:") as q:
+        q.upload(docs[:3], show_progress=False)
+        hits = q.search(docs[0], k=5, shortlist=5)  # k above the collection size: fewer hits, -inf padding
+        assert len(hits.ids[0]) == 3 and np.isneginf(hits.scores[0, 3:]).all()
 
 
 def test_metadata_round_trip_and_reopen(tmp_path):
