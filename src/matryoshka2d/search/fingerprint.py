@@ -14,7 +14,7 @@ How it works (decided for robustness and cost):
   :data:`MIN_PROBE_COSINE` (0.95). Measured on all-MiniLM-L6-v2 (docs/SEARCH.md): the same weights on
   another backend or precision stay above it (bfloat16 0.9999, ONNX 1.0000, ONNX int8 0.987), because
   their vectors are meant to be interchangeable; another model or another layer count of the same model
-  lands far below it (0.2-0.4). A lightly fine-tuned copy stays close (0.977 after 40 steps) and is
+  lands far below it (0.2-0.4). A lightly fine-tuned copy stays close (0.98 after 40 steps) and is
   accepted until its vectors drift further: the threshold leaves quantised backends of larger models a
   margin rather than refusing them.
 * A hash of the weight files was rejected: it needs the files (a model trained in memory has none), it
