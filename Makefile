@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_grid_eval.py
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_backends.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
