@@ -46,7 +46,8 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
     assert len(list((tmp_path / "out").glob("heatmap_*.png"))) == 4
     capsys.readouterr()
 
-    run_demo(tmp_path / "out", tmp_path / "work", **kwargs)  # everything comes from the cache now
+    # everything comes from the cache now; the report folder is the demo's own, replaced with overwrite
+    run_demo(tmp_path / "out", tmp_path / "work", overwrite=True, **kwargs)
     assert capsys.readouterr().out.count("cached in") == 4
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert again["models"] == results["models"]
