@@ -21,6 +21,7 @@ from matryoshka2d.cli.common import (
     load_runtime,
     model_parent,
     overwrite_parent,
+    runtime_note,
     runtime_parent,
 )
 from matryoshka2d.persistence import (
@@ -47,7 +48,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     buffer = io.BytesIO()
     np.save(buffer, emb)
     atomic_write(out, buffer.getvalue(), "embeddings", **write)
-    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out}")
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} ({runtime_note(model)})")
     return 0
 
 
@@ -65,7 +66,7 @@ def cmd_eval_sts(args: argparse.Namespace) -> int:
     data = load_sts(args.data)  # validate the data before loading the model
     model = load_runtime(args)
     result = evaluate_sts(model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True)
-    print(f"STS Spearman x 100 — {args.model} on {args.data} ({len(data)} pairs)")
+    print(f"STS Spearman x 100 — {args.model} ({runtime_note(model)}) on {args.data} ({len(data)} pairs)")
     print(result.table())
     if args.json:
         record = {**result.to_dict(), "backend": model.backend, "dtype": model.precision}

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from matryoshka2d.cli.common import int_list, load_runtime, model_reference, positive_int, runtime_parent
+from matryoshka2d.cli.common import (
+    int_list,
+    load_runtime,
+    model_reference,
+    positive_int,
+    runtime_note,
+    runtime_parent,
+)
 from matryoshka2d.persistence import atomic_write, check_output_file, check_output_folder, json_with_keys
 
 
@@ -32,7 +39,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     )
     index.save(args.out, overwrite=args.overwrite, inputs=[args.corpus, args.model])
     c = index.shortlist
-    print(f"indexed {len(index)} documents ({index.dim} dims) in {args.out}")
+    print(f"indexed {len(index)} documents ({index.dim} dims) in {args.out} ({runtime_note(model)})")
     print(f"shortlist: first {c.dim} dims, {c.index} index, {c.quantization} codes")
     return 0
 
@@ -46,7 +53,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     model = load_runtime(args, args.model or index_model(index))
     index.add_texts(model, texts, ids, batch_size=args.batch_size)
     index.save(args.index_dir, overwrite=True, inputs=[args.corpus, args.model])  # updated in place
-    print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)})")
+    print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)}) ({runtime_note(model)})")
     return 0
 
 
@@ -127,7 +134,8 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
         model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True
     )
     print(
-        f"retrieval — {args.model} on {args.data} ({len(data.queries)} queries, {len(data.corpus)} documents)"
+        f"retrieval — {args.model} ({runtime_note(model)}) on {args.data} ({len(data.queries)} queries, "
+        f"{len(data.corpus)} documents)"
     )
     for metric in ("ndcg@10", "mrr@10", "recall@10"):
         print(result.table(metric))
