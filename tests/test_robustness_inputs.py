@@ -204,3 +204,15 @@ def test_min_score_on_an_snli_style_file_is_an_error(tiny_model_dir, tmp_path, c
     snli = write(tmp_path / "snli.tsv", "premise\thypothesis\tlabel\na cat\ta pet\t0\na dog\ta car\t2\n")
     code, err = run(["eval-retrieval", tiny_model_dir, "--data", snli, "--min-score", "3"], capsys)
     assert code == 2 and "--min-score applies to STS-style files" in err
+
+
+def test_the_qdrant_backend_refuses_unordered_ids_and_texts():
+    from matryoshka2d.search.qdrant import QdrantIndex
+
+    vectors = np.eye(3, 16, dtype=np.float32)
+    with QdrantIndex.create("c", dim=16, shortlist_dim=8, path=":memory:") as index:
+        with pytest.raises(InvalidInputError, match="ids is a set, which has no row order"):
+            index.upload(vectors, ids={"a", "b", "c"}, show_progress=False)
+        with pytest.raises(InvalidInputError, match="texts is a set, which has no row order"):
+            index.upload(vectors, texts={"x", "y", "z"}, show_progress=False)
+        assert len(index) == 0

@@ -36,6 +36,7 @@ import numpy as np
 
 from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.truncation import truncate_dims
+from matryoshka2d.validation import check_ordered
 
 #: The sentences whose embeddings identify a model (varied length, topic and language).
 PROBE_TEXTS = (
@@ -76,7 +77,7 @@ def encode_texts(
     ``batch_size`` and ``show_progress`` are passed if it takes them) or, failing that, ``iter_encode``
     with ``num_layers`` and ``dim``.
     """
-    texts = list(texts)
+    texts = check_ordered(texts, "texts")  # a set or dict has no row order: refused, never listed
     if hasattr(model, "encode"):
         options = {"batch_size": batch_size, "show_progress": show_progress}
         params = inspect.signature(model.encode).parameters

@@ -73,6 +73,7 @@ from matryoshka2d.search.index import (
     _check_positive_int,
 )
 from matryoshka2d.truncation import check_layers, truncate_dims
+from matryoshka2d.validation import check_ordered
 
 if TYPE_CHECKING:  # pragma: no cover
     from matryoshka2d.model import EmbeddingModel
@@ -1109,9 +1110,7 @@ class QdrantIndex:
         if ids is None:
             start = len(self)
             return [str(start + i) for i in range(count)]
-        if isinstance(ids, str) or not hasattr(ids, "__iter__"):
-            raise InvalidInputError(f"ids must be a list of strings, got {type(ids).__name__}")
-        new = list(ids)
+        new = check_ordered(ids, "ids")  # a set or dict has no row order: refused
         if len(new) != count:
             raise InvalidInputError(f"got {len(new)} ids for {count} vectors/texts; give one id each")
         seen: set[str] = set()
@@ -1289,9 +1288,7 @@ def _replace(config: ShortlistConfig, **changes) -> ShortlistConfig:
 def _check_texts(texts: Sequence[str] | None, count: int) -> list[str] | None:
     if texts is None:
         return None
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a list of strings, got one string")
-    new = list(texts)
+    new = check_ordered(texts, "texts")  # a set or dict has no row order: refused
     if len(new) != count:
         raise InvalidInputError(f"got {len(new)} texts for {count} vectors; give one text each")
     for i, text in enumerate(new):
