@@ -32,11 +32,11 @@ def worker(layer_counts: list[int], batch_size: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model = EmbeddingModel.load(minilm_path())
     texts = stsb_sentences("test")
-    model.encode(texts[:64], batch_size=batch_size)  # warm up
+    model.encode(texts[:64], batch_size=batch_size, show_progress=False)  # warm up
     print(json.dumps({"ready": len(texts)}), flush=True)
     for line in sys.stdin:
         k = int(line)
-        seconds = timed(lambda k=k: model.encode(texts, layers=k, batch_size=batch_size))
+        seconds = timed(lambda k=k: model.encode(texts, layers=k, batch_size=batch_size, show_progress=False))
         print(json.dumps({"seconds": seconds}), flush=True)
 
 

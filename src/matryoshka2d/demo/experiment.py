@@ -132,7 +132,11 @@ def train(
     timing = output.with_name(output.name + ".train.json")
     if (output / "modules.json").is_file() and timing.is_file():
         return output, json.loads(timing.read_text())["training_time_s"]
-    config = TrainConfig.from_dict({**settings, "output_dir": str(output), "resume": "latest"})
+    # The folder is ours (named by the hash of these settings): a model saved before a crash that left no
+    # timing file is replaced by the resumed run's identical result.
+    config = TrainConfig.from_dict(
+        {**settings, "output_dir": str(output), "resume": "latest", "overwrite": True}
+    )
     start = time.perf_counter()
     Trainer(config).train()
     seconds = time.perf_counter() - start
