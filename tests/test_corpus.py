@@ -20,7 +20,7 @@ from matryoshka2d.corpus import CorpusOutputError, embed_corpus, read_cell, read
 from matryoshka2d.corpus.shards import list_temporaries
 from matryoshka2d.errors import InvalidDimError, InvalidLayersError
 
-LAYERS, DIMS = [2, 4], [32, 8]
+LAYERS, DIMS = [1, 3], [32, 8]
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_writes_every_cell_with_ids_and_vectors_equal_to_encode(tiny_model_dir, 
     assert result.complete and result.rows == 230 and result.shards == 5 and result.encoded_shards == 5
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["rows"] == 230
-    assert [(c["layers"], c["dim"]) for c in manifest["cells"]] == [(2, 32), (2, 8), (4, 32), (4, 8)]
+    assert [(c["layers"], c["dim"]) for c in manifest["cells"]] == [(1, 32), (1, 8), (3, 32), (3, 8)]
     assert [s["rows"] for s in manifest["shards"]] == [50, 50, 50, 50, 30]
     model = EmbeddingModel.load(tiny_model_dir)
     lines = corpus.read_text(encoding="utf-8").splitlines()
@@ -90,7 +90,7 @@ def test_string_ids_from_an_id_column(tiny_model_dir, tmp_path):
     rows = [{"doc": f"d{i}", "text": t} for i, t in enumerate(texts(12))]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     run(tiny_model_dir, path, tmp_path / "out", id_column="doc", shard_rows=5)
-    ids, emb = read_cell(tmp_path / "out", 4, 8)
+    ids, emb = read_cell(tmp_path / "out", 3, 8)
     assert ids.tolist() == [r["doc"] for r in rows] and emb.shape == (12, 8)
     assert read_manifest(tmp_path / "out")["id_type"] == "string"
 
@@ -112,7 +112,7 @@ def test_stopped_job_resumes_to_exactly_the_uninterrupted_result(tiny_model_dir,
     assert not first.complete and first.encoded_shards == 2
     assert read_manifest(part)["status"] == "running"
     with pytest.raises(CorpusOutputError, match="not finished"):
-        read_cell(part, 2, 8)
+        read_cell(part, 1, 8)
     second = run(tiny_model_dir, corpus, part)
     assert second.complete and second.skipped_shards == 2 and second.encoded_shards == 3
     assert output_files(part) == output_files(whole)
@@ -124,7 +124,7 @@ def test_a_damaged_shard_is_detected_and_redone(tiny_model_dir, corpus, tmp_path
     out = tmp_path / "out"
     run(tiny_model_dir, corpus, out)
     before = output_files(out)
-    target = out / "layers2-dim8" / "part-00003.parquet"
+    target = out / "layers1-dim8" / "part-00003.parquet"
     record = out / "_shards" / "00003.json"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:-100])
@@ -146,7 +146,7 @@ def test_a_damaged_shard_is_detected_and_redone(tiny_model_dir, corpus, tmp_path
 def test_temporaries_of_a_killed_write_are_removed(tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "out"
     run(tiny_model_dir, corpus, out, max_shards=1)
-    stale = out / "layers2-dim8" / ".part-00001.parquet.tmp-abc123"
+    stale = out / "layers1-dim8" / ".part-00001.parquet.tmp-abc123"
     stale.write_bytes(b"half a shard")
     run(tiny_model_dir, corpus, out)
     assert not stale.exists() and not list_temporaries(out)
@@ -155,7 +155,7 @@ def test_temporaries_of_a_killed_write_are_removed(tiny_model_dir, corpus, tmp_p
 def test_killed_process_loses_only_shards_in_flight(tiny_model_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(texts(400, seed=3)) + "\n", encoding="utf-8")
-    args = [str(tiny_model_dir), "--input", str(corpus), "--layers", "2,4", "--dims", "32,8"]
+    args = [str(tiny_model_dir), "--input", str(corpus), "--layers", "1,3", "--dims", "32,8"]
     args += ["--shard-rows", "10", "--batch-size", "8"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(["embed-corpus", *args, "--out", str(whole)]) == 0
@@ -183,7 +183,7 @@ def test_killed_process_loses_only_shards_in_flight(tiny_model_dir, tmp_path):
     assert resumed.complete and resumed.skipped_shards >= done - 1  # at most the shard in flight is lost
     assert resumed.encoded_shards + resumed.skipped_shards == 40
     assert output_files(part) == output_files(whole)
-    for k, d in [(2, 8), (4, 32)]:
+    for k, d in [(1, 8), (3, 32)]:
         a, b = read_cell(part, k, d), read_cell(whole, k, d)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
@@ -192,9 +192,9 @@ def test_another_jobs_folder_is_refused_naming_the_difference(tiny_model_dir, co
     out = tmp_path / "out"
     run(tiny_model_dir, corpus, out, max_shards=1)
     with pytest.raises(
-        CorpusOutputError, match=r"another embed-corpus job \(layers: \[2, 4\] there, \[4\] now"
+        CorpusOutputError, match=r"another embed-corpus job \(layers: \[1, 3\] there, \[3\] now"
     ):
-        run(tiny_model_dir, corpus, out, layers=[4])
+        run(tiny_model_dir, corpus, out, layers=[3])
     with pytest.raises(CorpusOutputError, match="shard_rows: 50 there, 60 now"):
         run(tiny_model_dir, corpus, out, shard_rows=60)
     corpus.write_text(corpus.read_text(encoding="utf-8") + "one more line\n", encoding="utf-8")
@@ -247,13 +247,13 @@ def test_bad_settings_name_the_value(tiny_model_dir, corpus, tmp_path):
 def test_cli_writes_and_resumes(tiny_model_dir, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["embed-corpus", str(tiny_model_dir), "--input", str(corpus), "--out", str(out)]
-    argv += ["--layers", "2,4", "--dims", "8", "--shard-rows", "100", "--max-shards", "1"]
+    argv += ["--layers", "1,3", "--dims", "8", "--shard-rows", "100", "--max-shards", "1"]
     assert main(argv) == 0
     assert "stopped early" in capsys.readouterr().out
     assert main(argv[:-2]) == 0
     printed = capsys.readouterr().out
     assert "finished: 230 rows in 3 shards" in printed and "kept 1 finished shard" in printed
-    assert read_cell(out, 4, 8)[1].shape == (230, 8)
+    assert read_cell(out, 3, 8)[1].shape == (230, 8)
 
 
 def test_cli_errors_are_one_line(tiny_model_dir, corpus, tmp_path, capsys):

@@ -17,7 +17,7 @@ from matryoshka2d.errors import DataFileError
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra (make test installs it)")
 
-SETTINGS = dict(layers=[2, 4], dims=[32, 8], shard_rows=40, batch_size=16, show_progress=False)
+SETTINGS = dict(layers=[1, 3], dims=[32, 8], shard_rows=40, batch_size=16, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_ray_actors_write_exactly_the_local_engines_shards(local_ray, tiny_model
     assert on_ray.complete and on_ray.encoded_shards == 5 and on_ray.engine == "ray"
     assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "ray")) == 20
     assert read_manifest(tmp_path / "ray") == read_manifest(tmp_path / "local") == local.manifest
-    for k, d in [(2, 8), (4, 32)]:
+    for k, d in [(1, 8), (3, 32)]:
         ids, emb = read_cell(tmp_path / "ray", k, d)
         local_ids, local_emb = read_cell(tmp_path / "local", k, d)
         assert ids.tolist() == local_ids.tolist() == [f"doc{i}" for i in range(190)]
@@ -66,7 +66,7 @@ def test_a_job_started_locally_is_finished_on_ray(local_ray, tiny_model_dir, cor
     embed_corpus(tiny_model_dir, corpus, whole, **SETTINGS)
     mixed = tmp_path / "mixed"
     embed_corpus(tiny_model_dir, corpus, mixed, max_shards=2, **SETTINGS)
-    (mixed / "layers4-dim8" / "part-00001.parquet").write_bytes(b"damaged")
+    (mixed / "layers3-dim8" / "part-00001.parquet").write_bytes(b"damaged")
     result = embed_corpus(tiny_model_dir, corpus, mixed, engine="ray", workers=1, **SETTINGS)
     assert result.skipped_shards == 1 and result.encoded_shards == 4
     assert files(mixed) == files(whole)
@@ -81,6 +81,6 @@ def test_bad_input_met_by_a_worker_is_reported_as_is(local_ray, tiny_model_dir, 
     path.write_text("a cat\nthe dog\nthe sky\n", encoding="utf-8")
     plan = plan_corpus([path], shard_rows=2)
     path.write_text("a cat\n", encoding="utf-8")  # the file shrinks after planning
-    job = ShardJob(str(tiny_model_dir), plan, [4], [8], 8, str(tmp_path / "out"), "job")
+    job = ShardJob(str(tiny_model_dir), plan, [3], [8], 8, str(tmp_path / "out"), "job")
     with pytest.raises(DataFileError, match="the file changed"):
         list(run_on_ray(job, plan.shards[1:], None, 1, 1))
