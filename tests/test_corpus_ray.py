@@ -84,3 +84,12 @@ def test_bad_input_met_by_a_worker_is_reported_as_is(local_ray, tiny_model_dir, 
     job = ShardJob(str(tiny_model_dir), plan, [3], [8], 8, str(tmp_path / "out"), "job")
     with pytest.raises(DataFileError, match="the file changed"):
         list(run_on_ray(job, plan.shards[1:], None, 1, 1))
+
+
+def test_an_address_without_a_cluster_is_refused_quickly():
+    from matryoshka2d.corpus.ray_engine import _check_reachable
+    from matryoshka2d.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="--ray-address 127.0.0.1:9: no Ray cluster answers there"):
+        _check_reachable("127.0.0.1:9")
+    _check_reachable("auto")  # left to Ray, which knows where a local cluster is

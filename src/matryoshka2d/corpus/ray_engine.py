@@ -84,6 +84,23 @@ def _user_error(name: str, message: str) -> Matryoshka2dError:
     return cls(message)
 
 
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Refuse a ``host:port`` cluster address that does not answer (Ray itself would wait minutes)."""
+    import socket
+
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(
+            f"--ray-address {address}: no Ray cluster answers there ({e}); start one with `ray start --head` "
+            "or use 'auto' on a cluster node"
+        ) from None
+
+
 def _import_ray():
     try:
         import ray
@@ -111,14 +128,20 @@ def run_on_ray(
         return
     started_here = False
     if not ray.is_initialized():
+        _check_reachable(address)
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": env} if env else None,
-        )
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                runtime_env={"env_vars": env} if env else None,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, a bad address
+            where = f"at --ray-address {address}" if address else "locally"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidInputError(f"cannot start or join Ray {where}: {first}") from None
         started_here = True
     try:
         context = ray.data.DataContext.get_current()
