@@ -448,6 +448,7 @@ def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, 
     engine = BatchingEngine(offline, max_batch_tokens=64, max_batch_size=5, mode=mode, workers=workers)
     engine.on_batch = stats.append
     engine.start()
+    hooks = len(offline.transformer.encoder.layer[0]._forward_hooks)
     try:
         cells = [(k, d) for k in (1, 2, 4) for d in (32, 7)]
         jobs = [
@@ -458,6 +459,8 @@ def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, 
             assert np.abs(job.future.result(10) - offline.encode(texts, layers=k, dim=d)).max() <= 1e-5
     finally:
         engine.stop()
+    # mixed-layer passes run layer views with hidden states: they must not add hooks to the shared layers
+    assert len(offline.transformer.encoder.layer[0]._forward_hooks) == hooks
     assert stats and all(s.padded_tokens <= 64 and s.rows <= 5 for s in stats)
     if mode == "grouped":
         assert all(len(s.layers) == 1 for s in stats)

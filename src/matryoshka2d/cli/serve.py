@@ -89,18 +89,18 @@ def register(sub) -> None:
     p.add_argument(
         "--max-batch-tokens",
         type=positive_int,
-        default=16384,
-        help="padded tokens per forward pass (default 16384)",
+        default=8192,
+        help="padded tokens per forward pass (default 8192)",
     )
     p.add_argument(
-        "--max-batch-size", type=positive_int, default=256, help="texts per forward pass (default 256)"
+        "--max-batch-size", type=positive_int, default=32, help="texts per forward pass (default 32)"
     )
     p.add_argument("--max-inputs", type=positive_int, default=2048, help="texts per request (default 2048)")
     p.add_argument(
         "--max-queue-texts",
         type=positive_int,
-        default=8192,
-        help="texts waiting at most; past it requests get 429 (default 8192)",
+        default=4096,
+        help="texts waiting at most; past it requests get 429 (default 4096)",
     )
     p.add_argument(
         "--max-request-bytes",

@@ -67,9 +67,9 @@ class ServeConfig:
     default_layers: int | None = None
     max_inputs: int = 2048
     max_request_bytes: int = 8 * 1024 * 1024
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 256
-    max_queue_texts: int = 8192
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 32
+    max_queue_texts: int = 4096
     workers: int = 1
     batch_mode: str = "shared"
     api_key: str | None = None

@@ -40,6 +40,7 @@ from matryoshka2d.validation import check_positive_int
 log = logging.getLogger("matryoshka2d.serving")
 
 BATCH_MODES = ("shared", "grouped")
+TAKE_BATCHES = 4  # batches' worth of rows a worker takes from the queue at once
 
 
 class QueueFullError(Matryoshka2dError):
@@ -106,9 +107,10 @@ class BatchingEngine:
 
     Args:
         model: the backend (see the module docstring for the interface).
-        max_batch_tokens: padded tokens (rows x longest row) per forward pass; also how many real tokens
-            a worker takes from the queue at once.
-        max_batch_size: rows per forward pass at most.
+        max_batch_tokens: padded tokens (rows x longest row) per forward pass.
+        max_batch_size: rows per forward pass at most. A worker takes up to ``TAKE_BATCHES`` batches
+            worth of rows (and tokens) from the queue at once, sorts them by length and cuts them into
+            batches, so texts of similar length share a batch across requests.
         max_queue_texts: texts waiting in the queue at most; past it :meth:`submit` raises
             :class:`QueueFullError`. A request larger than this is still taken when the queue is empty.
         workers: worker threads, each running its own forward passes (1 is right for a CPU whose cores
@@ -121,8 +123,8 @@ class BatchingEngine:
     def __init__(
         self,
         model,
-        max_batch_tokens: int = 16384,
-        max_batch_size: int = 256,
+        max_batch_tokens: int = 8192,
+        max_batch_size: int = 32,
         max_queue_texts: int = 8192,
         workers: int = 1,
         mode: str = "shared",
@@ -142,6 +144,7 @@ class BatchingEngine:
         self.workers = check_positive_int(workers, "workers")
         self.mode = mode
         self.on_batch = on_batch
+        _install_output_hooks(model)
         self._pending: collections.deque[Job] = collections.deque()
         self._queued_texts = 0  # rows of pending jobs not yet taken by a worker
         self._cond = threading.Condition()
@@ -261,7 +264,7 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------ workers
     def _take(self) -> list[tuple[Job, int]] | None:
-        """Rows for the next forward passes, first-in first-out up to the token budget; None to stop."""
+        """Rows for the next few forward passes, first-in first-out; None when stopping and drained."""
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
@@ -269,11 +272,12 @@ class BatchingEngine:
                 return None
             rows: list[tuple[Job, int]] = []
             tokens = 0
-            while self._pending and len(rows) < self.max_batch_size:
+            max_rows, max_tokens = TAKE_BATCHES * self.max_batch_size, TAKE_BATCHES * self.max_batch_tokens
+            while self._pending and len(rows) < max_rows:
                 job = self._pending[0]
-                while job.next_row < job.size and len(rows) < self.max_batch_size:
+                while job.next_row < job.size and len(rows) < max_rows:
                     n = job.prepared.lengths[job.next_row]
-                    if rows and tokens + n > self.max_batch_tokens:
+                    if rows and tokens + n > max_tokens:
                         break
                     rows.append((job, job.next_row))
                     job.next_row += 1
@@ -357,6 +361,26 @@ class BatchingEngine:
                 job.future.set_result(result)
             except concurrent.futures.InvalidStateError:  # cancelled meanwhile
                 pass
+
+
+def _install_output_hooks(model) -> None:
+    """Install transformers' hidden-state hooks on the full model once, before any layer view runs.
+
+    transformers 5 installs its output-capturing hooks lazily on the module it is called on and marks
+    that module as hooked. ``model.forward`` calls a fresh layer view (a shallow copy) whenever it needs
+    several exits below the last layer; each such view is unmarked, so every call added another set of
+    hooks to the shared layers: hidden states were recorded twice (wrong embeddings for the shallower
+    exits of a later full-depth pass) and the hook lists grew without bound. Hooking the full model first
+    marks it, and views copy the mark. (Worked around here; the engine core should do this itself.)
+    """
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        return
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4.x records hidden states without hooks
+        return
+    maybe_install_capturing_hooks(transformer)
 
 
 def _as_numpy(value) -> np.ndarray:

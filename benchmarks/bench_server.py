@@ -1,0 +1,484 @@
+"""m2d serve against Infinity (infinity-emb): throughput and latency over loopback, one server at a time.
+
+all-MiniLM-L6-v2, 2 CPU threads per server, STS Benchmark test sentences, requests of 1..32 texts (fixed
+seed), closed-loop clients at concurrency 1, 8 and 32. Measured, in this order:
+
+1. offline ``model.encode`` of the same requests in this process (the latency floor for concurrency 1);
+2. ``m2d serve`` (batch mode ``shared``) at layers 6, 3, 1, plus a mixed-layer load (layers 1/3/6 per
+   request) at concurrency 32;
+3. ``m2d serve --batch-mode grouped`` on the same mixed-layer load (which batch mode is faster);
+4. Infinity, torch engine; 5. Infinity, optimum (ONNX) engine: both from the separate virtualenv made by
+   ``benchmarks/infinity/setup.sh`` (skipped with a note if it is missing);
+6. optionally (``--overload-seconds N``) an overload of ``m2d serve``: 256 connections sending 32 texts
+   each as fast as they can; RSS of the server before, at peak and after, and the status counts.
+
+Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
+
+    flock /tmp/m2d-heavy.lock .venv/bin/python benchmarks/bench_server.py --overload-seconds 120
+
+The client is a small asyncio HTTP/1.1 keep-alive client (much cheaper than httpx), so it takes as little
+CPU from the server as possible; both servers share the machine with it alike. Results are printed with
+ratios and written to ``benchmarks/results/server.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, minilm_path, stsb_sentences  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+INFINITY_VENV = Path(os.environ.get("INFINITY_VENV", "/work/bench-venvs/infinity"))
+ONNX_DIR = Path(os.environ.get("INFINITY_ONNX_DIR", "/work/bench-venvs/models/minilm-onnx"))
+NAME = "minilm"
+THREADS = 2
+
+
+# ---------------------------------------------------------------- the request mix
+def make_requests(sentences: list[str], count: int, seed: int = 0) -> list[list[str]]:
+    """``count`` requests of 1..32 consecutive STSB sentences (sizes uniform, fixed seed)."""
+    rng = random.Random(seed)
+    requests, position = [], 0
+    for _ in range(count):
+        size = rng.randint(1, 32)
+        if position + size > len(sentences):
+            position = 0
+        requests.append(sentences[position : position + size])
+        position += size
+    return requests
+
+
+# ---------------------------------------------------------------- a small keep-alive HTTP client
+class Connection:
+    """One HTTP/1.1 keep-alive connection that POSTs JSON and reads a Content-Length (or chunked) reply."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+        }
+        if "content-length" in headers:
+            payload = await self.reader.readexactly(int(headers["content-length"]))
+        else:  # chunked
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).strip(), 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            await self.reader.readexactly(2)
+            payload = b"".join(parts)
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+@dataclass
+class RunResult:
+    server: str
+    layers: str
+    concurrency: int
+    seconds: float
+    requests: int
+    texts: int
+    sentences_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict
+
+
+async def _load(
+    port: int, bodies: list[tuple[bytes, int]], concurrency: int, warmup: float, duration: float
+) -> tuple[list[float], int, int, dict]:
+    """Closed-loop clients for warmup + duration seconds; latencies of requests completed in the window."""
+    latencies: list[float] = []
+    counts = {"requests": 0, "texts": 0}
+    errors: dict[str, int] = {}
+    next_index = 0
+    start = time.perf_counter()
+    window_start, window_end = start + warmup, start + warmup + duration
+
+    async def client() -> None:
+        nonlocal next_index
+        connection = Connection("127.0.0.1", port)
+        try:
+            while (now := time.perf_counter()) < window_end:
+                body, texts = bodies[next_index % len(bodies)]
+                next_index += 1
+                try:
+                    status, payload = await connection.post("/v1/embeddings", body)
+                except (OSError, asyncio.IncompleteReadError) as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    await connection.close()
+                    continue
+                done = time.perf_counter()
+                ok = status == 200 and payload.count(b'"index"') == texts
+                if not ok:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+                elif window_start <= done <= window_end:  # completed in the measured window
+                    latencies.append(done - now)
+                    counts["requests"] += 1
+                    counts["texts"] += texts
+        finally:
+            await connection.close()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, counts["requests"], counts["texts"], errors
+
+
+def run_load(
+    server: str,
+    port: int,
+    requests: list[list[str]],
+    layers: list[int] | None,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    label: str,
+) -> RunResult:
+    rng = random.Random(1)
+    bodies = []
+    for texts in requests:
+        body = {"model": NAME, "input": texts}
+        if layers is not None:
+            body["layers"] = rng.choice(layers)
+        bodies.append((json.dumps(body).encode(), len(texts)))
+    latencies, n_requests, n_texts, errors = asyncio.run(_load(port, bodies, concurrency, warmup, duration))
+    latencies.sort()
+    result = RunResult(
+        server=server,
+        layers=label,
+        concurrency=concurrency,
+        seconds=duration,
+        requests=n_requests,
+        texts=n_texts,
+        sentences_per_s=n_texts / duration,
+        p50_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
+        p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        if latencies
+        else float("nan"),
+        errors=errors,
+    )
+    print(
+        f"  {server:<16} layers {label:<6} c={concurrency:<3} {result.sentences_per_s:7.1f} sent/s  "
+        f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  ({n_requests} requests"
+        + (f", errors {errors}" if errors else "")
+        + ")",
+        flush=True,
+    )
+    return result
+
+
+# ---------------------------------------------------------------- servers
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def thread_env() -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(THREADS),
+        "MKL_NUM_THREADS": str(THREADS),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+class Server:
+    """A server subprocess; ready once an embeddings request succeeds."""
+
+    def __init__(self, name: str, command: list[str], port: int, cwd: Path | None = None) -> None:
+        self.name, self.port = name, port
+        self.log = open(f"/tmp/bench-server-{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            command, cwd=cwd, env=thread_env(), stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.started = time.perf_counter()
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        body = {"model": NAME, "input": ["warm up"]}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                r = httpx.post(f"http://127.0.0.1:{self.port}/v1/embeddings", json=body, timeout=30)
+                if r.status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become ready; see {self.log.name}")
+
+    def rss_mib(self) -> float:
+        return rss_mib(self.proc.pid)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.close()
+        return code
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def m2d_server(mode: str, extra: list[str] | None = None) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(minilm_path()), "--port", str(port)]
+    command += [
+        "--served-model-name",
+        NAME,
+        "--threads",
+        str(THREADS),
+        "--batch-mode",
+        mode,
+        "--log-level",
+        "warning",
+    ]
+    return Server(f"m2d-{mode}", command + (extra or []), port)
+
+
+def infinity_server(engine: str) -> Server | None:
+    binary = INFINITY_VENV / "bin" / "infinity_emb"
+    if not binary.exists():
+        print(f"  (Infinity not installed at {INFINITY_VENV}: run benchmarks/infinity/setup.sh)")
+        return None
+    port = free_port()
+    common_args = ["--served-model-name", NAME, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    common_args += ["--url-prefix", "/v1", "--no-vector-disk-cache", "--log-level", "warning"]
+    if engine == "torch":
+        return Server(
+            "infinity-torch",
+            [str(binary), "v2", "--model-id", str(minilm_path()), "--engine", "torch"] + common_args,
+            port,
+        )
+    if not (ONNX_DIR / "model.onnx").exists():
+        print(f"  exporting MiniLM to ONNX for Infinity's optimum engine: {ONNX_DIR}", flush=True)
+        subprocess.run(
+            [str(INFINITY_VENV / "bin" / "optimum-cli"), "export", "onnx", "--model", str(minilm_path()),
+             "--task", "feature-extraction", "--library-name", "transformers", str(ONNX_DIR)],
+            env=thread_env(),
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+    command = [str(binary), "v2", "--model-id", ".", "--engine", "optimum", "--pooling-method", "mean"]
+    return Server("infinity-onnx", command + common_args, port, cwd=ONNX_DIR)
+
+
+# ---------------------------------------------------------------- offline reference
+def offline_latency(requests: list[list[str]], layers: int, count: int) -> float:
+    """Median seconds of ``model.encode`` per request, same requests, same threads, in this process."""
+    import torch
+
+    from matryoshka2d import EmbeddingModel
+
+    torch.set_num_threads(THREADS)
+    model = EmbeddingModel.load(minilm_path())
+    model.encode(requests[0], layers=layers)
+    times = []
+    for texts in requests[:count]:
+        start = time.perf_counter()
+        model.encode(texts, layers=layers)
+        times.append(time.perf_counter() - start)
+    del model
+    gc.collect()
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- overload
+async def _overload(port: int, body: bytes, connections: int, seconds: float, sample) -> dict:
+    statuses: dict[str, int] = {}
+    end = time.perf_counter() + seconds
+
+    async def client() -> None:
+        connection = Connection("127.0.0.1", port)
+        while time.perf_counter() < end:
+            try:
+                status, _ = await connection.post("/v1/embeddings", body)
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+            except (OSError, asyncio.IncompleteReadError) as e:
+                statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
+                await connection.close()
+        await connection.close()
+
+    async def sampler() -> None:
+        while time.perf_counter() < end:
+            sample()
+            await asyncio.sleep(1.0)
+
+    await asyncio.gather(sampler(), *(client() for _ in range(connections)))
+    return statuses
+
+
+def overload(requests: list[list[str]], seconds: float, connections: int = 256) -> dict:
+    texts = [t for r in requests for t in r][:32]
+    body = json.dumps({"model": NAME, "input": texts}).encode()
+    server = m2d_server("shared")
+    server.wait_ready()
+    # steady state first: a normal load, so "before" is the RSS of a warmed-up server
+    run_load("m2d serve", server.port, requests, [6], 8, 1.0, 3.0, "6")
+    before = server.rss_mib()
+    samples: list[float] = []
+    statuses = asyncio.run(
+        _overload(server.port, body, connections, seconds, lambda: samples.append(server.rss_mib()))
+    )
+    time.sleep(5)
+    after = server.rss_mib()
+    code = server.stop()
+    result = {
+        "seconds": seconds,
+        "connections": connections,
+        "texts_per_request": len(texts),
+        "rss_before_mib": round(before, 1),
+        "rss_peak_mib": round(max(samples), 1),
+        "rss_after_mib": round(after, 1),
+        "statuses": statuses,
+        "exit_code_after_sigterm": code,
+    }
+    print(
+        f"  overload {seconds:.0f}s x {connections} connections: RSS {before:.0f} MiB before, "
+        f"{max(samples):.0f} peak, {after:.0f} after; statuses {statuses}; exit code {code}",
+        flush=True,
+    )
+    return result
+
+
+# ---------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each run")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--overload-seconds", type=float, default=0, help="0: skip the overload test")
+    parser.add_argument("--skip-infinity", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    requests = make_requests(stsb_sentences("test"), 2000)
+    print(
+        f"machine: {machine()}; {THREADS} threads per server; requests of 1..32 STSB test sentences",
+        flush=True,
+    )
+    results: list[RunResult] = []
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": THREADS}
+
+    print("offline encode (same requests, this process):", flush=True)
+    report["offline_p50_ms"] = {}
+    for k in (6, 3, 1):
+        p50 = 1000 * offline_latency(requests, k, 60)
+        report["offline_p50_ms"][str(k)] = p50
+        print(f"  layers {k}: p50 {p50:.1f} ms per request", flush=True)
+
+    def measure(server: Server, label: str, layer_sets: list[tuple[str, list[int] | None]], levels_) -> None:
+        ready = server.wait_ready()
+        print(f"{label}: ready in {ready:.0f} s, RSS {server.rss_mib():.0f} MiB", flush=True)
+        for name, layers in layer_sets:
+            for c in levels_:
+                results.append(
+                    run_load(label, server.port, requests, layers, c, args.warmup, args.duration, name)
+                )
+        print(f"  stopped (SIGTERM) with exit code {server.stop()}", flush=True)
+
+    measure(m2d_server("shared"), "m2d serve", [("6", [6]), ("3", [3]), ("1", [1])], levels)
+    mixed = [("1/3/6", [1, 3, 6])]
+    measure(m2d_server("shared"), "m2d shared", mixed, [32])
+    measure(m2d_server("grouped"), "m2d grouped", mixed, [32])
+    if not args.skip_infinity:
+        for engine in ("torch", "onnx"):
+            server = infinity_server(engine)
+            if server is not None:
+                measure(server, f"infinity-{engine}", [("6", None)], levels)
+    report["runs"] = [asdict(r) for r in results]
+    if args.overload_seconds > 0:
+        print("overload:", flush=True)
+        report["overload"] = overload(requests, args.overload_seconds)
+
+    def get(server: str, layers: str, c: int) -> RunResult | None:
+        return next(
+            (r for r in results if r.server == server and r.layers == layers and r.concurrency == c), None
+        )
+
+    print("\nratios:")
+    ratios = {}
+    top = max(levels)
+    full32 = get("m2d serve", "6", top)
+    for engine in ("torch", "onnx"):
+        other = get(f"infinity-{engine}", "6", top)
+        if full32 and other and other.sentences_per_s:
+            ratios[f"m2d/infinity-{engine} c={top}"] = full32.sentences_per_s / other.sentences_per_s
+    half = get("m2d serve", "3", top)
+    if full32 and half:
+        ratios[f"m2d layers 3 / layers 6 c={top}"] = half.sentences_per_s / full32.sentences_per_s
+    one = get("m2d serve", "1", top)
+    if full32 and one:
+        ratios[f"m2d layers 1 / layers 6 c={top}"] = one.sentences_per_s / full32.sentences_per_s
+    for k in ("6", "3", "1"):
+        single = get("m2d serve", k, 1)
+        if single and 1 in levels:
+            ratios[f"m2d c=1 p50 / offline encode p50, layers {k}"] = (
+                single.p50_ms / report["offline_p50_ms"][k]
+            )
+    shared, grouped = get("m2d shared", "1/3/6", 32), get("m2d grouped", "1/3/6", 32)
+    if shared and grouped and grouped.sentences_per_s:
+        ratios["mixed layers c=32: shared / grouped throughput"] = (
+            shared.sentences_per_s / grouped.sentences_per_s
+        )
+    for name, value in ratios.items():
+        print(f"  {name}: {value:.2f}x")
+    report["ratios"] = ratios
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
