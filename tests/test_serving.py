@@ -487,6 +487,15 @@ def test_engine_refuses_a_budget_below_max_seq_length(offline):
         BatchingEngine(offline, max_batch_tokens=8)
 
 
+def test_bfloat16_model_serves_its_own_offline_values(model_dir):
+    model = EmbeddingModel.load(model_dir, dtype="bfloat16")
+    app = create_app(ServeConfig(model_name=NAME), lambda: model)
+    with BackgroundServer(app) as running:
+        response = httpx.post(running.url + "/v1/embeddings", json={**GOOD, "input": SENTENCES, "layers": 2})
+        got = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+    assert np.abs(got - model.encode(SENTENCES, layers=2)).max() <= 1e-2  # bf16 rounding differs by batch
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_serve_missing_model_is_one_line_exit_2(tmp_path):
     proc = subprocess.run(

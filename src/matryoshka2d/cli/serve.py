@@ -49,7 +49,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         failed.append(error)
         server.should_exit = True
 
-    app = create_app(config, lambda: EmbeddingModel.load(args.model), on_load_error=on_load_error)
+    app = create_app(
+        config, lambda: EmbeddingModel.load(args.model, dtype=args.dtype), on_load_error=on_load_error
+    )
     server = make_server(app, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
     print(f"m2d serve: {args.model} as '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     run_until_signal(server)  # SIGTERM: in-flight requests finish, then exit 0
@@ -113,6 +115,12 @@ def register(sub) -> None:
         choices=("shared", "grouped"),
         default="shared",
         help="mixed layer counts: one pass to the deepest (shared, default) or a pass per layer count",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="float32",
+        help="what the torch layers compute in (default float32, exact; see m2d encode --help)",
     )
     p.add_argument("--workers", type=positive_int, default=1, help="engine worker threads (default 1)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
