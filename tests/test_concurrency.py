@@ -205,3 +205,19 @@ def test_minilm_mixed_calls_from_threads_equal_sequential():
     assert len(results) == 80
     assert_equal_to_sequential(model, texts, cells, results, batch_size=6)
     assert model.num_layers == 6
+
+
+def test_shallow_multi_layer_passes_stay_right_call_after_call(tiny_model):
+    """Several exits below the full depth (a layer view with hidden states) again and again, from threads."""
+    expected = {k: tiny_model.encode(SENTENCES, layers=k, batch_size=5) for k in (2, 3)}
+
+    def run(_):
+        batches = tiny_model.iter_encode(SENTENCES, layers=[2, 3], batch_size=5, show_progress=False)
+        return [b for b in batches]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(12)))
+    for batches in results:
+        for k in (2, 3):
+            got = np.concatenate([b[(k, tiny_model.dim)] for b in batches])
+            assert np.array_equal(got, expected[k])

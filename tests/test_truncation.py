@@ -57,3 +57,22 @@ def test_truncate_dims_numpy_and_torch_agree():
     np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-6)
     assert truncate_dims(x, None, normalize=False) is x
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "distilbert"])
+def test_layer_views_return_the_right_hidden_states_call_after_call(family):
+    """transformers 5 captures hidden states with hooks: views must not install them again and again."""
+    model = tiny_transformer(family, vocab_size=50, num_layers=4).eval()
+    batches = [torch.randint(5, 50, (3, 7)), torch.randint(5, 50, (5, 4)), torch.randint(5, 50, (2, 9))]
+    parent, name = find_layer_stack(model)
+    with torch.inference_mode():
+        first = [layer_view(model, 3)(input_ids=b, output_hidden_states=True).hidden_states for b in batches]
+        hooks = [len(layer._forward_hooks) for layer in getattr(parent, name)]
+        for _ in range(3):
+            for b, expected in zip(batches, first):
+                again = layer_view(model, 3)(input_ids=b, output_hidden_states=True).hidden_states
+                full = model(input_ids=b, output_hidden_states=True).hidden_states
+                assert len(again) == 4
+                for k in range(4):
+                    assert torch.equal(again[k], expected[k]) and torch.equal(again[k], full[k])
+    assert [len(layer._forward_hooks) for layer in getattr(parent, name)] == hooks  # no growth

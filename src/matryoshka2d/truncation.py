@@ -90,6 +90,7 @@ def layer_view(model: nn.Module, k: int) -> nn.Module:
     """
     parent_path, name = layer_stack_path(model)
     stack = _resolve(model, parent_path + (name,))
+    _install_output_capturing_hooks(model)
     if k == len(stack):
         return model
     root = _shallow(model)
@@ -100,6 +101,23 @@ def layer_view(model: nn.Module, k: int) -> nn.Module:
         node = child
     node._modules[name] = nn.ModuleList(list(stack)[:k])
     return root
+
+
+def _install_output_capturing_hooks(model: nn.Module) -> None:
+    """Install transformers' hidden-state capturing hooks on ``model`` itself, once, before any view exists.
+
+    transformers 5 collects ``output_hidden_states`` with forward hooks on the (shared) layer modules,
+    installed lazily on first use and marked by a flag on the model object. Installed from a view, the flag
+    would land on that throw-away copy and every later view would install another set of hooks on the
+    same layers: wrong hidden states and unbounded hook growth. Installed here, the flag is on the model and
+    every view (a shallow copy of it) inherits it. Older transformers versions have no such hooks.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers < 5: hidden states are returned without hooks
+        return
+    if hasattr(model, "config"):  # a PreTrainedModel; the function is itself thread-safe and idempotent
+        maybe_install_capturing_hooks(model)
 
 
 def _shallow(module: nn.Module) -> nn.Module:
