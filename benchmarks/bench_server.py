@@ -359,7 +359,7 @@ async def _overload(port: int, body: bytes, connections: int, seconds: float, sa
 def overload(requests: list[list[str]], seconds: float, connections: int = 256) -> dict:
     texts = [t for r in requests for t in r][:32]
     body = json.dumps({"model": NAME, "input": texts}).encode()
-    server = m2d_server("shared")
+    server = m2d_server("grouped")
     server.wait_ready()
     # steady state first: a normal load, so "before" is the RSS of a warmed-up server
     run_load("m2d serve", server.port, requests, [6], 8, 1.0, 3.0, "6")
@@ -425,7 +425,7 @@ def main() -> None:
                 )
         print(f"  stopped (SIGTERM) with exit code {server.stop()}", flush=True)
 
-    measure(m2d_server("shared"), "m2d serve", [("6", [6]), ("3", [3]), ("1", [1])], levels)
+    measure(m2d_server("grouped"), "m2d serve", [("6", [6]), ("3", [3]), ("1", [1])], levels)
     mixed = [("1/3/6", [1, 3, 6])]
     measure(m2d_server("shared"), "m2d shared", mixed, [32])
     measure(m2d_server("grouped"), "m2d grouped", mixed, [32])

@@ -113,8 +113,9 @@ def register(sub) -> None:
     p.add_argument(
         "--batch-mode",
         choices=("shared", "grouped"),
-        default="shared",
-        help="mixed layer counts: one pass to the deepest (shared, default) or a pass per layer count",
+        default="grouped",
+        help="mixed layer counts: a pass per layer count (grouped, default: measured faster) or one pass "
+        "to the deepest (shared)",
     )
     p.add_argument(
         "--dtype",

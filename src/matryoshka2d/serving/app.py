@@ -71,7 +71,7 @@ class ServeConfig:
     max_batch_size: int = 32
     max_queue_texts: int = 4096
     workers: int = 1
-    batch_mode: str = "shared"
+    batch_mode: str = "grouped"
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 

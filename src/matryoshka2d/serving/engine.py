@@ -115,8 +115,8 @@ class BatchingEngine:
             :class:`QueueFullError`. A request larger than this is still taken when the queue is empty.
         workers: worker threads, each running its own forward passes (1 is right for a CPU whose cores
             all serve one torch thread pool).
-        mode: ``"shared"`` (one pass to the deepest layer count of a batch) or ``"grouped"`` (a pass per
-            layer count).
+        mode: ``"grouped"`` (a pass per layer count; the default, measured faster on a mixed load) or
+            ``"shared"`` (one pass to the deepest layer count of a batch).
         on_batch: called with :class:`BatchStats` after every forward pass (metrics).
     """
 
@@ -127,7 +127,7 @@ class BatchingEngine:
         max_batch_size: int = 32,
         max_queue_texts: int = 8192,
         workers: int = 1,
-        mode: str = "shared",
+        mode: str = "grouped",
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         if mode not in BATCH_MODES:
