@@ -98,24 +98,6 @@ class ShardJob:
         return [cell_folder(k, d) for k in self.layers for d in self.dims]
 
 
-def prepare_model(model) -> None:
-    """Run one tiny forward pass of the whole model that returns every layer, right after loading.
-
-    transformers 5 installs its hidden-state capturing hooks lazily, on the first forward pass with
-    ``output_hidden_states``, and marks the module it ran on as done. When that first pass runs on one of
-    the engine's per-call layer views, the mark lands on the throw-away view, hooks pile up on the shared
-    layers and later multi-layer passes return wrong hidden states (see
-    /work/notes/H6-layer-view-hooks-BUG.md). A pass on the full model (a view of all layers is the model
-    itself) installs the hooks once, on the model, so every later view sees them. Harmless once fixed.
-    """
-    import torch
-
-    features = model.pad(model.tokenize(["warm-up"], padding=False), [0])
-    features = {key: value.to(model.device) for key, value in features.items()}
-    with torch.inference_mode():
-        model.forward(features, [0, model.num_layers])
-
-
 def encode_shard(model, job: ShardJob, shard: ShardSpec) -> dict:
     """Read, encode and write one shard (the unit of work of every engine); returns its commit record."""
     texts, ids = read_shard(job.plan, shard)
@@ -215,7 +197,6 @@ def embed_corpus(
 
     model_path = resolve_model_path(model)
     loaded = EmbeddingModel.load(model_path)
-    prepare_model(loaded)
     ks, ds = loaded._layer_list(_int_list(layers, "layers")), loaded._dim_list(_int_list(dims, "dims"))
     model_info = {"name": str(model), "num_layers": loaded.num_layers, "dim": loaded.dim}
 

@@ -43,10 +43,7 @@ class ShardEncoder:
 
         torch.set_num_threads(max(1, threads))
         self.job = job
-        from matryoshka2d.corpus.job import prepare_model
-
         self.model = EmbeddingModel.load(job.model)
-        prepare_model(self.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encode the shards in ``batch["shard"]``; a user-facing error is returned as data, not raised.

@@ -144,7 +144,6 @@ class BatchingEngine:
         self.workers = check_positive_int(workers, "workers")
         self.mode = mode
         self.on_batch = on_batch
-        _install_output_hooks(model)
         self._pending: collections.deque[Job] = collections.deque()
         self._queued_texts = 0  # rows of pending jobs not yet taken by a worker
         self._cond = threading.Condition()
@@ -361,26 +360,6 @@ class BatchingEngine:
                 job.future.set_result(result)
             except concurrent.futures.InvalidStateError:  # cancelled meanwhile
                 pass
-
-
-def _install_output_hooks(model) -> None:
-    """Install transformers' hidden-state hooks on the full model once, before any layer view runs.
-
-    transformers 5 installs its output-capturing hooks lazily on the module it is called on and marks
-    that module as hooked. ``model.forward`` calls a fresh layer view (a shallow copy) whenever it needs
-    several exits below the last layer; each such view is unmarked, so every call added another set of
-    hooks to the shared layers: hidden states were recorded twice (wrong embeddings for the shallower
-    exits of a later full-depth pass) and the hook lists grew without bound. Hooking the full model first
-    marks it, and views copy the mark. (Worked around here; the engine core should do this itself.)
-    """
-    transformer = getattr(model, "transformer", None)
-    if not isinstance(transformer, torch.nn.Module):
-        return
-    try:
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # transformers 4.x records hidden states without hooks
-        return
-    maybe_install_capturing_hooks(transformer)
 
 
 def _as_numpy(value) -> np.ndarray:
