@@ -120,6 +120,25 @@ class Encoder(abc.ABC):
     def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
         """Tokenise a batch, truncated to ``max_seq_length`` (see the backend for the returned types)."""
 
+    def _run_tokenizer(self, texts: Sequence[str], padding: bool, tensor_type: str) -> dict:
+        """The shared body of every backend's :meth:`tokenize`: lower-case if asked, truncate, tokenise.
+
+        A fast tokenizer switches its own truncation/padding state per call, so calls are serialised with
+        the backend's ``_tokenizer_lock``. ``padding=True`` gives ``tensor_type`` arrays ("pt", "np")
+        padded to the longest text, ``padding=False`` plain id lists (to sort by length and pad per batch).
+        """
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                list(texts),
+                padding=padding,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_tensors=tensor_type if padding else None,
+            )
+        return dict(encoded)
+
     @abc.abstractmethod
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.

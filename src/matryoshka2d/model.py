@@ -322,17 +322,7 @@ class EmbeddingModel(nn.Module, Encoder):
         With ``padding=True`` (training, one batch): tensors padded to the longest text. With
         ``padding=False``: plain id lists, for :meth:`encode_layers` to sort by token count and pad per batch.
         """
-        if self.do_lower_case:
-            texts = [t.lower() for t in texts]
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(
-                list(texts),
-                padding=padding,
-                truncation=True,
-                max_length=self.max_seq_length,
-                return_tensors="pt" if padding else None,
-            )
-        return dict(encoded)
+        return self._run_tokenizer(texts, padding, "pt")
 
     def pad(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int]

@@ -143,16 +143,7 @@ class OnnxEncoder(Encoder):
 
     def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
         """Tokenise a batch, truncated to ``max_seq_length``: numpy arrays if ``padding``, else lists."""
-        if self.do_lower_case:
-            texts = [t.lower() for t in texts]
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(
-                list(texts),
-                padding=padding,
-                truncation=True,
-                max_length=self.max_seq_length,
-                return_tensors="np" if padding else None,
-            )
+        encoded = self._run_tokenizer(texts, padding, "np")
         return {key: value for key, value in encoded.items() if key in self.input_names}
 
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
