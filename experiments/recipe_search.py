@@ -77,6 +77,18 @@ CANDIDATES: dict[str, dict] = {
             "dim_distillation": "relational",
         },
     },
+    # The dims axis with a light prefix distillation (weight 1 hurt in the 46-step runs).
+    "prior4_relational_dims005": {
+        "wrapper": "Matryoshka2dLoss",
+        "dims": DIMS,
+        "wrapper_args": {
+            **ALL,
+            "prior_layers_weight": 4,
+            "distillation": "relational",
+            "dim_distillation": "relational",
+            "dim_distillation_weight": 0.05,
+        },
+    },
     "prior4_cosine": {
         "wrapper": "Matryoshka2dLoss",
         "dims": DIMS,

@@ -496,6 +496,31 @@ def test_bfloat16_model_serves_its_own_offline_values(model_dir):
     assert np.abs(got - model.encode(SENTENCES, layers=2)).max() <= 1e-2  # bf16 rounding differs by batch
 
 
+@pytest.mark.parametrize("mode", ["shared", "grouped"])
+def test_onnx_backend_serves_its_own_offline_values(model_dir, offline, tmp_path, mode):
+    from matryoshka2d.backends.onnx import OnnxEncoder
+
+    onnx = OnnxEncoder(model_dir, cache_dir=tmp_path / "cache")
+    app = create_app(ServeConfig(model_name=NAME, layers_allowed=ALLOWED, batch_mode=mode), lambda: onnx)
+    cells = [(k, d) for k in ALLOWED for d in (32, 7)]
+    with BackgroundServer(app) as running:
+        # every allowed layer count's graph is built while loading, none is left to a client's request
+        assert all(onnx.graph_path(k).is_file() for k in ALLOWED) and not onnx.graph_path(3).is_file()
+
+        def ask(cell):
+            k, d = cell
+            body = {**GOOD, "input": SENTENCES, "layers": k, "dimensions": d}
+            return cell, httpx.post(running.url + "/v1/embeddings", json=body, timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:  # mixed layer counts arrive together and share batches
+            answers = list(pool.map(ask, cells * 3))
+    for (k, d), response in answers:
+        assert response.status_code == 200
+        got = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+        assert np.abs(got - onnx.encode(SENTENCES, layers=k, dim=d)).max() <= 1e-5
+        assert np.abs(got - offline.encode(SENTENCES, layers=k, dim=d)).max() <= 1e-4  # = the torch model
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_serve_missing_model_is_one_line_exit_2(tmp_path):
     proc = subprocess.run(
@@ -506,6 +531,19 @@ def test_cli_serve_missing_model_is_one_line_exit_2(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr
+
+
+def test_cli_serve_refuses_a_dtype_the_runtime_lacks(model_dir):
+    for option in ("--backend", "--runtime"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), option, "onnx-int8"]
+            + ["--dtype", "bfloat16"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2
+        assert proc.stderr.strip().count("\n") == 0 and "--dtype bfloat16" in proc.stderr
 
 
 @pytest.mark.integration

@@ -146,19 +146,44 @@ class OnnxEncoder(Encoder):
         encoded = self._run_tokenizer(texts, padding, "np")
         return {key: value for key, value in encoded.items() if key in self.input_names}
 
+    def pad(self, encoded: dict, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """int64 arrays for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to the longest
+        row like the tokenizer would, without touching the shared tokenizer (safe from any thread)."""
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left)
+
+    def forward(
+        self, features: dict[str, np.ndarray], layers: Sequence[int] | None = None
+    ) -> dict[int, np.ndarray]:
+        """Pooled float32 embeddings of several layer counts from one run of the deepest one's graph.
+
+        The ONNX counterpart of :meth:`EmbeddingModel.forward <matryoshka2d.model.EmbeddingModel.forward>`
+        (what the server's batching engine calls): full-size, not normalised.
+
+        Args:
+            features: :meth:`pad` output (``input_ids``, ``attention_mask``, ...).
+            layers: layer counts in ``1..num_layers`` (default: the last layer only).
+
+        Returns:
+            ``{k: array of shape (batch, hidden_size)}`` for every requested ``k``.
+        """
+        wanted = self._layer_list(None if layers is None else list(layers))
+        feed = {name: np.asarray(features[name], dtype=np.int64) for name in self.input_names}
+        outputs = self.session(wanted[-1]).run([exit_output_name(k) for k in wanted], feed)
+        mask = torch.from_numpy(feed["attention_mask"])
+        return {
+            k: pool(torch.from_numpy(hidden), mask, self.pooling_mode).numpy()
+            for k, hidden in zip(wanted, outputs)
+        }
+
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
         encoded = self.tokenize(texts, padding=False)
         order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
-        session = self.session(max(layers))
-        names = [exit_output_name(k) for k in layers]
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            feed = pad_rows(encoded, idx, self.tokenizer.pad_token_id, left)
-            mask = torch.from_numpy(feed["attention_mask"])
-            for k, hidden in zip(layers, session.run(names, feed)):
-                out[k][idx] = pool(torch.from_numpy(hidden), mask, self.pooling_mode).numpy()
+            for k, pooled in self.forward(self.pad(encoded, idx), layers).items():
+                out[k][idx] = pooled
         return out
 
     # ------------------------------------------------------------------ graphs

@@ -98,11 +98,17 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def runtime_parent() -> argparse.ArgumentParser:
-    """``--runtime`` and ``--dtype``: how a command that encodes runs the model (see :func:`load_runtime`)."""
+def runtime_parent(aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """``--runtime`` and ``--dtype``: how a command that encodes runs the model (see :func:`load_runtime`).
+
+    Args:
+        aliases: other option names for ``--runtime`` (``m2d serve`` also takes ``--backend``, the name
+            other embedding servers use; elsewhere ``--backend`` picks the search index's engine).
+    """
     p = _parent()
     p.add_argument(
         "--runtime",
+        *aliases,
         choices=RUNTIMES,
         default="torch",
         help="inference backend: torch (default), onnx (ONNX Runtime, CPU) or onnx-int8 (dynamic int8)",

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from matryoshka2d.cli.common import int_list, model_parent, positive_int
+from matryoshka2d.cli.common import int_list, model_parent, positive_int, runtime_parent
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -21,10 +21,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     import torch
 
-    from matryoshka2d.model import EmbeddingModel
+    from matryoshka2d.backends import load_encoder
+    from matryoshka2d.errors import InvalidInputError
     from matryoshka2d.persistence import resolve_model_path
 
     resolve_model_path(args.model)  # a missing folder fails now, before the server starts
+    if args.runtime != "torch" and args.dtype not in ("auto", "float32"):
+        raise InvalidInputError(
+            f"--dtype {args.dtype} is for the torch runtime; --runtime {args.runtime} computes in "
+            "float32 (int8 weights for onnx-int8)"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     name = args.served_model_name or _default_name(args.model)
@@ -49,11 +55,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         failed.append(error)
         server.should_exit = True
 
-    app = create_app(
-        config, lambda: EmbeddingModel.load(args.model, dtype=args.dtype), on_load_error=on_load_error
-    )
+    def load():
+        return load_encoder(args.model, backend=args.runtime, dtype=args.dtype, threads=args.threads)
+
+    app = create_app(config, load, on_load_error=on_load_error)
     server = make_server(app, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
-    print(f"m2d serve: {args.model} as '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(
+        f"m2d serve: {args.model} ({args.runtime}) as '{name}' on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
     run_until_signal(server)  # SIGTERM: in-flight requests finish, then exit 0
     if failed:
         print(f"m2d serve: error: cannot load {args.model}: {failed[0]}", file=sys.stderr)
@@ -72,7 +82,7 @@ def _default_name(model: str) -> str:
 def register(sub) -> None:
     p = sub.add_parser(
         "serve",
-        parents=[model_parent()],
+        parents=[model_parent(), runtime_parent(aliases=("--backend",))],
         help="OpenAI-compatible embeddings server; each request picks its layers and dims",
         description="Serve POST /v1/embeddings (OpenAI's API plus a 'layers' field), GET /v1/models, "
         "GET /health and GET /metrics. See docs/SERVING.md.",
@@ -117,14 +127,12 @@ def register(sub) -> None:
         help="mixed layer counts: a pass per layer count (grouped, default: measured faster) or one pass "
         "to the deepest (shared)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="float32",
-        help="what the torch layers compute in (default float32, exact; see m2d encode --help)",
-    )
     p.add_argument("--workers", type=positive_int, default=1, help="engine worker threads (default 1)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads of torch or ONNX Runtime (default: the runtime's choice)",
+    )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument(
         "--log-level",

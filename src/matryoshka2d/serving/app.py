@@ -222,6 +222,8 @@ class EmbeddingServer:
                 mode=self.config.batch_mode,
                 on_batch=self.metrics.observe_batch,
             ).start()
+            if hasattr(model, "warm_up"):  # ONNX: build every allowed layer count's graph before serving
+                model.warm_up(allowed)
             engine.encode(["warm up"], default, model.dim)  # the first pass is slow; keep it off a client
         except BaseException as e:  # noqa: BLE001 - reported on /health and to the CLI
             self.load_error = str(e) or type(e).__name__
