@@ -448,6 +448,8 @@ def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, 
     engine = BatchingEngine(offline, max_batch_tokens=64, max_batch_size=5, mode=mode, workers=workers)
     engine.on_batch = stats.append
     engine.start()
+    # transformers installs its capturing hooks on the model's first pass: count them after it
+    offline.encode(SENTENCES[:1])
     hooks = len(offline.transformer.encoder.layer[0]._forward_hooks)
     try:
         cells = [(k, d) for k in (1, 2, 4) for d in (32, 7)]
@@ -464,6 +466,21 @@ def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, 
     assert stats and all(s.padded_tokens <= 64 and s.rows <= 5 for s in stats)
     if mode == "grouped":
         assert all(len(s.layers) == 1 for s in stats)
+
+
+@pytest.mark.parametrize("mode,expected", [("grouped", {1: 8, 2: 8, 4: 8}), ("shared", {1: 4, 2: 2, 4: 2})])
+def test_take_budget_is_per_layer_count_when_grouped(offline, mode, expected):
+    """Grouped: each layer count gets a full take (4 batches of 2 rows here), so each group has as many rows
+    to sort by length as a single-layer load; shared: one budget for all, first in first out."""
+    engine = BatchingEngine(offline, max_batch_size=2, mode=mode)  # not started: _take is called by hand
+    for k in (1, 2, 4) * 4:
+        engine.submit(engine.prepare(SENTENCES[:2]), k, 8)
+    rows = engine._take()
+    counts: dict[int, int] = {}
+    for job, _ in rows:
+        counts[job.layers] = counts.get(job.layers, 0) + 1
+    assert counts == expected
+    assert engine.queued_texts == 24 - len(rows)
 
 
 def test_engine_queue_bound_and_stop(offline):

@@ -263,26 +263,34 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------ workers
     def _take(self) -> list[tuple[Job, int]] | None:
-        """Rows for the next few forward passes, first-in first-out; None when stopping and drained."""
+        """Rows for the next few forward passes, first-in first-out; None when stopping and drained.
+
+        The budget (``TAKE_BATCHES`` batches' worth of rows and tokens) is per batch group: in ``"grouped"``
+        mode each layer count gets its own, so that every group has as many rows to sort by length as a
+        single-layer load (with one shared budget, a mix of three layer counts left ~a third of the rows per
+        group: measured 1.45x the padding and ~1.7x the time per row).
+        """
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
             if not self._pending:
                 return None
             rows: list[tuple[Job, int]] = []
-            tokens = 0
+            used: dict[int, list[int]] = {}  # batch group -> [rows, tokens] taken
             max_rows, max_tokens = TAKE_BATCHES * self.max_batch_size, TAKE_BATCHES * self.max_batch_tokens
-            while self._pending and len(rows) < max_rows:
+            while self._pending:
                 job = self._pending[0]
-                while job.next_row < job.size and len(rows) < max_rows:
+                budget = used.setdefault(job.layers if self.mode == "grouped" else 0, [0, 0])
+                while job.next_row < job.size and budget[0] < max_rows:
                     n = job.prepared.lengths[job.next_row]
-                    if rows and tokens + n > max_tokens:
+                    if budget[0] and budget[1] + n > max_tokens:
                         break
                     rows.append((job, job.next_row))
                     job.next_row += 1
-                    tokens += n
+                    budget[0] += 1
+                    budget[1] += n
                 if job.next_row < job.size:
-                    break  # budget reached in the middle of this job; it stays at the head
+                    break  # its group's budget is spent in the middle of this job; it stays at the head
                 self._pending.popleft()
             self._queued_texts -= len(rows)
             return rows
