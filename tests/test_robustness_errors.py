@@ -115,9 +115,13 @@ def test_ctrl_c_during_a_file_write_leaves_no_partial_file(tmp_path, monkeypatch
 
 SIGINT_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from matryoshka2d import EmbeddingModel
     from matryoshka2d.cli import main
+
+    # Ctrl-C as in a terminal, even when the test suite itself runs as a background job (a shell starts
+    # those with SIGINT ignored, and a child process inherits that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow_encode(self, *args, **kwargs):
         print("encoding", flush=True)
