@@ -147,7 +147,7 @@ def main() -> None:
                 }
             if not args.validation_only:
                 entry["grid"] = evaluate_sts(model, root / "stsb" / "test.tsv", layers, DIMS).to_dict()
-            atomic_write(cached, json.dumps(entry, indent=2))
+            atomic_write(cached, json.dumps(entry, indent=2), overwrite=True)  # our own cache entry
         val = GridResult.from_dict(entry["validation_grid"])
         row = [key, val.mean(5), val.cell(6, 384), float(np.min(np.array(val.spearman)[:5]))]
         if not args.validation_only:
