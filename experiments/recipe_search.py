@@ -24,76 +24,42 @@ from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_write, mark_output_folder
 
 ALL = {"n_layers_per_step": -1, "n_dims_per_step": -1}
+
+
+def all_pairs(**wrapper_args) -> dict:
+    """A Matryoshka2dLoss candidate training every (layer, dim) pair each step, plus ``wrapper_args``."""
+    return {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": {**ALL, **wrapper_args}}
+
+
 CANDIDATES: dict[str, dict] = {
     "plain": {"wrapper": None},
     # sentence-transformers' Matryoshka2dLoss defaults (it also samples the embedding-layer output).
     "2dmse": {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": {"include_embedding_layer": True}},
     "2dmse_no_layer0": {"wrapper": "Matryoshka2dLoss", "dims": DIMS},
-    "all_pairs": {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": ALL},
-    "all_pairs_nokl": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {**ALL, "kl_div_weight": 0},
-    },
-    "all_pairs_last2": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {**ALL, "last_layer_weight": 2},
-    },
-    "all_pairs_prior2": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {**ALL, "prior_layers_weight": 2},
-    },
-    "all_pairs_prior4": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {**ALL, "prior_layers_weight": 4},
-    },
-    "all_pairs_lr5e-5": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": ALL,
-        "learning_rate": 5e-5,
-    },
+    "all_pairs": all_pairs(),
+    "all_pairs_nokl": all_pairs(kl_div_weight=0),
+    "all_pairs_last2": all_pairs(last_layer_weight=2),
+    "all_pairs_prior2": all_pairs(prior_layers_weight=2),
+    "all_pairs_prior4": all_pairs(prior_layers_weight=4),
+    "all_pairs_lr5e-5": {**all_pairs(), "learning_rate": 5e-5},
     "starbucks": {
         "wrapper": "Matryoshka2dLoss",
         "schedule": [[1, 32], [2, 64], [3, 128], [4, 256], [5, 384], [6, 384]],
     },
     # Recipe v2 candidates (issue 12): the recipe with a distillation term that transfers the last
     # layer's geometry (losses.distillation_term / dim_distillation_term).
-    "prior4_relational": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {**ALL, "prior_layers_weight": 4, "distillation": "relational"},
-    },
-    "prior4_relational_dims": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {
-            **ALL,
-            "prior_layers_weight": 4,
-            "distillation": "relational",
-            "dim_distillation": "relational",
-        },
-    },
+    "prior4_relational": all_pairs(prior_layers_weight=4, distillation="relational"),
+    "prior4_relational_dims": all_pairs(
+        prior_layers_weight=4, distillation="relational", dim_distillation="relational"
+    ),
     # The dims axis with a light prefix distillation (weight 1 hurt in the 46-step runs).
-    "prior4_relational_dims005": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {
-            **ALL,
-            "prior_layers_weight": 4,
-            "distillation": "relational",
-            "dim_distillation": "relational",
-            "dim_distillation_weight": 0.05,
-        },
-    },
-    "prior4_cosine": {
-        "wrapper": "Matryoshka2dLoss",
-        "dims": DIMS,
-        "wrapper_args": {**ALL, "prior_layers_weight": 4, "distillation": "cosine"},
-    },
+    "prior4_relational_dims005": all_pairs(
+        prior_layers_weight=4,
+        distillation="relational",
+        dim_distillation="relational",
+        dim_distillation_weight=0.05,
+    ),
+    "prior4_cosine": all_pairs(prior_layers_weight=4, distillation="cosine"),
 }
 
 
