@@ -139,6 +139,16 @@ class Encoder(abc.ABC):
             )
         return dict(encoded)
 
+    def pad(self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int]) -> dict:
+        """int64 arrays for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to their longest.
+
+        Pads like the tokenizer (``pad_token_id``, attention mask 0, token type 0, on its padding side)
+        without touching the shared tokenizer, so it is safe from any number of threads. A backend may
+        return its own array type (the torch model returns tensors).
+        """
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left)
+
     @abc.abstractmethod
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.

@@ -327,14 +327,8 @@ class EmbeddingModel(nn.Module, Encoder):
     def pad(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int]
     ) -> dict[str, torch.Tensor]:
-        """Tensors for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to the longest row.
-
-        Pads like the tokenizer (``pad_token_id``, attention mask 0, token type 0, on its padding side)
-        without touching the shared tokenizer, so it is safe from any number of threads.
-        """
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        arrays = pad_rows(encoded, rows, self.tokenizer.pad_token_id, left)
-        return {key: torch.from_numpy(array) for key, array in arrays.items()}
+        """:meth:`Encoder.pad <matryoshka2d.encoder.Encoder.pad>` as torch tensors (thread-safe)."""
+        return {key: torch.from_numpy(array) for key, array in super().pad(encoded, rows).items()}
 
     def forward(
         self, features: dict[str, torch.Tensor], layers: Iterable[int] | None = None

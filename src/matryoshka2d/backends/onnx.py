@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matryoshka2d.encoder import Encoder, pad_rows, sort_longest_first
+from matryoshka2d.encoder import Encoder, sort_longest_first
 from matryoshka2d.export.onnx import (
     exit_output_name,
     export_onnx,
@@ -145,12 +145,6 @@ class OnnxEncoder(Encoder):
         """Tokenise a batch, truncated to ``max_seq_length``: numpy arrays if ``padding``, else lists."""
         encoded = self._run_tokenizer(texts, padding, "np")
         return {key: value for key, value in encoded.items() if key in self.input_names}
-
-    def pad(self, encoded: dict, rows: Sequence[int]) -> dict[str, np.ndarray]:
-        """int64 arrays for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to the longest
-        row like the tokenizer would, without touching the shared tokenizer (safe from any thread)."""
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left)
 
     def forward(
         self, features: dict[str, np.ndarray], layers: Sequence[int] | None = None
