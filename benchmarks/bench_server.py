@@ -41,6 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, minilm_path, stsb_sentences  # noqa: E402
 
+from matryoshka2d.serving.runner import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 INFINITY_VENV = Path(os.environ.get("INFINITY_VENV", "/work/bench-venvs/infinity"))
 ONNX_DIR = Path(os.environ.get("INFINITY_ONNX_DIR", "/work/bench-venvs/models/minilm-onnx"))
@@ -202,14 +204,6 @@ def run_load(
 
 
 # ---------------------------------------------------------------- servers
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def thread_env() -> dict:
     return {
         **os.environ,
