@@ -6,10 +6,11 @@ size and thread count, ``--repeats`` times; the median time gives sentences/s. E
 Spearman (x 100, cosine) comes from the embeddings of its own timed run.
 
 - sentence-transformers: torch fp32; torch after ``model.to(torch.bfloat16)``; ``backend="onnx"``; ONNX
-  int8 from ``export_dynamic_quantized_onnx_model(model, "avx512_vnni")``. Its ONNX backend needs
-  optimum-onnx, which requires transformers < 4.58, so those two run with ``--st-onnx-python``: a
-  separate environment (sentence-transformers 5.1.2, transformers 4.57.6, optimum-onnx 0.1.0, the same
-  torch and onnxruntime); without it they are skipped.
+  int8 from ``export_dynamic_quantized_onnx_model(model, preset)``, with the preset ours picks for this
+  CPU (avx512_vnni on Zen 5, avx2 without AVX-512). Its ONNX backend needs optimum-onnx, which requires
+  transformers < 4.58, so those two run with ``--st-onnx-python``: a separate environment
+  (sentence-transformers 5.1.2, transformers 4.57.6, optimum-onnx 0.1.0, the same torch and
+  onnxruntime); without it they are skipped.
 - matryoshka2d: ``load_encoder(backend=torch|onnx|onnx-int8, dtype=float32|bfloat16)`` at 6, 3 and 1
   layers of one loaded model.
 
@@ -145,17 +146,22 @@ def folder_mib(path: Path, pattern: str = "*") -> float:
 
 
 def prepare_st_onnx(python: str, model: Path, name: str) -> tuple[str, str]:
-    """sentence-transformers' own ONNX export and avx512_vnni int8 file of ``model`` (cached)."""
+    """sentence-transformers' own ONNX export and int8 file of ``model`` (cached), with the int8 preset of
+    this CPU (the one our ``onnx-int8`` picks: avx512_vnni on Zen 5, avx2 on a CPU without AVX-512)."""
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from matryoshka2d.export.onnx import int8_preset
+
+    preset = int8_preset()
     folder = WORK / f"st-onnx-{name}"
-    int8 = "onnx/model_qint8_avx512_vnni.onnx"
+    int8 = f"onnx/model_qint8_{preset}.onnx"
     if not (folder / int8).is_file():
         script = (
             "import sys; from sentence_transformers import SentenceTransformer, "
             "export_dynamic_quantized_onnx_model as q\n"
             "m = SentenceTransformer(sys.argv[1], backend='onnx', device='cpu'); m.save(sys.argv[2])\n"
-            "q(m, 'avx512_vnni', sys.argv[2])\n"
+            "q(m, sys.argv[3], sys.argv[2])\n"
         )
-        subprocess.run([python, "-c", script, str(model), str(folder)], check=True)
+        subprocess.run([python, "-c", script, str(model), str(folder), preset], check=True)
     return str(folder), int8
 
 

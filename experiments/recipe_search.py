@@ -60,6 +60,16 @@ CANDIDATES: dict[str, dict] = {
         dim_distillation_weight=0.05,
     ),
     "prior4_cosine": all_pairs(prior_layers_weight=4, distillation="cosine"),
+    # The relational term's weight and temperature (v2 uses weight 1, T = 0.05), and the dims axis through
+    # the prefix weights (v2: 1 each): twice the weight on 64 and 32 dims.
+    "prior4_relational_w05": all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=0.5),
+    "prior4_relational_w2": all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=2),
+    "prior4_relational_t01": all_pairs(
+        prior_layers_weight=4, distillation="relational", relational_temperature=0.1
+    ),
+    "prior4_relational_small2": all_pairs(
+        prior_layers_weight=4, distillation="relational", weights=[1, 1, 1, 2, 2]
+    ),
 }
 
 
