@@ -147,14 +147,18 @@ def folder_mib(path: Path, pattern: str = "*") -> float:
 
 def prepare_st_onnx(python: str, model: Path, name: str) -> tuple[str, str]:
     """sentence-transformers' own ONNX export and int8 file of ``model`` (cached), with the int8 preset of
-    this CPU (the one our ``onnx-int8`` picks: avx512_vnni on Zen 5, avx2 on a CPU without AVX-512)."""
+    this CPU (the one our ``onnx-int8`` picks: avx512_vnni on Zen 5, avx2 on a CPU without AVX-512).
+
+    Its file is named after the preset's weight type (``model_qint8_avx512_vnni.onnx``,
+    ``model_quint8_avx2.onnx``: optimum's avx2 preset quantises weights to uint8).
+    """
     sys.path.insert(0, str(HERE.parent / "src"))
     from matryoshka2d.export.onnx import int8_preset
 
     preset = int8_preset()
     folder = WORK / f"st-onnx-{name}"
-    int8 = f"onnx/model_qint8_{preset}.onnx"
-    if not (folder / int8).is_file():
+    found = sorted((folder / "onnx").glob(f"model_q*int8_{preset}.onnx"))
+    if not found:
         script = (
             "import sys; from sentence_transformers import SentenceTransformer, "
             "export_dynamic_quantized_onnx_model as q\n"
@@ -162,7 +166,10 @@ def prepare_st_onnx(python: str, model: Path, name: str) -> tuple[str, str]:
             "q(m, sys.argv[3], sys.argv[2])\n"
         )
         subprocess.run([python, "-c", script, str(model), str(folder), preset], check=True)
-    return str(folder), int8
+        found = sorted((folder / "onnx").glob(f"model_q*int8_{preset}.onnx"))
+    if not found:
+        raise RuntimeError(f"sentence-transformers wrote no int8 file for preset {preset} in {folder}/onnx")
+    return str(folder), str(found[0].relative_to(folder))
 
 
 def main() -> None:

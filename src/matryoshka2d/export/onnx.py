@@ -35,9 +35,12 @@ EXITS_KEY = "matryoshka2d.exits"
 LAST_HIDDEN_STATE = "last_hidden_state"
 OPSET = 17
 
-#: int8 presets (named like optimum's / sentence-transformers' ``AutoQuantizationConfig`` presets, which
-#: name the quantised file ``model_qint8_<preset>.onnx``): CPU flags -> ``reduce_range``. Without VNNI,
-#: int8 products can saturate int16 accumulators, so weights use 7 bits (reduce_range=True).
+#: int8 presets, named like optimum's / sentence-transformers' ``AutoQuantizationConfig`` presets (the file
+#: is ``model_qint8_<preset>.onnx``, sentence-transformers' name for int8 weights): CPU flags ->
+#: ``reduce_range``. Weights are always signed int8, per channel. Without VNNI, u8 x s8 products can
+#: saturate the int16 intermediate sums, so weights use 7 bits (reduce_range=True); optimum's avx2 preset
+#: avoids it with uint8 weights instead (``model_quint8_avx2.onnx``). See docs/BENCHMARKS.md for both on
+#: an AVX2 CPU.
 INT8_PRESETS = {"avx512_vnni": False, "avx512": True, "avx2": True, "arm64": False}
 
 
