@@ -70,6 +70,14 @@ CANDIDATES: dict[str, dict] = {
     "prior4_relational_small2": all_pairs(
         prior_layers_weight=4, distillation="relational", weights=[1, 1, 1, 2, 2]
     ),
+    # The dims axis with more data: v2 plus STSB train pairs with CoSENT as a second task (issue 12 item 2;
+    # a path relative to the data folder).
+    "prior4_relational_stsb": {
+        **all_pairs(prior_layers_weight=4, distillation="relational"),
+        "extra_tasks": [{"train_data": "stsb/train.tsv", "loss": "cosent", "label_range": [0, 5]}],
+    },
+    # The dims axis with a longer schedule: v2 for 2 epochs (366 steps).
+    "prior4_relational_2ep": {**all_pairs(prior_layers_weight=4, distillation="relational"), "epochs": 2},
 }
 
 
@@ -107,6 +115,11 @@ def main() -> None:
         entry = json.loads(cached.read_text()) if cached.is_file() else None
         if entry is None or ("grid" not in entry and not args.validation_only):
             overrides = {**CANDIDATES[name], "seed": args.seed}
+            if "extra_tasks" in overrides:  # their data paths are relative to the data folder
+                overrides["extra_tasks"] = [
+                    {**task, "train_data": str(root / task["train_data"])}
+                    for task in overrides["extra_tasks"]
+                ]
             if args.steps:
                 overrides["steps"] = args.steps
             folder, seconds = train(overrides, base, root, work)

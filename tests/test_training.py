@@ -402,6 +402,95 @@ def test_training_errors(workdir, tmp_path):
         Trainer(config(workdir, tmp_path / "o", batch_size=64)).train()
 
 
+# ---------------------------------------------------------------------------------------- extra tasks
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ({"train_data": "x.tsv"}, "expected a JSON list"),
+        (["x.tsv"], r"'extra_tasks' item 0: expected a mapping"),
+        ([{"train_data": "x.tsv"}], r"'extra_tasks' item 0: 'loss' is required"),
+        ([{"loss": "cosent"}], r"'extra_tasks' item 0: 'train_data' is required"),
+        ([{"train_data": "x.tsv", "loss": "cosent", "lr": 1}], r"item 0: unknown key 'lr' \(keys: "),
+        ([{"train_data": "x.tsv", "loss": "cosent", "label_range": [5, 0]}], r"item 0: .*low < high"),
+        (
+            [{"train_data": "x.tsv", "loss": "cosent", "max_rows": 0}],
+            r"item 0: option 'max_rows' must be >= 1",
+        ),
+    ],
+)
+def test_extra_task_errors_name_the_item(tasks, message):
+    with pytest.raises(InvalidInputError, match=message):
+        TrainConfig.from_dict(
+            {"model": "m", "train_data": ["a.tsv"], "output_dir": "out", "extra_tasks": tasks}
+        )
+
+
+def test_extra_tasks_flag_takes_json(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "m", "--train-data", "a.tsv", "--output-dir", "o", "--extra-tasks"]
+        + ['[{"train_data": "b.tsv", "loss": "cosent", "max_rows": "10"}]']
+    )
+    cfg = config_from_args(args)
+    assert cfg.extra_tasks == [{"train_data": ["b.tsv"], "loss": "cosent", "max_rows": 10}]
+    task = cfg.task_config(cfg.extra_tasks[0])
+    assert (task.train_data, task.loss, task.max_rows, task.label_range) == (["b.tsv"], "cosent", 10, None)
+    assert (task.wrapper, task.extra_tasks) == (cfg.wrapper, [])
+
+
+def sts_task(workdir: Path, **options) -> dict:
+    return {"train_data": str(workdir / "sts.tsv"), "loss": "cosent", "label_range": [0, 5], **options}
+
+
+def test_extra_task_trains_its_loss_on_its_batches(workdir, tmp_path):
+    """Triplets with MNRL plus scored pairs with CoSENT: each batch from one task, every batch of both."""
+    out = tmp_path / "model"
+    cfg = config(workdir, out, steps=None, epochs=1, wrapper="2d", extra_tasks=[sts_task(workdir)])
+    trainer = Trainer(cfg)
+    trainer.train()
+    per_task = [task.stream.batches_per_epoch() for task in trainer.tasks]
+    assert per_task[1] == 6 and trainer.total_steps == sum(per_task)  # 24 scored pairs in batches of 4
+    meta = json.loads((out / "matryoshka2d.json").read_text())["training"]
+    assert meta["task_batches"] == {"0": per_task[0], "1": per_task[1]}
+    assert meta["extra_tasks"][0]["loss"]["base"]["name"] == "CoSENTLoss"
+    assert meta["extra_tasks"][0]["loss"]["name"] == "Matryoshka2dLoss"  # the main task's wrapper
+    assert meta["extra_tasks"][0]["data"]["label_column"] == "score"
+    card = (out / "README.md").read_text()
+    assert (
+        f"- task 1: `{workdir / 'sts.tsv'}` (24 rows); columns sentence1, sentence2, label score; CoSENTLoss"
+        in card
+    )
+    # The extra task changes the result (its batches are trained, not skipped).
+    alone = Trainer(config(workdir, tmp_path / "alone", steps=per_task[0], wrapper="2d"))
+    alone.train()
+    assert max_abs_diff(weights(out), weights(tmp_path / "alone")) > 1e-4
+
+
+def test_extra_task_errors_at_start(workdir, tmp_path):
+    with pytest.raises(Matryoshka2dError, match="extra_tasks item 0: .*needs a label per row"):
+        task = {"train_data": str(workdir / "triplets.tsv"), "loss": "cosent"}
+        Trainer(config(workdir, tmp_path / "o", extra_tasks=[task])).train()
+    with pytest.raises(InvalidInputError, match="extra_tasks item 0: the training data has 24 rows, fewer"):
+        Trainer(config(workdir, tmp_path / "o", batch_size=25, extra_tasks=[sts_task(workdir)])).train()
+
+
+def test_extra_task_resume_is_exact(workdir, tmp_path):
+    """12 steps straight == 5 steps, then resume for 7 more (both tasks' positions and the task order)."""
+    options = dict(steps=12, save_steps=5, extra_tasks=[sts_task(workdir)], wrapper="2d")
+    straight = Trainer(config(workdir, tmp_path / "straight", **options))
+    straight.train()
+    Trainer(config(workdir, tmp_path / "split", stop_at=5, **options)).train()
+    resumed = Trainer(config(workdir, tmp_path / "split", resume="latest", **options))
+    resumed.train()
+    assert max_abs_diff(weights(tmp_path / "straight"), weights(tmp_path / "split")) <= 1e-6
+    assert resumed.task_counts == straight.task_counts and set(straight.task_counts) == {0, 1}
+    # A checkpoint of a run without the extra task is another run's.
+    Trainer(config(workdir, tmp_path / "single", stop_at=5, steps=12, save_steps=5, wrapper="2d")).train()
+    with pytest.raises(Matryoshka2dError, match="belongs to another run"):
+        Trainer(config(workdir, tmp_path / "single", resume="latest", **options)).train()
+
+
 def test_cli_listed_columns_use_the_score_column(workdir, tmp_path):
     argv = ["train", "--model", str(workdir / "model"), "--train-data", str(workdir / "sts.tsv")]
     argv += ["--columns", "sentence1,sentence2", "--loss", "cosent", "--steps", "1", "--batch-size", "4"]

@@ -9,6 +9,7 @@ import pytest
 from matryoshka2d.errors import DataFileError, InvalidInputError
 from matryoshka2d.training.data import (
     BatchStream,
+    TaskMixer,
     TrainingData,
     load_training_data,
     parse_hub_source,
@@ -329,3 +330,43 @@ def test_stream_needs_enough_rows():
         BatchStream(make_data(10), 4, num_replicas=3, rank=0)
     with pytest.raises(InvalidInputError, match="batch_size"):
         BatchStream(make_data(10), 0)
+
+
+# ---------------------------------------------------------------------------------------- several tasks
+def test_mixer_of_one_task_is_that_task_s_stream():
+    data = make_data(30)
+    mixed = take(TaskMixer([BatchStream(data, 4, seed=5)], seed=5), 17)
+    assert [task for task, _ in mixed] == [0] * 17
+    assert [batch for _, batch in mixed] == take(BatchStream(data, 4, seed=5), 17)
+
+
+def test_mixer_takes_every_batch_of_every_task_each_epoch_in_proportion():
+    big, small = make_data(40), make_data(16)  # 10 and 4 batches of 4 per epoch
+    streams = lambda: [BatchStream(big, 4, seed=1), BatchStream(small, 4, seed=1)]  # noqa: E731
+    two_epochs = take(TaskMixer(streams(), seed=1), 28)
+    for epoch in (two_epochs[:14], two_epochs[14:]):
+        assert [task for task, _ in epoch].count(0) == 10 and [task for task, _ in epoch].count(1) == 4
+        for t, rows in ((0, 40), (1, 16)):  # each task's own epoch: every row once
+            assert sorted(i for task, batch in epoch if task == t for i in batch) == list(range(rows))
+    tasks = [task for task, _ in two_epochs]
+    assert tasks[:14] != sorted(tasks[:14]) and tasks[:14] != tasks[14:]  # interleaved, new order per epoch
+    # The task order depends on the seed only; each task's batches are its own stream's.
+    assert two_epochs == take(TaskMixer(streams(), seed=1), 28)
+    assert [b for t, b in two_epochs if t == 1] == take(BatchStream(small, 4, seed=1), 8)
+    assert [t for t, _ in take(TaskMixer(streams(), seed=2), 14)] != tasks[:14]
+
+
+def test_mixer_resumes_from_its_state():
+    big, small = make_data(40), make_data(16)
+    streams = lambda: [BatchStream(big, 4, seed=3), BatchStream(small, 4, seed=3, no_duplicates=True)]  # noqa: E731
+    straight = take(TaskMixer(streams(), seed=3), 30)  # crosses two epoch boundaries
+    first = TaskMixer(streams(), seed=3)
+    head = take(first, 11)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = TaskMixer(streams(), seed=3)
+    resumed.load_state_dict(state)
+    assert head + take(resumed, 19) == straight
+    with pytest.raises(InvalidInputError, match="made with 2 training task"):
+        TaskMixer([BatchStream(big, 4, seed=3)], seed=3).load_state_dict(state)
+    with pytest.raises(InvalidInputError, match="seed=3"):
+        TaskMixer(streams(), seed=4).load_state_dict(state)

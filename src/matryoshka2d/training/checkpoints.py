@@ -125,6 +125,11 @@ def run_identity(
     identity = {group: {name: values[name] for name in names} for group, names in RUN_OPTIONS.items()}
     identity["model"]["model"] = _normal_source(identity["model"]["model"])
     identity["data"]["train_data"] = [_normal_source(s) for s in identity["data"]["train_data"]]
+    if values.get("extra_tasks"):  # only when set: runs without extra tasks keep their earlier identity
+        identity["data"]["extra_tasks"] = [
+            {**task, "train_data": [_normal_source(s) for s in task["train_data"]]}
+            for task in values["extra_tasks"]
+        ]
     if loss is not None:
         identity["loss"] = {"object": json.loads(json.dumps(loss, default=str))}
     if data is not None:

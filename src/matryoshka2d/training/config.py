@@ -10,6 +10,7 @@ option.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -65,6 +66,13 @@ class TrainConfig:
         "rescale labels from [low, high] to [0, 1] (e.g. [0, 5] for STSB with CosineSimilarityLoss)",
     )
     max_rows: int | None = _option(None, "int", "use only the first N rows of each training source")
+    extra_tasks: list[dict] = _option(
+        [],
+        "json",
+        "more training tasks as a JSON list of {train_data, loss, and optionally loss_args, columns, "
+        "label_column, label_range, max_rows}; every batch comes from one task, the tasks in proportion to "
+        "their batches; each task's loss gets the same wrapper",
+    )
     # -- loss
     loss: str = _option(
         "MultipleNegativesRankingLoss",
@@ -247,6 +255,52 @@ class TrainConfig:
                 )
             if not low_high[0] < low_high[1]:
                 raise InvalidInputError(f"option 'label_range' must have low < high, got {list(low_high)}")
+        self.extra_tasks = [self._parse_task(i, task) for i, task in enumerate(self.extra_tasks)]
+
+    def _parse_task(self, index: int, task: Any) -> dict[str, Any]:
+        """One ``extra_tasks`` entry, parsed and checked like the options of the same names."""
+        where = f"option 'extra_tasks' item {index}"
+        if not isinstance(task, Mapping):
+            raise InvalidInputError(
+                f"{where}: expected a mapping like {{train_data: ..., loss: ...}}, got {task!r}"
+            )
+        known = {f.name: f for f in dataclasses.fields(self) if f.name in TASK_OPTIONS}
+        parsed: dict[str, Any] = {}
+        for key, value in task.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise InvalidInputError(f"{where}: unknown key {key!r} (keys: {list(TASK_OPTIONS)})")
+            try:
+                parsed[name] = parse_option(known[name], value)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{where}: {e}") from None
+        for name in ("train_data", "loss"):
+            if not parsed.get(name):
+                raise InvalidInputError(f"{where}: {name!r} is required")
+        try:
+            # The task's own values checked by the same rules as the main task's options.
+            self.task_config(parsed).validate()
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{where}: {e}") from None
+        return parsed
+
+    def task_config(self, task: Mapping[str, Any]) -> TrainConfig:
+        """This config with one ``extra_tasks`` entry's data and loss options (unset ones: their defaults)."""
+        defaults = TrainConfig(**{n: getattr(self, n) for n in ("model", "output_dir")})
+        values = {name: copy.deepcopy(task.get(name, getattr(defaults, name))) for name in TASK_OPTIONS}
+        return dataclasses.replace(self, **values, extra_tasks=[])
+
+
+#: The keys of an ``extra_tasks`` entry: the data and base-loss options of the main task.
+TASK_OPTIONS = (
+    "train_data",
+    "loss",
+    "loss_args",
+    "columns",
+    "label_column",
+    "label_range",
+    "max_rows",
+)
 
 
 def parse_option(spec: dataclasses.Field, value: Any) -> Any:

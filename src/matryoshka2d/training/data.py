@@ -439,3 +439,79 @@ class BatchStream:
                 )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class TaskMixer:
+    """Endless, seeded stream of ``(task, batch)`` over several tasks' :class:`BatchStream`, resumable.
+
+    Every batch comes from one task. Each epoch holds every batch of every task's epoch once, the tasks in
+    a seeded random order (seeded by ``(seed, epoch)``), so each task is sampled in proportion to its number
+    of batches (sentence-transformers' proportional multi-dataset sampler). With one task it yields that
+    task's batches in their own order.
+
+    Args:
+        streams: one batch stream per task (task 0 first).
+        seed: seed of the task order.
+    """
+
+    def __init__(self, streams: Sequence[BatchStream], seed: int = 0) -> None:
+        if not streams:
+            raise InvalidInputError("TaskMixer needs at least one task")
+        self.streams = list(streams)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
+        self._cache: tuple[int, list[int]] | None = None
+
+    def epoch_tasks(self, epoch: int) -> list[int]:
+        """The task of each batch of one epoch, in order."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        tasks = [t for t, stream in enumerate(self.streams) for _ in stream.epoch_batches(epoch)]
+        if len(self.streams) > 1:
+            order = np.random.default_rng([self.seed, epoch, len(self.streams)]).permutation(len(tasks))
+            tasks = [tasks[i] for i in order]
+        self._cache = (epoch, tasks)
+        return tasks
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        # Each task's stream is at the same epoch as the mixer: an epoch takes exactly its batches.
+        iterators = [iter(stream) for stream in self.streams]
+        while True:
+            tasks = self.epoch_tasks(self.epoch)
+            while self.position < len(tasks):
+                task = tasks[self.position]
+                self.position += 1
+                yield task, next(iterators[task])
+            self.epoch += 1
+            self.position = 0
+
+    def batches_per_epoch(self) -> int:
+        """Batches of every task in the first epoch."""
+        return len(self.epoch_tasks(0))
+
+    def state_dict(self) -> dict:
+        """The position to resume from: the mixer's and every task stream's."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "streams": [stream.state_dict() for stream in self.streams],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from a saved position (same tasks and settings, or the batches would differ)."""
+        streams = state.get("streams", [])
+        if len(streams) != len(self.streams):
+            raise InvalidInputError(
+                f"cannot resume: the checkpoint was made with {len(streams)} training task(s), now "
+                f"{len(self.streams)}; resume with the same extra_tasks"
+            )
+        if state.get("seed", self.seed) != self.seed:
+            raise InvalidInputError(
+                f"cannot resume: the checkpoint was made with seed={state['seed']!r}, now {self.seed!r}"
+            )
+        for stream, saved in zip(self.streams, streams):
+            stream.load_state_dict(saved)
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

@@ -55,6 +55,7 @@ def training_model_card(model: EmbeddingModel, summary: Mapping[str, Any]) -> st
         "## Loss",
         "",
         *_describe_loss(loss),
+        *_describe_extra_tasks(summary.get("extra_tasks") or [], summary.get("task_batches") or {}),
         "",
         f"- trained dims: {dims if dims else f'{model.dim} (full size only)'}",
         "- trained layer counts (times computed): "
@@ -99,3 +100,19 @@ def training_model_card(model: EmbeddingModel, summary: Mapping[str, Any]) -> st
         "",
     ]
     return "\n".join(lines)
+
+
+def _describe_extra_tasks(tasks: list[Mapping[str, Any]], batches: Mapping[str, int]) -> list[str]:
+    """Markdown lines for the ``extra_tasks`` of a run (its data, base loss and batches trained)."""
+    lines = []
+    if tasks:
+        lines += ["", f"Main task: {batches.get('0', 0)} batches. Extra tasks (each batch from one task):"]
+    for i, task in enumerate(tasks, start=1):
+        data, base = task["data"], task["loss"].get("base", task["loss"])
+        sources = ", ".join(f"`{s['source']}` ({s['rows']} rows)" for s in data["sources"])
+        label = f", label {data['label_column']}" if data.get("label_column") else ""
+        lines.append(
+            f"- task {i}: {sources}; columns {', '.join(data['columns'])}{label}; "
+            f"{base.get('name', '?')}; {batches.get(str(i), 0)} batches"
+        )
+    return lines

@@ -67,6 +67,7 @@ def run_inputs(config: TrainConfig, resume: bool = True) -> list[str]:
     """The paths a run reads: base model, training and evaluation data, config file and (if ``resume``)
     the checkpoint it resumes from (which lies in the checkpoint folder, so that check leaves it out)."""
     inputs = [config.model, *config.train_data, config.eval_data]
+    inputs += [source for task in config.extra_tasks for source in task["train_data"]]
     source = getattr(config, "source_file", None)
     if source is not None:
         inputs.append(str(source))

@@ -77,7 +77,7 @@ from matryoshka2d.training.checkpoints import (
     set_rng_state,
 )
 from matryoshka2d.training.config import TrainConfig, add_train_arguments, config_from_args
-from matryoshka2d.training.data import BatchStream, TrainingData, load_training_data
+from matryoshka2d.training.data import BatchStream, TaskMixer, TrainingData, load_training_data
 from matryoshka2d.training.loss_factory import build_loss, default_dims, loss_config
 from matryoshka2d.training.model_card import training_model_card
 from matryoshka2d.training.run_guard import (
@@ -99,6 +99,16 @@ __all__ = [
     "list_checkpoints",
     "run_train",
 ]
+
+
+@dataclass
+class Task:
+    """One training task: its rows, its loss (the wrapper around its base loss) and its batch stream."""
+
+    data: TrainingData
+    loss: nn.Module
+    needs_labels: bool
+    stream: BatchStream
 
 
 @dataclass
@@ -350,18 +360,22 @@ class Trainer:
         number streams depend on it), and the counters of a run at step 0."""
         self.model, self.loss = self._build_model_and_loss(resumed)
         self.data, self.stream = self._build_data()
+        self.tasks = [Task(self.data, self.loss, self.needs_labels, self.stream), *self._build_extra_tasks()]
+        #: Which task each batch comes from (one task: that task's batches in their own order).
+        self.mixer = TaskMixer([task.stream for task in self.tasks], self.config.seed)
         self._build_optimizer()
         self.step = 0
         self.log_history.clear()
         self.eval_history.clear()
         self.layer_counts: Counter[int] = Counter()
+        self.task_counts: Counter[int] = Counter()  # batches taken from each task
         cfg = self.config
         self.base_model = cfg.model if resumed is None else resumed.state.get("base_model", cfg.model)
         self.window: list[float] = []  # step losses since the last log entry
         self.last_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.train_time, self.train_steps = 0.0, 0
-        self.batches = iter(self.stream)
+        self.batches = iter(self.mixer)
 
     def _build_model_and_loss(self, resumed: LoadedCheckpoint | None) -> tuple[EmbeddingModel, nn.Module]:
         cfg = self.config
@@ -388,7 +402,7 @@ class Trainer:
 
     def _build_data(self) -> tuple[TrainingData, BatchStream]:
         """The training rows (checked against the loss), the evaluation set, this process's batch stream."""
-        cfg, accelerator = self.config, self.accelerator
+        cfg = self.config
         data = self._given_data
         if data is None:
             data = load_training_data(
@@ -406,9 +420,14 @@ class Trainer:
 
             self.eval_data = load_sts(cfg.eval_data)
             self.eval_axes = self._eval_grid_axes(self.model, self.trained_dims)
-        in_batch = bool(getattr(self.loss, "in_batch_negatives", False))
+        return data, self._stream(data, self.loss)
+
+    def _stream(self, data: TrainingData, loss: nn.Module) -> BatchStream:
+        """This process's batch stream over ``data`` (distinct texts per batch for in-batch negatives)."""
+        cfg, accelerator = self.config, self.accelerator
+        in_batch = bool(getattr(loss, "in_batch_negatives", False))
         no_duplicates = in_batch if cfg.no_duplicates is None else cfg.no_duplicates
-        stream = BatchStream(
+        return BatchStream(
             data,
             cfg.batch_size,
             cfg.seed,
@@ -416,7 +435,27 @@ class Trainer:
             accelerator.num_processes,
             accelerator.process_index,
         )
-        return data, stream
+
+    def _build_extra_tasks(self) -> list[Task]:
+        """The ``extra_tasks``: each with its own data and base loss, wrapped like the main task's."""
+        tasks = []
+        for index, options in enumerate(self.config.extra_tasks):
+            cfg = self.config.task_config(options)
+            loss = build_loss(cfg, self.model)
+            check = getattr(loss, "check_model", None)
+            if callable(check):
+                check(self.model)
+            needs_labels = bool(getattr(loss, "needs_labels", False))
+            try:
+                data = load_training_data(
+                    cfg.train_data, cfg.columns, cfg.label_column, needs_labels, cfg.label_range, cfg.max_rows
+                )
+                self._check_data(loss, data, needs_labels)
+                stream = self._stream(data, loss)
+            except Matryoshka2dError as e:  # every subclass takes one message
+                raise type(e)(f"extra_tasks item {index}: {e}") from None
+            tasks.append(Task(data, loss, needs_labels, stream))
+        return tasks
 
     def _build_optimizer(self) -> None:
         """Step counts, AdamW with linear warmup and decay, and accelerate's wrapping (DDP, precision)."""
@@ -425,7 +464,7 @@ class Trainer:
         cfg = self.config
         self.accum = cfg.gradient_accumulation_steps
         self.total_steps = cfg.steps or max(
-            1, math.ceil(cfg.epochs * self.stream.batches_per_epoch() / self.accum)
+            1, math.ceil(cfg.epochs * self.mixer.batches_per_epoch() / self.accum)
         )
         self.stop_at = min(cfg.stop_at or self.total_steps, self.total_steps)
         warmup = (
@@ -437,10 +476,12 @@ class Trainer:
         optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate)
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
         self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        self.loss.to(self.device)
+        for task in self.tasks:
+            task.loss.to(self.device)
 
-    def _check_data(self, loss: nn.Module, data: TrainingData) -> None:
-        if self.needs_labels and (data.labels is None or len(data.columns) != 2):
+    def _check_data(self, loss: nn.Module, data: TrainingData, needs_labels: bool | None = None) -> None:
+        needs_labels = self.needs_labels if needs_labels is None else needs_labels
+        if needs_labels and (data.labels is None or len(data.columns) != 2):
             raise InvalidInputError(
                 f"{type(loss).__name__} needs scored pairs: two text columns and a label, got columns "
                 f"{data.columns} and label {data.label_column!r}"
@@ -478,7 +519,12 @@ class Trainer:
         self.scheduler.load_state_dict(resumed.scheduler)
         if self.accelerator.scaler is not None and resumed.scaler is not None:
             self.accelerator.scaler.load_state_dict(resumed.scaler)
-        self.stream.load_state_dict(state["sampler"])
+        self.task_counts = Counter({int(k): v for k, v in state.get("task_batches", {}).items()})
+        if "tasks" in state:
+            self.mixer.load_state_dict(state["tasks"])
+        else:  # written before extra_tasks: one task, whose position is the mixer's
+            sampler = state["sampler"]
+            self.mixer.load_state_dict({**sampler, "seed": self.mixer.seed, "streams": [sampler]})
         set_rng_state(resumed.rngs[self.accelerator.process_index])
         self._say(f"resumed from {resumed.path} at step {self.step}")
 
@@ -494,11 +540,21 @@ class Trainer:
             "total_steps": self.total_steps,
             "run_fingerprint": self.fingerprint,
         }
+        if len(self.tasks) > 1:
+            self.meta["extra_tasks"] = [
+                {"data": task.data.describe(), "loss": loss_config(task.loss)} for task in self.tasks[1:]
+            ]
         self._say(
             f"training {self.base_model} on {len(self.data)} rows ({', '.join(self.data.columns)}) with "
             f"{self.meta['loss'].get('name', type(self.loss).__name__)}: {self.total_steps} steps of "
             f"{self.meta['total_batch_size']} rows on {accelerator.num_processes} process(es), {self.device}"
         )
+        for i, task in enumerate(self.tasks[1:], start=1):
+            self._say(
+                f"  + task {i}: {len(task.data)} rows ({', '.join(task.data.columns)}) with "
+                f"{loss_config(task.loss).get('name', type(task.loss).__name__)}, "
+                f"{task.stream.batches_per_epoch()} of the {self.mixer.batches_per_epoch()} batches per epoch"
+            )
         self._bar = tqdm(
             total=self.stop_at,
             initial=self.step,
@@ -535,9 +591,11 @@ class Trainer:
     def _micro_batch(self, last: bool) -> float:
         """Forward and backward of one batch (gradients synchronised across processes only if ``last``)."""
         accelerator, model = self.accelerator, self.model
-        rows = next(self.batches)
+        index, rows = next(self.batches)
+        task = self.tasks[index]
+        self.task_counts[index] += 1
         num_layers = model.num_layers
-        layers = self.loss.layers_for_step(num_layers)
+        layers = task.loss.layers_for_step(num_layers)
         if (
             max(layers) < num_layers
             and accelerator.num_processes > 1
@@ -550,18 +608,18 @@ class Trainer:
         self.layer_counts.update(int(k) for k in layers)
         features = [
             {k: v.to(self.device) for k, v in model.tokenize([column[i] for i in rows]).items()}
-            for column in self.data.texts
+            for column in task.data.texts
         ]
         labels = (
-            torch.tensor([self.data.labels[i] for i in rows], dtype=torch.float32, device=self.device)
-            if self.needs_labels
+            torch.tensor([task.data.labels[i] for i in rows], dtype=torch.float32, device=self.device)
+            if task.needs_labels
             else None
         )
         sync = contextlib.nullcontext() if last else accelerator.no_sync(self.ddp_model)
         with sync:
             with accelerator.autocast():
                 outputs = [self.ddp_model(f, layers=layers) for f in features]
-                value = self.loss(outputs, labels)
+                value = task.loss(outputs, labels)
             if not torch.isfinite(value):
                 raise Matryoshka2dError(
                     f"the loss became {value.item()} at step {self.step + 1}; lower learning_rate or use "
@@ -629,6 +687,8 @@ class Trainer:
             state = {
                 "step": self.step,
                 "sampler": self.stream.state_dict(),
+                "tasks": self.mixer.state_dict(),
+                "task_batches": {str(k): v for k, v in sorted(self.task_counts.items())},
                 "base_model": self.base_model,
                 "run_fingerprint": self.fingerprint,
                 "run": self.identity,
@@ -673,6 +733,11 @@ class Trainer:
             summary = {
                 **self.meta,
                 "trained_layers": {str(k): v for k, v in sorted(self.layer_counts.items())},
+                **(
+                    {"task_batches": {str(k): v for k, v in sorted(self.task_counts.items())}}
+                    if len(self.tasks) > 1
+                    else {}
+                ),
                 "steps": self.step,
                 "final_loss": self.last_loss,
                 "config": cfg.to_dict(),
