@@ -205,6 +205,23 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert model_module.resolve_dtype(torch.bfloat16) == torch.bfloat16
 
 
+def test_bf16_on_a_cpu_that_emulates_it_warns(tiny_model_dir, monkeypatch):
+    import warnings
+
+    from matryoshka2d import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="bfloat16 on this CPU is emulated .*dtype='auto' picks float32"):
+        EmbeddingModel.load(tiny_model_dir, dtype="bfloat16")
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native bf16, float32, and auto: no warning
+        EmbeddingModel.load(tiny_model_dir, dtype="bfloat16")
+        monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+        EmbeddingModel.load(tiny_model_dir, dtype="auto")
+        EmbeddingModel.load(tiny_model_dir)
+
+
 def test_cpu_bf16_detection_reads_cpu_flags():
     from matryoshka2d.model import cpu_has_native_bf16
 

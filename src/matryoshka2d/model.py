@@ -12,6 +12,7 @@ import copy
 import inspect
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def warn_if_emulated_bf16() -> None:
+    """Warn that bfloat16 was asked for on a CPU that only emulates it (much slower than float32)."""
+    if not cpu_has_native_bf16():
+        warnings.warn(
+            "bfloat16 on this CPU is emulated (no avx512_bf16/AMX): measured 5.4x slower than float32 on "
+            "an AVX2 CPU (docs/BENCHMARKS.md); dtype='auto' picks float32 here",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
@@ -210,6 +222,8 @@ class EmbeddingModel(nn.Module, Encoder):
         from transformers import AutoModel, AutoTokenizer
 
         torch_dtype = resolve_dtype(dtype, device)
+        if torch_dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu":
+            warn_if_emulated_bf16()
         folder = resolve_model_path(name_or_path)
         spec: FolderSpec = read_folder_spec(folder)
         try:
