@@ -65,6 +65,7 @@ CANDIDATES: dict[str, dict] = {
     "prior4_relational_w05": all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=0.5),
     "prior4_relational_w2": all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=2),
     "prior4_relational_w4": all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=4),
+    "prior4_relational_w8": all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=8),
     "prior4_relational_t01": all_pairs(
         prior_layers_weight=4, distillation="relational", relational_temperature=0.1
     ),
