@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,6 +300,22 @@ def rescale_labels(labels: list[float], label_range: Sequence[float]) -> list[fl
     return [(x - low) / (high - low) for x in labels]
 
 
+def _resume_epochs(cursor, epoch_items: Callable[[int], list]) -> Iterator:
+    """Yield the items of epoch ``cursor.epoch`` from ``cursor.position`` on, then every later epoch's.
+
+    ``cursor.epoch`` / ``cursor.position`` always point at the next item (what a ``state_dict`` saves),
+    so a stream rebuilt from them continues exactly.
+    """
+    while True:
+        items = epoch_items(cursor.epoch)
+        while cursor.position < len(items):
+            item = items[cursor.position]
+            cursor.position += 1
+            yield item
+        cursor.epoch += 1
+        cursor.position = 0
+
+
 class BatchStream:
     """Endless, seeded stream of row-index batches for one process, resumable at any batch.
 
@@ -400,14 +416,7 @@ class BatchStream:
             batches.append(batch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            batches = self.epoch_batches(self.epoch)
-            while self.position < len(batches):
-                batch = batches[self.position]
-                self.position += 1
-                yield batch
-            self.epoch += 1
-            self.position = 0
+        return _resume_epochs(self, self.epoch_batches)
 
     def batches_per_epoch(self) -> int:
         """Batches this process gets in the first epoch (later epochs differ by a few at most)."""
@@ -477,14 +486,8 @@ class TaskMixer:
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         # Each task's stream is at the same epoch as the mixer: an epoch takes exactly its batches.
         iterators = [iter(stream) for stream in self.streams]
-        while True:
-            tasks = self.epoch_tasks(self.epoch)
-            while self.position < len(tasks):
-                task = tasks[self.position]
-                self.position += 1
-                yield task, next(iterators[task])
-            self.epoch += 1
-            self.position = 0
+        for task in _resume_epochs(self, self.epoch_tasks):
+            yield task, next(iterators[task])
 
     def batches_per_epoch(self) -> int:
         """Batches of every task in the first epoch."""

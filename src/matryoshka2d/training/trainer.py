@@ -101,6 +101,21 @@ __all__ = [
 ]
 
 
+def _checked_loss(loss: nn.Module, model: EmbeddingModel) -> bool:
+    """Check ``loss`` against ``model`` (dims and fixed layers within range); whether it needs labels."""
+    check = getattr(loss, "check_model", None)
+    if callable(check):
+        check(model)
+    return bool(getattr(loss, "needs_labels", False))
+
+
+def _load_data(cfg: TrainConfig, needs_labels: bool) -> TrainingData:
+    """The training rows described by the data options of ``cfg`` (``train_data``, ``columns``, ...)."""
+    return load_training_data(
+        cfg.train_data, cfg.columns, cfg.label_column, needs_labels, cfg.label_range, cfg.max_rows
+    )
+
+
 @dataclass
 class Task:
     """One training task: its rows, its loss (the wrapper around its base loss) and its batch stream."""
@@ -391,10 +406,7 @@ class Trainer:
             if name.startswith("pooler."):
                 param.requires_grad_(False)
         loss = self._given_loss if self._given_loss is not None else build_loss(cfg, model)
-        check = getattr(loss, "check_model", None)
-        if callable(check):
-            check(model)  # dims and fixed layers within the model's range
-        self.needs_labels = bool(getattr(loss, "needs_labels", False))
+        self.needs_labels = _checked_loss(loss, model)
         described = loss_config(loss)
         schedule_dims = {int(d) for _, d in described.get("schedule") or []}
         self.trained_dims = described.get("dims") or sorted(schedule_dims, reverse=True) or None
@@ -403,17 +415,8 @@ class Trainer:
     def _build_data(self) -> tuple[TrainingData, BatchStream]:
         """The training rows (checked against the loss), the evaluation set, this process's batch stream."""
         cfg = self.config
-        data = self._given_data
-        if data is None:
-            data = load_training_data(
-                cfg.train_data,
-                cfg.columns,
-                cfg.label_column,
-                self.needs_labels,
-                cfg.label_range,
-                cfg.max_rows,
-            )
-        self._check_data(self.loss, data)
+        data = self._given_data if self._given_data is not None else _load_data(cfg, self.needs_labels)
+        self._check_data(self.loss, data, self.needs_labels)
         self.eval_data, self.eval_axes = None, None
         if cfg.eval_data:
             from matryoshka2d.data import load_sts
@@ -442,14 +445,9 @@ class Trainer:
         for index, options in enumerate(self.config.extra_tasks):
             cfg = self.config.task_config(options)
             loss = build_loss(cfg, self.model)
-            check = getattr(loss, "check_model", None)
-            if callable(check):
-                check(self.model)
-            needs_labels = bool(getattr(loss, "needs_labels", False))
+            needs_labels = _checked_loss(loss, self.model)
             try:
-                data = load_training_data(
-                    cfg.train_data, cfg.columns, cfg.label_column, needs_labels, cfg.label_range, cfg.max_rows
-                )
+                data = _load_data(cfg, needs_labels)
                 self._check_data(loss, data, needs_labels)
                 stream = self._stream(data, loss)
             except Matryoshka2dError as e:  # every subclass takes one message
@@ -479,8 +477,7 @@ class Trainer:
         for task in self.tasks:
             task.loss.to(self.device)
 
-    def _check_data(self, loss: nn.Module, data: TrainingData, needs_labels: bool | None = None) -> None:
-        needs_labels = self.needs_labels if needs_labels is None else needs_labels
+    def _check_data(self, loss: nn.Module, data: TrainingData, needs_labels: bool) -> None:
         if needs_labels and (data.labels is None or len(data.columns) != 2):
             raise InvalidInputError(
                 f"{type(loss).__name__} needs scored pairs: two text columns and a label, got columns "
@@ -549,10 +546,10 @@ class Trainer:
             f"{self.meta['loss'].get('name', type(self.loss).__name__)}: {self.total_steps} steps of "
             f"{self.meta['total_batch_size']} rows on {accelerator.num_processes} process(es), {self.device}"
         )
-        for i, task in enumerate(self.tasks[1:], start=1):
+        for i, (task, described) in enumerate(zip(self.tasks[1:], self.meta.get("extra_tasks", [])), 1):
             self._say(
                 f"  + task {i}: {len(task.data)} rows ({', '.join(task.data.columns)}) with "
-                f"{loss_config(task.loss).get('name', type(task.loss).__name__)}, "
+                f"{described['loss'].get('name', type(task.loss).__name__)}, "
                 f"{task.stream.batches_per_epoch()} of the {self.mixer.batches_per_epoch()} batches per epoch"
             )
         self._bar = tqdm(
