@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.data import data_dir
-from matryoshka2d.demo.experiment import DIMS, train
+from matryoshka2d.demo.experiment import DIMS, SECOND_TASK, train
 from matryoshka2d.evaluation.sts import GridResult, evaluate_sts
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_write, mark_output_folder
@@ -29,6 +29,12 @@ ALL = {"n_layers_per_step": -1, "n_dims_per_step": -1}
 def all_pairs(**wrapper_args) -> dict:
     """A Matryoshka2dLoss candidate training every (layer, dim) pair each step, plus ``wrapper_args``."""
     return {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": {**ALL, **wrapper_args}}
+
+
+def with_stsb(candidate: dict) -> dict:
+    """``candidate`` plus the demo's second task (STSB train pairs with CoSENT; its path is resolved
+    against the data folder when trained)."""
+    return {**candidate, "extra_tasks": [SECOND_TASK]}
 
 
 CANDIDATES: dict[str, dict] = {
@@ -72,12 +78,19 @@ CANDIDATES: dict[str, dict] = {
     "prior4_relational_small2": all_pairs(
         prior_layers_weight=4, distillation="relational", weights=[1, 1, 1, 2, 2]
     ),
-    # The dims axis with more data: v2 plus STSB train pairs with CoSENT as a second task (issue 12 item 2;
-    # a path relative to the data folder).
-    "prior4_relational_stsb": {
-        **all_pairs(prior_layers_weight=4, distillation="relational"),
-        "extra_tasks": [{"train_data": "stsb/train.tsv", "loss": "cosent", "label_range": [0, 5]}],
-    },
+    # The dims axis with more data: v2 plus STSB train pairs with CoSENT as a second task (issue 12 item 2).
+    "prior4_relational_stsb": with_stsb(all_pairs(prior_layers_weight=4, distillation="relational")),
+    # ... with the heavier relational weights, and the baselines on the same two tasks (a fair comparison).
+    "prior4_relational_w4_stsb": with_stsb(
+        all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=4)
+    ),
+    "prior4_relational_w8_stsb": with_stsb(
+        all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=8)
+    ),
+    "plain_stsb": with_stsb({"wrapper": None}),
+    "2dmse_stsb": with_stsb(
+        {"wrapper": "Matryoshka2dLoss", "dims": DIMS, "wrapper_args": {"include_embedding_layer": True}}
+    ),
     # The dims axis with a longer schedule: v2 for 2 epochs (366 steps).
     "prior4_relational_2ep": {**all_pairs(prior_layers_weight=4, distillation="relational"), "epochs": 2},
 }

@@ -16,7 +16,7 @@ def write_tiny_data(root):
     sts = ["sentence1\tsentence2\tscore"]
     for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1])):
         sts += [f"{a}\t{b}\t{i % 5}", f"{a}\t{a} outside\t{4 + (i % 2) * 0.5}"]
-    for split in ("test", "validation"):
+    for split in ("train", "test", "validation"):
         (root / "stsb" / f"{split}.tsv").write_text("\n".join(sts) + "\n")
     rows = ["anchor\tpositive\tnegative"]
     rows += [f"{a}\t{a} with a dog\t{b}" for a, b in zip(SENTENCES, SENTENCES[3:] + SENTENCES[:3])]
@@ -43,6 +43,10 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
         # speed in the "auto" dtype (bf16 on a CPU with native bf16), grids in float32
         assert entry["speed"]["dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
         assert (entry["training_time_s"] is None) == (key == "untouched")
+        if key != "untouched":  # every run trains on the same two tasks: SNLI triplets and STSB train pairs
+            (task,) = entry["settings"]["extra_tasks"]
+            assert task["loss"] == "cosent"
+            assert task["train_data"] == str(tmp_path / "data" / "stsb" / "train.tsv")
     trained = results["models"]["recommended"]["grid"]["spearman"]
     assert trained != results["models"]["untouched"]["grid"]["spearman"]  # training changed the model
     assert "matryoshka2d recipe (c)" in report.read_text()

@@ -51,6 +51,9 @@ def test_encode_layers_returns_full_size_per_layer():
     out = CountingEncoder().encode_layers(["a", "bb"], layers=[1, 3])
     assert sorted(out) == [1, 3] and out[3].shape == (2, 6)
     np.testing.assert_array_equal(out[3], 3 * out[1])
+    everything = CountingEncoder().encode_layers(["a", "bb"])  # default: every layer count, as documented
+    assert sorted(everything) == [1, 2, 3]
+    np.testing.assert_array_equal(everything[3], out[3])
 
 
 @pytest.mark.parametrize(

@@ -570,8 +570,30 @@ def test_example_configs_are_valid(name):
     minilm = SimpleNamespace(dim=384, num_layers=6)  # the shape of all-MiniLM-L6-v2
     loss = build_loss(cfg, minilm)
     loss.check_model(minilm)
-    assert all(path.startswith("../shared/data/") for path in cfg.train_data + [cfg.eval_data])
+    extra = [path for task in cfg.extra_tasks for path in task["train_data"]]
+    assert all(path.startswith("../shared/data/") for path in cfg.train_data + [cfg.eval_data] + extra)
+    for task in cfg.extra_tasks:  # each task's loss is wrapped like the main one
+        build_loss(cfg.task_config(task), minilm).check_model(minilm)
     assert loss.config()["name"] in ("Matryoshka2dLoss", "MatryoshkaLoss")
+
+
+def test_recommended_example_is_the_demo_recipe():
+    from matryoshka2d.demo.experiment import COMMON, DIMS, RECOMMENDED_WRAPPER_ARGS, SECOND_TASK, second_task
+
+    cfg = TrainConfig.from_yaml(ROOT / "examples" / "nli-mnrl-2d-recommended.yaml")
+    assert cfg.wrapper == "Matryoshka2dLoss" and cfg.dims == DIMS
+    assert cfg.wrapper_args == RECOMMENDED_WRAPPER_ARGS
+    expected = TrainConfig.from_dict(
+        {
+            "model": "m",
+            "output_dir": "o",
+            "train_data": ["t"],
+            "extra_tasks": [second_task(Path("../shared/data"))],
+        }
+    ).extra_tasks
+    assert cfg.extra_tasks == expected and SECOND_TASK["train_data"] == "stsb/train.tsv"
+    for option in ("batch_size", "epochs", "learning_rate", "warmup_ratio", "seed"):
+        assert getattr(cfg, option) == COMMON[option], option
 
 
 def test_training_docs_list_every_option():

@@ -259,7 +259,7 @@ class Encoder(abc.ABC):
             ``{k: float32 array of shape (len(texts), hidden_size)}``.
         """
         texts = check_texts(texts)
-        ks = self._layer_list(list(layers) if layers is not None else None)
+        ks = self._layer_list(list(layers) if layers is not None else range(1, self.num_layers + 1))
         batch_size = check_positive_int(batch_size, "batch_size")
         parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         show = len(texts) > 20 * batch_size if show_progress is None else show_progress

