@@ -34,6 +34,7 @@ from matryoshka2d.errors import InvalidInputError, InvalidLayersError, ModelLoad
 from matryoshka2d.persistence import (
     FolderSpec,
     atomic_directory,
+    check_rotation,
     quiet_transformers,
     read_folder_spec,
     resolve_model_path,
@@ -137,6 +138,8 @@ class EmbeddingModel(nn.Module, Encoder):
             Saved folders keep it, so sentence-transformers reproduces the model's output; ``encode``
             normalises by default either way.
         name_or_path: where the model came from, for reports and model cards.
+        exit_rotations: ``{layer count k: orthogonal (hidden, hidden) matrix R_k}``: layer exit k's pooled
+            embedding x becomes ``R_k x`` before its dims are cut (see :meth:`set_exit_rotations`).
 
     Example:
         >>> model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
@@ -154,6 +157,7 @@ class EmbeddingModel(nn.Module, Encoder):
         do_lower_case: bool = False,
         normalize: bool = True,
         name_or_path: str | None = None,
+        exit_rotations: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if pooling_mode not in POOLING_MODES:
@@ -190,6 +194,8 @@ class EmbeddingModel(nn.Module, Encoder):
         # A fast tokenizer's call may switch its truncation/padding state: not safe from several threads.
         # Only tokenising is serialised; forward passes of any layer count run concurrently.
         self._tokenizer_lock = threading.Lock()
+        self._rotation_buffers: dict[int, str] = {}
+        self.set_exit_rotations(exit_rotations or {})
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -251,6 +257,18 @@ class EmbeddingModel(nn.Module, Encoder):
             normalize=spec.normalize,
             name_or_path=str(name_or_path),
         )
+        rotations = dict(spec.exit_rotations)
+        if spec.output_rotation is not None:
+            if model.num_layers in rotations:
+                raise ModelLoadError(
+                    f"{folder}: layer exit {model.num_layers} is rotated twice (by the Dense module and by "
+                    "exit_rotations.safetensors)"
+                )
+            rotations[model.num_layers] = spec.output_rotation
+        try:
+            model.set_exit_rotations(rotations)
+        except InvalidInputError as e:
+            raise ModelLoadError(f"{folder}: {e}") from None
         model.metadata = spec.metadata or {}
         model.eval()
         if device is not None:
@@ -291,6 +309,7 @@ class EmbeddingModel(nn.Module, Encoder):
         meta = {**self.metadata, **(metadata or {}), "num_layers": self.num_layers, "dim": self.dim}
         card = model_card or default_model_card(self)
         sources = [*inputs, self.name_or_path]  # never replace the folder the weights came from
+        rotations = self.exit_rotations
         with atomic_directory(path, "model", overwrite=overwrite, inputs=sources) as tmp:
             write_folder(
                 tmp,
@@ -304,10 +323,65 @@ class EmbeddingModel(nn.Module, Encoder):
                 model_card=card,
                 do_lower_case=self.do_lower_case,
                 normalize=self.normalize,
+                exit_rotations={k: r for k, r in rotations.items() if k != self.num_layers},
+                output_rotation=rotations.get(self.num_layers),
             )
             if extra_files is not None:
                 extra_files(tmp)
         return path
+
+    # ------------------------------------------------------------------ exit rotations
+    @property
+    def exit_rotations(self) -> dict[int, torch.Tensor]:
+        """``{layer count: rotation}`` of the rotated layer exits (a copy; see :meth:`set_exit_rotations`)."""
+        return {k: self._buffers[name] for k, name in self._rotation_buffers.items()}
+
+    def set_exit_rotations(self, rotations: Mapping[int, torch.Tensor]) -> None:
+        """Replace the exit rotations: layer exit k's pooled embedding x becomes ``R_k x``.
+
+        An orthogonal R_k keeps every cosine of the full-size embedding and only changes which directions
+        the first d dims hold: :func:`~matryoshka2d.exit_rotations.fit_exit_rotations` puts the exit's
+        principal directions first, so that its small dim prefixes keep more. They apply wherever the
+        model encodes (``encode``, grids, search, the server, the ONNX backend) and are saved with it; a
+        :meth:`truncate` to k layers keeps R_k as a sentence-transformers Dense module. Not to be called
+        while another thread encodes.
+
+        Args:
+            rotations: ``{k: orthogonal (hidden_size, hidden_size) matrix}`` for k in ``1..num_layers``;
+                ``{}`` removes every rotation.
+
+        Raises:
+            InvalidInputError: a layer count out of range or a matrix that is not an orthogonal
+                ``(hidden_size, hidden_size)`` matrix.
+        """
+        if not isinstance(rotations, Mapping):
+            raise InvalidInputError(
+                f"exit rotations must be a dict {{layers: matrix}}, got {type(rotations).__name__}"
+            )
+        checked = {}
+        for k, matrix in rotations.items():
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_layers:
+                raise InvalidInputError(
+                    f"exit rotation for layer {k!r}: the model has layers 1..{self.num_layers}"
+                )
+            checked[int(k)] = check_rotation(
+                matrix, self.hidden_size, f"exit rotation for layer {k}", error=InvalidInputError
+            )
+        for name in self._rotation_buffers.values():
+            del self._buffers[name]
+        device = self.device
+        self._rotation_buffers = {}
+        for k in sorted(checked):
+            name = f"exit_rotation_{k}"
+            # Not part of the state dict: the transformer's weights are; rotations are saved on their own.
+            self.register_buffer(name, checked[k].to(device), persistent=False)
+            self._rotation_buffers[k] = name
+
+    def _rotate(self, k: int, pooled: torch.Tensor) -> torch.Tensor:
+        name = self._rotation_buffers.get(k)
+        if name is None:
+            return pooled
+        return pooled @ self._buffers[name].to(pooled.device, torch.float32).T
 
     # ------------------------------------------------------------------ properties
     @property
@@ -359,7 +433,8 @@ class EmbeddingModel(nn.Module, Encoder):
                 any transformer layer). Default: the last layer only.
 
         Returns:
-            ``{k: tensor of shape (batch, hidden_size)}`` for every requested ``k``.
+            ``{k: tensor of shape (batch, hidden_size)}`` for every requested ``k``, rotated where layer
+            exit k has a rotation (:meth:`set_exit_rotations`).
         """
         num_layers = self.num_layers
         wanted = sorted(set(layers)) if layers is not None else [num_layers]
@@ -376,8 +451,12 @@ class EmbeddingModel(nn.Module, Encoder):
         mask = features["attention_mask"]
         # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).
         if not need_all:
-            return {deepest: pool(out.last_hidden_state.float(), mask, self.pooling_mode)}
-        return {k: pool(out.hidden_states[k].float(), mask, self.pooling_mode) for k in wanted}
+            return {
+                deepest: self._rotate(deepest, pool(out.last_hidden_state.float(), mask, self.pooling_mode))
+            }
+        return {
+            k: self._rotate(k, pool(out.hidden_states[k].float(), mask, self.pooling_mode)) for k in wanted
+        }
 
     # ------------------------------------------------------------------ inference
     # iter_encode, encode and encode_layers come from Encoder, built on this one method.
@@ -404,8 +483,9 @@ class EmbeddingModel(nn.Module, Encoder):
         """A standalone copy with only the first ``layers`` layers and output size ``dim``.
 
         Only the kept layers are copied. Saving the result writes ``num_hidden_layers = layers`` in its
-        config and records ``dim`` so that sentence-transformers loading the folder produces the same
-        embeddings as ``self.encode(texts, layers=layers, dim=dim)``.
+        config and records ``dim`` (and the kept exit's rotation, if it has one) as a Dense module so that
+        sentence-transformers loading the folder produces the same embeddings as
+        ``self.encode(texts, layers=layers, dim=dim)``.
         """
         k = check_layers(layers, self.num_layers) if layers is not None else self.num_layers
         d = check_dim(dim, self.dim) if dim is not None else self.dim
@@ -422,6 +502,7 @@ class EmbeddingModel(nn.Module, Encoder):
             # Normalize module so that sentence-transformers gives the same embeddings.
             normalize=True,
             name_or_path=self.name_or_path,
+            exit_rotations={j: r.detach().cpu().clone() for j, r in self.exit_rotations.items() if j <= k},
         )
         model.metadata = {
             **self.metadata,
@@ -456,6 +537,14 @@ def default_model_card(model: EmbeddingModel) -> str:
         lines += [
             "",
             f"Truncated from `{source['model']}` ({source['num_layers']} layers, {source['dim']} dims).",
+        ]
+    rotated = sorted(model.exit_rotations)
+    if rotated:
+        lines += [
+            "",
+            f"Layer exits {', '.join(map(str, rotated))} are rotated to their principal directions "
+            "(matryoshka2d exit rotations: `exit_rotations.safetensors`, and the Dense module for the last "
+            "layer), so their small dim prefixes keep more.",
         ]
     lines += [
         "",

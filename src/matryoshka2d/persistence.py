@@ -6,8 +6,11 @@ transformers folders (a ``config.json`` and weights, no ``modules.json``) load w
 
 matryoshka2d records a dim-truncated export as a Dense module whose weight is the first ``d`` rows of
 the identity matrix (no bias, identity activation) followed by Normalize: sentence-transformers loading
-the folder then produces exactly our "first d dims, re-normalised" embeddings. The loader recognises
-that module and refuses any other Dense module with a clear error.
+the folder then produces exactly our "first d dims, re-normalised" embeddings. A model whose last layer
+exit is rotated (:mod:`matryoshka2d.exit_rotations`) writes the first ``d`` rows of that rotation
+instead. The loader accepts a Dense module of that form (no bias, identity activation, orthonormal
+rows) and refuses any other Dense module with a clear error. Rotations of the other layer exits, which
+sentence-transformers never computes, lie in :data:`EXIT_ROTATIONS_FILE`.
 
 Safe outputs (one rule for every writer): :func:`atomic_directory` and :func:`atomic_write` check their
 target first (:func:`check_output_folder`, :func:`check_output_file`; call these at the start of a long
@@ -35,8 +38,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,6 +51,11 @@ from matryoshka2d.validation import check_int
 
 #: Extra metadata file written next to the sentence-transformers files.
 METADATA_FILE = "matryoshka2d.json"
+#: Rotations of layer exits other than the last (:mod:`matryoshka2d.exit_rotations`): a safetensors file
+#: with one float32 (hidden, hidden) orthogonal matrix per layer count, under the key ``layers_<k>``.
+EXIT_ROTATIONS_FILE = "exit_rotations.safetensors"
+# How far from orthogonal a stored rotation may be (float32 round-off of a float64 fit is ~1e-6).
+_ORTHOGONAL_TOLERANCE = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- safe outputs
@@ -539,6 +547,10 @@ class FolderSpec:
     normalize: bool = False
     dim: int | None = None
     metadata: dict | None = None
+    #: Rotations of layer exits from :data:`EXIT_ROTATIONS_FILE`: ``{layer count: (hidden, hidden)}``.
+    exit_rotations: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: The rotation of the last layer's exit, from a rotating Dense module (completed to a square matrix).
+    output_rotation: torch.Tensor | None = None
 
 
 HUB_IGNORE_PATTERNS = [
@@ -600,7 +612,9 @@ def read_folder_spec(folder: Path) -> FolderSpec:
                 f"{folder} is not a model folder: it has neither modules.json (sentence-transformers) "
                 "nor config.json (transformers)"
             )
-        return FolderSpec(transformer_dir=folder, metadata=metadata)
+        return FolderSpec(
+            transformer_dir=folder, metadata=metadata, exit_rotations=read_exit_rotations(folder)
+        )
 
     modules = read_json(modules_file)
     if not isinstance(modules, list) or not modules:
@@ -611,7 +625,9 @@ def read_folder_spec(folder: Path) -> FolderSpec:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         sub = folder / module.get("path", "")
         if kind == "Transformer":
-            spec = FolderSpec(transformer_dir=sub, metadata=metadata)
+            spec = FolderSpec(
+                transformer_dir=sub, metadata=metadata, exit_rotations=read_exit_rotations(folder)
+            )
             st_config = sub / "sentence_bert_config.json"
             if st_config.is_file():
                 cfg = read_json(st_config)
@@ -633,7 +649,7 @@ def read_folder_spec(folder: Path) -> FolderSpec:
             spec.pooling_mode = pooling_mode_from_config(read_json(sub / "config.json"), str(sub))
             seen_pooling = True
         elif kind == "Dense":
-            spec.dim = _identity_prefix_dim(sub)
+            spec.dim, spec.output_rotation = _read_dense(sub)
         elif kind == "Normalize":
             spec.normalize = True
         else:
@@ -646,13 +662,18 @@ def read_folder_spec(folder: Path) -> FolderSpec:
     return spec
 
 
-def _identity_prefix_dim(dense_dir: Path) -> int:
-    """The ``d`` of a Dense module that keeps the first ``d`` dims; refuse any other Dense module."""
+def _read_dense(dense_dir: Path) -> tuple[int, torch.Tensor | None]:
+    """``(d, rotation)`` of the Dense module matryoshka2d writes; refuse any other Dense module.
+
+    The first ``d`` rows of the identity (dim truncation): rotation None. ``d`` orthonormal rows (the
+    first ``d`` rows of a rotated last exit): those rows completed to an orthogonal square matrix.
+    """
     cfg = read_json(dense_dir / "config.json")
     weights_file = dense_dir / "model.safetensors"
     refuse = ModelLoadError(
-        f"{dense_dir}: Dense modules that project embeddings are not supported (matryoshka2d truncates "
-        "dims by prefix; only its own dim-truncation module is accepted)"
+        f"{dense_dir}: Dense modules that project embeddings are not supported (matryoshka2d keeps dim "
+        "prefixes, optionally of a rotated exit: only a Dense module without bias or activation whose "
+        "rows are orthonormal is accepted)"
     )
     if cfg.get("bias", True) or not str(cfg.get("activation_function", "")).endswith("Identity"):
         raise refuse
@@ -663,9 +684,87 @@ def _identity_prefix_dim(dense_dir: Path) -> int:
     weight = load_file(str(weights_file)).get("linear.weight")
     if weight is None or weight.ndim != 2 or weight.shape[0] > weight.shape[1]:
         raise refuse
-    if not torch.equal(weight, torch.eye(weight.shape[0], weight.shape[1], dtype=weight.dtype)):
+    weight = weight.float()
+    d, hidden = weight.shape
+    if torch.equal(weight, torch.eye(d, hidden)):
+        return d, None
+    if not _is_orthonormal(weight):
         raise refuse
-    return int(weight.shape[0])
+    return d, complete_rotation(weight)
+
+
+def _is_orthonormal(rows: torch.Tensor) -> bool:
+    """Whether the rows of ``rows`` are orthonormal (to float32 round-off)."""
+    gram = rows.double() @ rows.double().T
+    return bool(
+        torch.allclose(gram, torch.eye(rows.shape[0], dtype=torch.float64), atol=_ORTHOGONAL_TOLERANCE)
+    )
+
+
+def complete_rotation(rows: torch.Tensor) -> torch.Tensor:
+    """An orthogonal square matrix whose first rows are ``rows`` (``d`` orthonormal rows of length h).
+
+    The other ``h - d`` rows span the orthogonal complement (from an SVD): any completion gives the same
+    first ``d`` coordinates, which is all a ``d``-dim model uses.
+    """
+    d, hidden = rows.shape
+    if d == hidden:
+        return rows.float().contiguous()
+    _, _, vt = torch.linalg.svd(rows.double(), full_matrices=True)
+    return torch.cat([rows.double(), vt[d:]]).float().contiguous()
+
+
+def check_rotation(
+    matrix: object, hidden_size: int, what: str, error: type[Exception] = ModelLoadError
+) -> torch.Tensor:
+    """``matrix`` as a float32 tensor if it is an orthogonal ``(hidden_size, hidden_size)`` matrix.
+
+    Raises:
+        ``error`` naming ``what``: not a matrix of that shape, not finite, or not orthogonal.
+    """
+    tensor = torch.as_tensor(matrix).detach().cpu()
+    if tensor.shape != (hidden_size, hidden_size) or not tensor.is_floating_point():
+        raise error(
+            f"{what}: expected a float ({hidden_size}, {hidden_size}) rotation matrix, got "
+            f"{tuple(tensor.shape)} {tensor.dtype}"
+        )
+    if not bool(torch.isfinite(tensor).all()) or not _is_orthogonal(tensor):
+        raise error(f"{what}: not an orthogonal matrix (R @ R.T must be the identity)")
+    return tensor.float().contiguous()
+
+
+def _is_orthogonal(matrix: torch.Tensor) -> bool:
+    return matrix.shape[0] == matrix.shape[1] and _is_orthonormal(matrix)
+
+
+def read_exit_rotations(folder: Path) -> dict[int, torch.Tensor]:
+    """The rotations in ``folder``'s :data:`EXIT_ROTATIONS_FILE` (``{}`` without one); shapes are checked
+    against the model by :meth:`EmbeddingModel.set_exit_rotations`."""
+    path = folder / EXIT_ROTATIONS_FILE
+    if not path.is_file():
+        return {}
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: cannot read the exit rotations ({e})") from None
+    rotations = {}
+    for key, tensor in tensors.items():
+        match = re.fullmatch(r"layers_(\d+)", key)
+        if match is None:
+            raise ModelLoadError(f"{path}: unexpected entry {key!r} (expected layers_<k>)")
+        rotations[int(match.group(1))] = tensor
+    return rotations
+
+
+def write_exit_rotations(folder: Path, rotations: Mapping[int, torch.Tensor]) -> None:
+    """Write ``rotations`` (``{layer count: matrix}``) to ``folder``'s :data:`EXIT_ROTATIONS_FILE`."""
+    from safetensors.torch import save_file
+
+    tensors = {f"layers_{k}": rotations[k].detach().cpu().float().contiguous() for k in sorted(rotations)}
+    save_file(tensors, str(folder / EXIT_ROTATIONS_FILE))
 
 
 def write_folder(
@@ -680,8 +779,15 @@ def write_folder(
     model_card: str,
     do_lower_case: bool = False,
     normalize: bool = True,
+    exit_rotations: Mapping[int, torch.Tensor] | None = None,
+    output_rotation: torch.Tensor | None = None,
 ) -> None:
-    """Write a complete sentence-transformers model folder into ``folder`` (which must be empty)."""
+    """Write a complete sentence-transformers model folder into ``folder`` (which must be empty).
+
+    ``exit_rotations`` (layer exits other than the last) go to :data:`EXIT_ROTATIONS_FILE`;
+    ``output_rotation`` (the last exit's) becomes the Dense module, its first ``dim`` rows, so that
+    sentence-transformers computes the same embeddings.
+    """
     import transformers
 
     from matryoshka2d import __version__
@@ -699,9 +805,10 @@ def write_folder(
         {"max_seq_length": max_seq_length, "do_lower_case": do_lower_case},
     )
     write_json(folder / "1_Pooling" / "config.json", pooling_config(pooling_mode, hidden_size))
-    if dim < hidden_size:
+    if dim < hidden_size or output_rotation is not None:
         from safetensors.torch import save_file
 
+        projection = torch.eye(hidden_size) if output_rotation is None else output_rotation.float().cpu()
         dense = folder / "2_Dense"
         write_json(
             dense / "config.json",
@@ -712,7 +819,8 @@ def write_folder(
                 "activation_function": "torch.nn.modules.linear.Identity",
             },
         )
-        save_file({"linear.weight": torch.eye(dim, hidden_size)}, str(dense / "model.safetensors"))
+        weight = projection[:dim].contiguous()
+        save_file({"linear.weight": weight}, str(dense / "model.safetensors"))
         modules.append(
             {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
         )
@@ -735,5 +843,7 @@ def write_folder(
             "similarity_fn_name": "cosine",
         },
     )
+    if exit_rotations:
+        write_exit_rotations(folder, exit_rotations)
     write_json(folder / METADATA_FILE, metadata)
     (folder / "README.md").write_text(model_card, encoding="utf-8")

@@ -98,6 +98,8 @@ class OnnxEncoder(Encoder):
         self.num_layers = model.num_layers
         self.name_or_path = model.name_or_path
         self.metadata = model.metadata
+        # Applied after pooling, as the torch model does (EmbeddingModel.set_exit_rotations).
+        self._rotations_t = {k: r.numpy().T.copy() for k, r in model.exit_rotations.items()}
         self.quantize = quantize
         self.preset = int8_preset() if quantize else None
         self.threads = threads
@@ -159,16 +161,18 @@ class OnnxEncoder(Encoder):
             layers: layer counts in ``1..num_layers`` (default: the last layer only).
 
         Returns:
-            ``{k: array of shape (batch, hidden_size)}`` for every requested ``k``.
+            ``{k: array of shape (batch, hidden_size)}`` for every requested ``k`` (rotated where the
+            model's layer exit k is).
         """
         wanted = self._layer_list(None if layers is None else list(layers))
         feed = {name: np.asarray(features[name], dtype=np.int64) for name in self.input_names}
         outputs = self.session(wanted[-1]).run([exit_output_name(k) for k in wanted], feed)
         mask = torch.from_numpy(feed["attention_mask"])
-        return {
+        pooled = {
             k: pool(torch.from_numpy(hidden), mask, self.pooling_mode).numpy()
             for k, hidden in zip(wanted, outputs)
         }
+        return {k: emb @ self._rotations_t[k] if k in self._rotations_t else emb for k, emb in pooled.items()}
 
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
         encoded = self.tokenize(texts, padding=False)

@@ -1,8 +1,9 @@
 """The ``m2d`` command line.
 
 One module per area registers its subcommands (:mod:`.models`: encode, eval-sts; :mod:`.export`: export
-(alias truncate); :mod:`.search`: index, search, eval-retrieval; :mod:`.train`; :mod:`.demo`: demo,
-report). Options shared by several commands come from the argparse parents in :mod:`.common`.
+(alias truncate); :mod:`.rotate`; :mod:`.search`: index, search, eval-retrieval; :mod:`.train`;
+:mod:`.demo`: demo, report). Options shared by several commands come from the argparse parents in
+:mod:`.common`.
 
 Errors a user can cause (:class:`~matryoshka2d.errors.Matryoshka2dError`) are printed as one line on
 stderr and exit with code 2, like argparse's own usage errors; no traceback.
@@ -14,12 +15,12 @@ import argparse
 import sys
 import warnings
 
-from matryoshka2d.cli import corpus, demo, export, models, search, serve, train
+from matryoshka2d.cli import corpus, demo, export, models, rotate, search, serve, train
 from matryoshka2d.cli.common import OneLineErrorParser
 from matryoshka2d.errors import Matryoshka2dError
 
 # Each module has register(subparsers); the order is the order of `m2d --help`.
-COMMAND_MODULES = (models, export, search, train, demo, serve, corpus)
+COMMAND_MODULES = (models, export, rotate, search, train, demo, serve, corpus)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
