@@ -6,7 +6,10 @@ Every candidate uses the demo's setup (all-MiniLM-L6-v2, SNLI triplets, batch 32
 trained with the same settings); re-running skips finished candidates. The recipe is chosen on the validation
 split; test numbers are printed for the record. Results go to docs/RECIPE.md by hand.
 
-    python experiments/recipe_search.py [NAME ...] [--seed 42] [--validation-only]
+    python experiments/recipe_search.py [NAME ...] [--seed 42] [--validation-only] [--rotate]
+
+``--rotate`` evaluates each trained candidate with its earlier layer exits rotated (the demo's row (d):
+``demo.experiment.rotate``, fitted on the training sentences) instead of as trained.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.data import data_dir
-from matryoshka2d.demo.experiment import DIMS, SECOND_TASK, train
+from matryoshka2d.demo.experiment import DIMS, SECOND_TASK, rotate, train
 from matryoshka2d.evaluation.sts import GridResult, evaluate_sts
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_write, mark_output_folder
@@ -115,6 +118,12 @@ def main() -> None:
         action="store_true",
         help="evaluate on STSB validation only (while choosing settings: test is looked at once, at the end)",
     )
+    parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="rotate the earlier layer exits of each trained candidate (m2d rotate, as the demo's row (d)) "
+        "and evaluate that",
+    )
     args = parser.parse_args()
     import importlib.resources
 
@@ -126,6 +135,7 @@ def main() -> None:
     rows = []
     for name in args.names:
         key = f"{name}-seed{args.seed}" + (f"-steps{args.steps}" if args.steps else "")
+        key += "-rotated" if args.rotate else ""
         cached = work / f"{key}.results.json"
         entry = json.loads(cached.read_text()) if cached.is_file() else None
         if entry is None or ("grid" not in entry and not args.validation_only):
@@ -138,6 +148,9 @@ def main() -> None:
             if args.steps:
                 overrides["steps"] = args.steps
             folder, seconds = train(overrides, base, root, work)
+            if args.rotate:
+                folder, fit_seconds = rotate(folder, root, work)
+                seconds += fit_seconds
             model = EmbeddingModel.load(folder)
             layers = list(range(1, model.num_layers + 1))
             if entry is None:

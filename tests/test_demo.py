@@ -35,7 +35,7 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
     )
     report = run_demo(tmp_path / "out", tmp_path / "work", **kwargs)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(results["models"]) == ["untouched", "plain_mnrl", "2dmse", "recommended"]
+    assert list(results["models"]) == ["untouched", "plain_mnrl", "2dmse", "recommended", "rotated"]
     for key, entry in results["models"].items():
         assert entry["grid"]["layers"] == [1, 2, 3, 4] and entry["grid"]["dims"] == [32, 16, 8]
         assert len(entry["validation_grid"]["spearman"]) == 4
@@ -50,12 +50,22 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
     trained = results["models"]["recommended"]["grid"]["spearman"]
     assert trained != results["models"]["untouched"]["grid"]["spearman"]  # training changed the model
     assert "matryoshka2d recipe (c)" in report.read_text()
-    assert len(list((tmp_path / "out").glob("heatmap_*.png"))) == 4
+    # (d) = (c) with its earlier exits rotated: the last layer's row is (c)'s, the earlier small dims differ
+    rotated, recommended = results["models"]["rotated"], results["models"]["recommended"]
+    assert rotated["settings"] == recommended["settings"]
+    assert rotated["training_time_s"] > recommended["training_time_s"]
+    for which in ("grid", "validation_grid"):
+        ours, theirs = rotated[which]["spearman"], recommended[which]["spearman"]
+        assert ours[-1] == theirs[-1]
+        assert all(abs(a[-1] - b[-1]) > 1e-9 for a, b in zip(ours[:-1], theirs[:-1]))  # 8 of 32 dims
+        assert all(abs(a[0] - b[0]) < 1e-6 for a, b in zip(ours, theirs))  # full size: a rotation
+    assert "exit rotations (d)" in results["setup"]
+    assert len(list((tmp_path / "out").glob("heatmap_*.png"))) == 5
     capsys.readouterr()
 
     # everything comes from the cache now; the report folder is the demo's own, replaced with overwrite
     run_demo(tmp_path / "out", tmp_path / "work", overwrite=True, **kwargs)
-    assert capsys.readouterr().out.count("cached in") == 4
+    assert capsys.readouterr().out.count("cached in") == 5
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert again["models"] == results["models"]
     assert "grids in float32" in again["setup"]["speed"]

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, WORDS
+from conftest import FAMILIES, SENTENCES, WORDS
 from safetensors.torch import save_file
 
 from matryoshka2d import EmbeddingModel, InvalidInputError, InvalidLayersError
@@ -130,6 +130,17 @@ def rotated_copy(tiny_model_dir):
     model = EmbeddingModel.load(tiny_model_dir)
     model.set_exit_rotations(fit_exit_rotations(model, TRAIN))
     return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_rotations_to_sentence_transformers(tiny_model_dirs, tmp_path, family):
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.load(tiny_model_dirs[family])
+    model.set_exit_rotations(fit_exit_rotations(model, TRAIN))
+    out = model.truncate(layers=3, dim=16).save(tmp_path / family)
+    theirs = SentenceTransformer(str(out), device="cpu").encode(SENTENCES)
+    assert np.abs(theirs - model.encode(SENTENCES, layers=3, dim=16)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("dim", [8, 32])

@@ -3,8 +3,9 @@
 1. Fine-tune all-MiniLM-L6-v2 three times on two tasks, the SNLI triplets (MultipleNegativesRankingLoss)
    and the STSB train pairs (CoSENT, :data:`SECOND_TASK`): (a) plain, (b) Matryoshka2dLoss with the 2DMSE
    defaults (one sampled layer and one sampled dim per step), and (c) the recommended 2D recipe
-   (:data:`RECOMMENDED_WRAPPER_ARGS`).
-2. Evaluate the untouched model and (a), (b), (c) on STSB test and validation over layers 1-6 x dims
+   (:data:`RECOMMENDED_WRAPPER_ARGS`). (d) is (c) with its earlier layer exits rotated after training
+   (:mod:`matryoshka2d.exit_rotations`, fitted on the training sentences: :data:`ROTATION`).
+2. Evaluate the untouched model and (a)-(d) on STSB test and validation over layers 1-6 x dims
    384/256/128/64/32 (in float32, the exact reference), and measure CPU encode speed per layer count
    with ``speed_dtype`` (default ``"auto"``: bfloat16 on a CPU that computes it natively, as a user
    running the model for speed would).
@@ -67,6 +68,50 @@ RECOMMENDED_WRAPPER_ARGS = {
 #: data README's training files; STSB validation and test stay evaluation only). ``train_data`` is relative
 #: to the data folder. Each run's wrapper (Matryoshka2dLoss or none) wraps this task's loss too.
 SECOND_TASK = {"train_data": "stsb/train.tsv", "loss": "cosent", "label_range": [0, 5]}
+
+
+#: Row (d): the recommended model (c) with every layer exit but the last rotated so that its principal
+#: directions come first (``m2d rotate``), fitted on at most ``max_texts`` distinct sentences of the two
+#: training tasks (a fixed sample). No training; full-size cosines are unchanged.
+ROTATION = {"max_texts": 10_000, "texts": "training sentences of both tasks"}
+
+
+def rotation_texts(data_root: Path, max_texts: int) -> list[str]:
+    """The sentences of the demo's training files (SNLI triplets, STSB train pairs), a fixed sample."""
+    from matryoshka2d.data import read_texts
+    from matryoshka2d.exit_rotations import sample_texts
+
+    files = {
+        "snli/triplet-validation.tsv": ("anchor", "positive", "negative"),
+        "snli/triplet-test.tsv": ("anchor", "positive", "negative"),
+        SECOND_TASK["train_data"]: ("sentence1", "sentence2"),
+    }
+    texts = [
+        text for name, columns in files.items() for c in columns for text in read_texts(data_root / name, c)
+    ]
+    return sample_texts(texts, max_texts)
+
+
+def rotate(folder: Path, data_root: Path, work: Path) -> tuple[Path, float]:
+    """``folder``'s model with rotated layer exits (:data:`ROTATION`), cached in ``work``.
+
+    Returns the rotated model's folder and the seconds the fit took.
+    """
+    from matryoshka2d.exit_rotations import fit_exit_rotations
+
+    output = work / cache_key("rotated", {"model": str(folder), **ROTATION})
+    timing = output.with_name(output.name + ".fit.json")
+    if (output / "modules.json").is_file() and timing.is_file():
+        return output, json.loads(timing.read_text())["fit_time_s"]
+    start = time.perf_counter()
+    model = EmbeddingModel.load(folder)
+    texts = rotation_texts(data_root, ROTATION["max_texts"])
+    model.set_exit_rotations(fit_exit_rotations(model, texts, show_progress=True))
+    seconds = time.perf_counter() - start
+    metadata = {"exit_rotations": {"layers": sorted(model.exit_rotations), "texts": len(texts)}}
+    model.save(output, metadata=metadata, overwrite=True, inputs=[data_root])
+    atomic_write(timing, json.dumps({"fit_time_s": seconds}), "fit time", overwrite=True)
+    return output, seconds
 
 
 def second_task(data_root: Path) -> dict:
@@ -230,9 +275,13 @@ def run_demo(
 
     models: dict[str, dict] = {}
     trained = [(key, label, overrides) for key, (label, overrides) in runs(dims, data_root).items()]
-    plan = [("untouched", f"untouched {name}", None), *trained]
+    recommended = trained[-1][2]
+    rotated = ("rotated", "recipe (c) + exit rotations (d)", recommended)
+    plan = [("untouched", f"untouched {name}", None), *trained, rotated]
     for step, (key, label, overrides) in enumerate(plan, 1):
         source = training_settings(overrides, base_model, data_root, common) if overrides else base_model
+        if key == "rotated":
+            source = {"rotated": source, **ROTATION}
         settings = {"model": source, "dims": dims, "speed_texts": len(texts)}
         if speed_dtype_name != "float32":  # (float32 results keep the key they had before speed_dtype)
             settings["speed_dtype"] = speed_dtype_name
@@ -246,6 +295,9 @@ def run_demo(
             folder, seconds = Path(base_model), None
         else:
             folder, seconds = train(overrides, base_model, data_root, work, common)
+        if key == "rotated":  # (c)'s training time plus the fit
+            folder, fit_seconds = rotate(folder, data_root, work)
+            seconds += fit_seconds
         entry = {
             "label": label,
             "training_time_s": seconds,
@@ -255,6 +307,7 @@ def run_demo(
         atomic_write(cached, json.dumps(entry, indent=2))
         models[key] = entry
 
+    last_layer = max(models["untouched"]["grid"]["layers"])
     results = {
         "title": f"2D Matryoshka on {name}: layers x dims on STS Benchmark",
         "created": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
@@ -267,6 +320,9 @@ def run_demo(
             "train pairs (stsb/train.tsv), two tasks, every batch from one",
             "training": "MultipleNegativesRankingLoss on the triplets, CoSENT on the STSB pairs, batch 32, "
             "1 epoch of both, lr 2e-5, 10% warmup, seed 42",
+            "exit rotations (d)": f"(c) with the exits of layers 1-{last_layer - 1} rotated to their "
+            f"principal directions (m2d rotate), fitted on at most {ROTATION['max_texts']} distinct "
+            "training sentences of both tasks",
             "evaluation": "STSB test (and validation), Spearman x 100 of cosine similarity, every layer x "
             + "/".join(map(str, dims)),
             "speed": f"encode of {len(texts)} STSB test sentences, batch 32, median of 3 runs, layers in "
