@@ -263,6 +263,76 @@ def test_cli_rotate(tiny_model_dir, tmp_path, capsys):
     assert not bad.exists()
     # the output folder is checked before any work: the model folder itself is refused
     assert main([*argv, "--out", str(tiny_model_dir)]) == 2
+    assert "error" in capsys.readouterr().err.lower()
     # --max-texts caps the fit (a fixed sample)
     assert main([*argv, "--max-texts", "10", "--out", str(tmp_path / "few")]) == 2
     assert "got 10" in capsys.readouterr().err
+
+
+def test_refitting_composes_with_the_existing_rotation(tiny_model):
+    """A second fit (other texts) acts on the already rotated output: the result is R_new @ R_old."""
+    tiny_model.set_exit_rotations(fit_exit_rotations(tiny_model, TRAIN[:40], layers=[2]))
+    rotated_once = tiny_model.encode_layers(SENTENCES, [2])[2]
+    second_fit = principal_rotation(tiny_model.encode_layers(TRAIN[20:], [2])[2]).numpy()
+    tiny_model.set_exit_rotations(fit_exit_rotations(tiny_model, TRAIN[20:], layers=2))  # an int is accepted
+    assert np.abs(tiny_model.encode_layers(SENTENCES, [2])[2] - rotated_once @ second_fit.T).max() <= 1e-5
+
+
+def test_rotations_stay_float32_when_the_layers_are_cast(rotated, tmp_path):
+    reference = {k: rotated.encode(SENTENCES, layers=k, dim=8) for k in (1, 3)}
+    folder = rotated.save(tmp_path / "rotated")
+    bf16 = EmbeddingModel.load(folder, dtype="bfloat16")
+    assert all(r.dtype == torch.float32 for r in bf16.exit_rotations.values())
+    rotated.to(torch.bfloat16)  # cast in place, as a user might
+    assert all(r.dtype == torch.float32 for r in rotated.exit_rotations.values())
+    for model in (bf16, rotated):
+        for k, expected in reference.items():
+            cosines = (model.encode(SENTENCES, layers=k, dim=8) * expected).sum(axis=1)
+            assert cosines.min() > 0.98  # bf16 layers, the same rotation
+    # a cast model still truncates, saves and reloads (its rotations are still orthogonal float32)
+    small = rotated.truncate(layers=3, dim=8).save(tmp_path / "small")
+    assert sorted(EmbeddingModel.load(small).exit_rotations) == [1, 2, 3]
+
+
+def test_training_starts_without_the_rotations(rotated, tmp_path):
+    from matryoshka2d.training.trainer import TrainConfig, Trainer
+
+    folder = rotated.save(tmp_path / "rotated")
+    data = tmp_path / "triplets.tsv"
+    data.write_text(
+        "anchor\tpositive\tnegative\n" + "".join(f"{a}\t{a} outside\t{b}\n" for a, b in zip(TRAIN, TRAIN[7:]))
+    )
+    config = TrainConfig.from_dict(
+        dict(
+            model=str(folder),
+            train_data=[str(data)],
+            output_dir=str(tmp_path / "out"),
+            batch_size=4,
+            steps=2,
+            save_steps=0,
+            progress=False,
+        )
+    )
+    with pytest.warns(UserWarning, match=r"layer exits \[1, 2, 3\] are rotated.*fit new ones"):
+        Trainer(config).train()
+    assert EmbeddingModel.load(tmp_path / "out").exit_rotations == {}
+
+
+def test_search_index_rechecks_a_model_whose_rotations_changed(tiny_model):
+    from matryoshka2d.search.fingerprint import ModelMismatchError
+    from matryoshka2d.search.index import SearchIndex
+
+    index = SearchIndex.from_model(tiny_model, SENTENCES, layers=2, shortlist_dim=8, show_progress=False)
+    assert index.search_texts(tiny_model, SENTENCES[2], k=1).ids == [["2"]]
+    tiny_model.set_exit_rotations(fit_exit_rotations(tiny_model, TRAIN, layers=[2]))
+    with pytest.raises(ModelMismatchError):  # its layer-2 vectors changed: not the model that built the index
+        index.search_texts(tiny_model, SENTENCES[2], k=1)
+
+
+def test_bad_rotation_arguments_are_clear_errors(tiny_model):
+    with pytest.raises(InvalidInputError, match=r"expected a float \(32, 32\) rotation matrix, got NoneType"):
+        tiny_model.set_exit_rotations({1: None})
+    with pytest.raises(InvalidInputError, match="got str"):
+        tiny_model.set_exit_rotations({1: "identity"})
+    with pytest.raises(InvalidLayersError, match="a layer count or a list"):
+        fit_exit_rotations(tiny_model, TRAIN, layers="2")

@@ -19,13 +19,13 @@ rotate`` is the command.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from matryoshka2d.encoder import check_texts
-from matryoshka2d.errors import InvalidInputError
+from matryoshka2d.errors import InvalidInputError, InvalidLayersError
 from matryoshka2d.truncation import check_layers
 
 
@@ -65,7 +65,7 @@ def principal_rotation(embeddings: np.ndarray) -> torch.Tensor:
 def fit_exit_rotations(
     model,
     texts: Sequence[str],
-    layers: Sequence[int] | None = None,
+    layers: int | Sequence[int] | None = None,
     batch_size: int = 32,
     show_progress: bool | None = None,
 ) -> dict[int, torch.Tensor]:
@@ -78,7 +78,8 @@ def fit_exit_rotations(
         model: an :class:`~matryoshka2d.model.EmbeddingModel`.
         texts: training sentences (at least ``model.hidden_size``, so that every direction is estimated;
             a few thousand are plenty; never the evaluation data).
-        layers: the exits to rotate (default: every exit but the last, ``1..num_layers - 1``).
+        layers: the exit(s) to rotate, a layer count or a list (default: every exit but the last,
+            ``1..num_layers - 1``).
         batch_size: texts per forward pass.
         show_progress: a tqdm bar (default: for more than 20 batches).
 
@@ -98,6 +99,10 @@ def fit_exit_rotations(
         )
     if layers is None:
         layers = range(1, model.num_layers)
+    elif isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]
+    elif isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise InvalidLayersError(f"layers must be a layer count or a list of them, got {layers!r}")
     ks = sorted({check_layers(k, model.num_layers) for k in layers})
     if not ks:
         raise InvalidInputError(

@@ -194,7 +194,10 @@ class EmbeddingModel(nn.Module, Encoder):
         # A fast tokenizer's call may switch its truncation/padding state: not safe from several threads.
         # Only tokenising is serialised; forward passes of any layer count run concurrently.
         self._tokenizer_lock = threading.Lock()
-        self._rotation_buffers: dict[int, str] = {}
+        # float32 on the model's device whatever dtype the layers are cast to (see _apply), not buffers:
+        # a bf16 copy of a rotation would no longer be orthogonal.
+        self._exit_rotations: dict[int, torch.Tensor] = {}
+        self.rotations_version = 0  # bumped by set_exit_rotations (caches keyed on a model object use it)
         self.set_exit_rotations(exit_rotations or {})
 
     # ------------------------------------------------------------------ loading and saving
@@ -309,7 +312,7 @@ class EmbeddingModel(nn.Module, Encoder):
         meta = {**self.metadata, **(metadata or {}), "num_layers": self.num_layers, "dim": self.dim}
         card = model_card or default_model_card(self)
         sources = [*inputs, self.name_or_path]  # never replace the folder the weights came from
-        rotations = self.exit_rotations
+        rotations = self._exit_rotations
         with atomic_directory(path, "model", overwrite=overwrite, inputs=sources) as tmp:
             write_folder(
                 tmp,
@@ -333,8 +336,8 @@ class EmbeddingModel(nn.Module, Encoder):
     # ------------------------------------------------------------------ exit rotations
     @property
     def exit_rotations(self) -> dict[int, torch.Tensor]:
-        """``{layer count: rotation}`` of the rotated layer exits (a copy; see :meth:`set_exit_rotations`)."""
-        return {k: self._buffers[name] for k, name in self._rotation_buffers.items()}
+        """``{layer count: rotation}`` of the rotated exits, float32 copies (:meth:`set_exit_rotations`)."""
+        return {k: r.clone() for k, r in self._exit_rotations.items()}
 
     def set_exit_rotations(self, rotations: Mapping[int, torch.Tensor]) -> None:
         """Replace the exit rotations: layer exit k's pooled embedding x becomes ``R_k x``.
@@ -367,21 +370,24 @@ class EmbeddingModel(nn.Module, Encoder):
             checked[int(k)] = check_rotation(
                 matrix, self.hidden_size, f"exit rotation for layer {k}", error=InvalidInputError
             )
-        for name in self._rotation_buffers.values():
-            del self._buffers[name]
         device = self.device
-        self._rotation_buffers = {}
-        for k in sorted(checked):
-            name = f"exit_rotation_{k}"
-            # Not part of the state dict: the transformer's weights are; rotations are saved on their own.
-            self.register_buffer(name, checked[k].to(device), persistent=False)
-            self._rotation_buffers[k] = name
+        self._exit_rotations = {k: checked[k].to(device) for k in sorted(checked)}  # one assignment
+        self.rotations_version += 1
 
     def _rotate(self, k: int, pooled: torch.Tensor) -> torch.Tensor:
-        name = self._rotation_buffers.get(k)
-        if name is None:
+        rotation = self._exit_rotations.get(k)
+        if rotation is None:
             return pooled
-        return pooled @ self._buffers[name].to(pooled.device, torch.float32).T
+        with torch.autocast(pooled.device.type, enabled=False):  # float32, like pooling, under autocast too
+            return pooled.float() @ rotation.to(pooled.device).T
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) / .cuda() / .half() reach parameters and buffers; the rotations follow the device only.
+        result = super()._apply(fn, recurse)
+        if getattr(self, "_exit_rotations", None):
+            device = self.device
+            self._exit_rotations = {k: r.to(device) for k, r in self._exit_rotations.items()}
+        return result
 
     # ------------------------------------------------------------------ properties
     @property
@@ -502,7 +508,7 @@ class EmbeddingModel(nn.Module, Encoder):
             # Normalize module so that sentence-transformers gives the same embeddings.
             normalize=True,
             name_or_path=self.name_or_path,
-            exit_rotations={j: r.detach().cpu().clone() for j, r in self.exit_rotations.items() if j <= k},
+            exit_rotations={j: r.cpu() for j, r in self.exit_rotations.items() if j <= k},
         )
         model.metadata = {
             **self.metadata,
@@ -540,11 +546,13 @@ def default_model_card(model: EmbeddingModel) -> str:
         ]
     rotated = sorted(model.exit_rotations)
     if rotated:
+        where = "`exit_rotations.safetensors`" if rotated != [model.num_layers] else ""
+        if model.num_layers in rotated:
+            where += (" and " if where else "") + "the Dense module (the last layer's)"
         lines += [
             "",
             f"Layer exits {', '.join(map(str, rotated))} are rotated to their principal directions "
-            "(matryoshka2d exit rotations: `exit_rotations.safetensors`, and the Dense module for the last "
-            "layer), so their small dim prefixes keep more.",
+            f"(matryoshka2d exit rotations: {where}), so their small dim prefixes keep more.",
         ]
     lines += [
         "",

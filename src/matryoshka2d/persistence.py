@@ -722,7 +722,13 @@ def check_rotation(
     Raises:
         ``error`` naming ``what``: not a matrix of that shape, not finite, or not orthogonal.
     """
-    tensor = torch.as_tensor(matrix).detach().cpu()
+    try:
+        tensor = torch.as_tensor(matrix).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise error(
+            f"{what}: expected a float ({hidden_size}, {hidden_size}) rotation matrix, got "
+            f"{type(matrix).__name__}"
+        ) from None
     if tensor.shape != (hidden_size, hidden_size) or not tensor.is_floating_point():
         raise error(
             f"{what}: expected a float ({hidden_size}, {hidden_size}) rotation matrix, got "

@@ -404,7 +404,10 @@ class SearchIndex:
     def _was_checked(self, model: object, fingerprint: ModelFingerprint) -> bool:
         with self._checked_lock:
             try:
-                return self._checked.get(model) is fingerprint
+                # a model whose exit rotations changed since (rotations_version) is checked again
+                entry = self._checked.get(model)
+                version = getattr(model, "rotations_version", 0)
+                return entry is not None and entry[0] is fingerprint and entry[1] == version
             except TypeError:  # not weak-referenceable: checked every time
                 return False
 
@@ -413,7 +416,7 @@ class SearchIndex:
             return
         with self._checked_lock:
             try:
-                self._checked[model] = fingerprint
+                self._checked[model] = (fingerprint, getattr(model, "rotations_version", 0))
             except TypeError:
                 pass
 

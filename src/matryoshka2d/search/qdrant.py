@@ -552,7 +552,8 @@ class QdrantIndex:
     ) -> None:
         self._backend = backend
         self.fingerprint = fingerprint
-        self._checked_models: weakref.WeakSet = weakref.WeakSet()  # models that passed the fingerprint
+        # models that passed the fingerprint -> their rotations_version then (changed: checked again)
+        self._checked_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.dim = dim
         self.shortlist = shortlist
         self.model = model
@@ -909,9 +910,10 @@ class QdrantIndex:
             )
         if self.layers is not None:
             check_layers(self.layers, model.num_layers)
-        if self.fingerprint is not None and model not in self._checked_models:
+        version = getattr(model, "rotations_version", 0)
+        if self.fingerprint is not None and self._checked_models.get(model) != version:
             self.fingerprint.check(model, self.model, f"collection {self.collection!r}")
-            self._checked_models.add(model)
+            self._checked_models[model] = version
 
     # ------------------------------------------------------------------ uploading
     def upload(

@@ -399,6 +399,14 @@ class Trainer:
             model.name_or_path = resumed.state.get("base_model", cfg.model)  # the model being fine-tuned
         else:
             model = self._given_model if self._given_model is not None else EmbeddingModel.load(cfg.model)
+            if model.exit_rotations:  # fitted to the weights training is about to change
+                warnings.warn(
+                    f"{cfg.model}: its layer exits {sorted(model.exit_rotations)} are rotated (m2d rotate); "
+                    "the rotations fit its current weights only, so training starts without them: run "
+                    "`m2d rotate` on the trained model to fit new ones",
+                    stacklevel=2,
+                )
+                model.set_exit_rotations({})
         if cfg.max_seq_length is not None:
             model.max_seq_length = cfg.max_seq_length
         # The HF pooler head is never used for embeddings: freeze it so DDP sees no parameter without grad.
