@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from matryoshka2d.errors import ModelLoadError
-from matryoshka2d.pooling import POOLING_MODES, pool, pooling_config, pooling_mode_from_config
+from matryoshka2d.pooling import POOLING_MODES, pool, pool_numpy, pooling_config, pooling_mode_from_config
 
 TOKENS = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
@@ -19,6 +20,26 @@ def test_padding_is_ignored():
     assert torch.allclose(pool(TOKENS, MASK, "cls"), TOKENS[:, 0])
     weighted = (1 * TOKENS[0, 0] + 2 * TOKENS[0, 1]) / 3
     assert torch.allclose(pool(TOKENS, MASK, "weightedmean")[0], weighted)
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_numpy_pooling_equals_torch_pooling(mode, left_padding):
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(4, 7, 5)).astype(np.float32)
+    lengths = [7, 5, 1, 3]
+    mask = np.zeros((4, 7), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        if left_padding:
+            mask[row, 7 - n :] = 1
+        else:
+            mask[row, :n] = 1
+    ours = pool_numpy(hidden, mask, mode)
+    theirs = pool(torch.from_numpy(hidden), torch.from_numpy(mask), mode).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (4, 5)
+    assert np.abs(ours - theirs).max() <= 1e-6
+    with pytest.raises(ValueError, match="unknown pooling mode"):
+        pool_numpy(hidden, mask, "median")
 
 
 @pytest.mark.parametrize("mode", POOLING_MODES)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from matryoshka2d.encoder import Encoder, sort_longest_first
 from matryoshka2d.export.onnx import (
@@ -30,7 +29,7 @@ from matryoshka2d.export.onnx import (
     read_exits,
     require_onnx,
 )
-from matryoshka2d.pooling import pool
+from matryoshka2d.pooling import pool_numpy
 
 #: Bump when the cached graphs change meaning (new exporter settings), so old caches are not reused.
 CACHE_VERSION = "1"
@@ -167,11 +166,9 @@ class OnnxEncoder(Encoder):
         wanted = self._layer_list(None if layers is None else list(layers))
         feed = {name: np.asarray(features[name], dtype=np.int64) for name in self.input_names}
         outputs = self.session(wanted[-1]).run([exit_output_name(k) for k in wanted], feed)
-        mask = torch.from_numpy(feed["attention_mask"])
-        pooled = {
-            k: pool(torch.from_numpy(hidden), mask, self.pooling_mode).numpy()
-            for k, hidden in zip(wanted, outputs)
-        }
+        # numpy, not torch: torch's spinning threads slowed ONNX Runtime's next run (pool_numpy)
+        mask = feed["attention_mask"]
+        pooled = {k: pool_numpy(hidden, mask, self.pooling_mode) for k, hidden in zip(wanted, outputs)}
         return {k: emb @ self._rotations_t[k] if k in self._rotations_t else emb for k, emb in pooled.items()}
 
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
