@@ -115,6 +115,6 @@ def fit_exit_rotations(
     for k in ks:
         rotation = principal_rotation(pooled[k])
         if k in current:  # pooled[k] is already rotated: compose, so the result acts on the raw exit
-            rotation = rotation @ current[k].detach().cpu().float()
+            rotation = rotation @ current[k].cpu()  # exit_rotations: float32 copies
         fitted[k] = rotation
     return fitted

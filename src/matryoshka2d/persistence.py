@@ -734,13 +734,9 @@ def check_rotation(
             f"{what}: expected a float ({hidden_size}, {hidden_size}) rotation matrix, got "
             f"{tuple(tensor.shape)} {tensor.dtype}"
         )
-    if not bool(torch.isfinite(tensor).all()) or not _is_orthogonal(tensor):
+    if not bool(torch.isfinite(tensor).all()) or not _is_orthonormal(tensor):  # square: checked above
         raise error(f"{what}: not an orthogonal matrix (R @ R.T must be the identity)")
     return tensor.float().contiguous()
-
-
-def _is_orthogonal(matrix: torch.Tensor) -> bool:
-    return matrix.shape[0] == matrix.shape[1] and _is_orthonormal(matrix)
 
 
 def read_exit_rotations(folder: Path) -> dict[int, torch.Tensor]:
