@@ -10,6 +10,10 @@ seed), closed-loop clients at concurrency 1, 8 and 32. Measured, in this order:
 3. ``m2d serve --batch-mode grouped`` on the same mixed-layer load (which batch mode is faster);
 4. Infinity, torch engine; 5. Infinity, optimum (ONNX) engine: both from the separate virtualenv made by
    ``benchmarks/infinity/setup.sh`` (skipped with a note if it is missing);
+With ``--rounds N`` the servers are measured N times in turn (steps 2-5, each server started afresh every
+round) and every ratio uses the median of the rounds: one run of a few seconds per cell moved the
+comparison with Infinity by +-15%.
+
 6. optionally (``--overload-seconds N``) an overload of ``m2d serve``: 256 connections sending 32 texts
    each as fast as they can; RSS of the server before, at peak and after, and the status counts.
 
@@ -119,6 +123,7 @@ class RunResult:
     p50_ms: float
     p99_ms: float
     errors: dict
+    round: int = 0
 
 
 async def _load(
@@ -389,6 +394,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each run")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times, in turn")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--overload-seconds", type=float, default=0, help="0: skip the overload test")
     parser.add_argument("--skip-infinity", action="store_true")
@@ -410,39 +416,49 @@ def main() -> None:
         report["offline_p50_ms"][str(k)] = p50
         print(f"  layers {k}: p50 {p50:.1f} ms per request", flush=True)
 
-    def measure(server: Server, label: str, layer_sets: list[tuple[str, list[int] | None]], levels_) -> None:
+    def measure(
+        server: Server, label: str, layer_sets: list[tuple[str, list[int] | None]], levels_, round_: int
+    ) -> None:
         ready = server.wait_ready()
         print(f"{label}: ready in {ready:.0f} s, RSS {server.rss_mib():.0f} MiB", flush=True)
         for name, layers in layer_sets:
             for c in levels_:
-                results.append(
-                    run_load(label, server.port, requests, layers, c, args.warmup, args.duration, name)
-                )
+                result = run_load(label, server.port, requests, layers, c, args.warmup, args.duration, name)
+                result.round = round_
+                results.append(result)
         print(f"  stopped (SIGTERM) with exit code {server.stop()}", flush=True)
 
     each = [("6", [6]), ("3", [3]), ("1", [1])]
-    measure(m2d_server("grouped"), "m2d serve", each, levels)
-    measure(m2d_server("grouped", ["--backend", "onnx"]), "m2d onnx", each, levels)
-    measure(m2d_server("grouped", ["--dtype", "bfloat16"]), "m2d bf16", each, levels)
     mixed = [("1/3/6", [1, 3, 6])]
-    measure(m2d_server("shared"), "m2d shared", mixed, [32])
-    measure(m2d_server("grouped"), "m2d grouped", mixed, [32])
-    if not args.skip_infinity:
-        for engine in ("torch", "onnx"):
-            server = infinity_server(engine)
-            if server is not None:
-                measure(server, f"infinity-{engine}", [("6", None)], levels)
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_ + 1} of {args.rounds}:", flush=True)
+        measure(m2d_server("grouped"), "m2d serve", each, levels, round_)
+        measure(m2d_server("grouped", ["--backend", "onnx"]), "m2d onnx", each, levels, round_)
+        measure(m2d_server("grouped", ["--dtype", "bfloat16"]), "m2d bf16", each, levels, round_)
+        measure(m2d_server("shared"), "m2d shared", mixed, [32], round_)
+        measure(m2d_server("grouped"), "m2d grouped", mixed, [32], round_)
+        if not args.skip_infinity:
+            for engine in ("torch", "onnx"):
+                server = infinity_server(engine)
+                if server is not None:
+                    measure(server, f"infinity-{engine}", [("6", None)], levels, round_)
     report["runs"] = [asdict(r) for r in results]
     if args.overload_seconds > 0:
         print("overload:", flush=True)
         report["overload"] = overload(requests, args.overload_seconds)
 
     def get(server: str, layers: str, c: int) -> RunResult | None:
-        return next(
-            (r for r in results if r.server == server and r.layers == layers and r.concurrency == c), None
-        )
+        """The cell's run, or with several rounds a run holding the rounds' medians."""
+        runs = [r for r in results if r.server == server and r.layers == layers and r.concurrency == c]
+        if len(runs) <= 1:
+            return runs[0] if runs else None
+        median = {
+            key: statistics.median(getattr(r, key) for r in runs)
+            for key in ("sentences_per_s", "p50_ms", "p99_ms")
+        }
+        return RunResult(**{**asdict(runs[0]), **median, "round": -1})
 
-    print("\nratios:")
     ratios = {}
     top = max(levels)
     full32 = get("m2d serve", "6", top)
@@ -455,7 +471,11 @@ def main() -> None:
     if onnx32 and other and other.sentences_per_s:
         ratios[f"m2d onnx/infinity-onnx c={top}"] = onnx32.sentences_per_s / other.sentences_per_s
     fastest_infinity = max(
-        (r.sentences_per_s for r in results if r.server.startswith("infinity") and r.concurrency == top),
+        (
+            cell.sentences_per_s
+            for engine in ("torch", "onnx")
+            if (cell := get(f"infinity-{engine}", "6", top)) is not None
+        ),
         default=0,
     )
     if bf32 and fastest_infinity:
@@ -479,6 +499,21 @@ def main() -> None:
         ratios["mixed layers c=32: shared / grouped throughput"] = (
             shared.sentences_per_s / grouped.sentences_per_s
         )
+    if args.rounds > 1:
+        print(f"\nmedians of {args.rounds} rounds (sentences/s):")
+        cells = sorted({(r.server, r.layers, r.concurrency) for r in results}, key=str)
+        for server, layers, c in cells:
+            values = [
+                r.sentences_per_s
+                for r in results
+                if (r.server, r.layers, r.concurrency) == (server, layers, c)
+            ]
+            print(
+                f"  {server:<16} layers {layers:<6} c={c:<3} {get(server, layers, c).sentences_per_s:7.1f}"
+                f"  (rounds: {', '.join(f'{v:.1f}' for v in values)})"
+            )
+        report["medians"] = [asdict(get(*cell)) for cell in cells]
+    print("\nratios:")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")
     report["ratios"] = ratios

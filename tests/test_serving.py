@@ -401,6 +401,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
         NAME,
         "--max-batch-size",
         "1",
+        "--sort-window",
+        "16",
         "--threads",
         "1",
         "--log-level",
@@ -470,9 +472,9 @@ def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, 
 
 @pytest.mark.parametrize("mode,expected", [("grouped", {1: 8, 2: 8, 4: 8}), ("shared", {1: 4, 2: 2, 4: 2})])
 def test_take_budget_is_per_layer_count_when_grouped(offline, mode, expected):
-    """Grouped: each layer count gets a full take (4 batches of 2 rows here), so each group has as many rows
-    to sort by length as a single-layer load; shared: one budget for all, first in first out."""
-    engine = BatchingEngine(offline, max_batch_size=2, mode=mode)  # not started: _take is called by hand
+    """Grouped: each layer count gets a full take (a sort window of 8 rows here), so each group has as many
+    rows to sort by length as a single-layer load; shared: one budget for all, first in first out."""
+    engine = BatchingEngine(offline, max_batch_size=2, sort_window=8, mode=mode)  # _take called by hand
     for k in (1, 2, 4) * 4:
         engine.submit(engine.prepare(SENTENCES[:2]), k, 8)
     rows = engine._take()
@@ -481,6 +483,31 @@ def test_take_budget_is_per_layer_count_when_grouped(offline, mode, expected):
         counts[job.layers] = counts.get(job.layers, 0) + 1
     assert counts == expected
     assert engine.queued_texts == 24 - len(rows)
+
+
+def test_larger_sort_window_pads_less(offline):
+    """Requests that each mix a short and a long text: a window of one request's rows pads every batch to
+    the long text; a window of all rows sorts the long texts together."""
+    short, long = "a cat", " ".join(["a long sentence about cats and dogs"] * 4)
+
+    def padded(window: int) -> tuple[int, int]:
+        engine = BatchingEngine(offline, max_batch_size=2, sort_window=window)  # _take called by hand
+        for _ in range(4):
+            engine.submit(engine.prepare([short, long]), 4, 8)
+        total = taken = 0
+        while engine.queued_texts:
+            rows = engine._take()
+            assert len(rows) <= window
+            taken += len(rows)
+            for batch in engine._batches(rows):
+                total += len(batch) * max(job.prepared.lengths[i] for job, i in batch)
+        return total, taken
+
+    (narrow, rows_narrow), (wide, rows_wide) = padded(2), padded(8)
+    assert rows_narrow == rows_wide == 8
+    lengths = BatchingEngine(offline).prepare([short, long]).lengths
+    assert narrow == 8 * max(lengths)  # every batch of 2 holds a long text
+    assert wide == 4 * sum(lengths)  # long with long, short with short: no padding at all
 
 
 def test_engine_queue_bound_and_stop(offline):

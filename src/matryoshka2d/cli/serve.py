@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
+        sort_window=args.sort_window,
         max_queue_texts=args.max_queue_texts,
         workers=args.workers,
         batch_mode=args.batch_mode,
@@ -106,6 +107,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--max-batch-size", type=positive_int, default=32, help="texts per forward pass (default 32)"
+    )
+    p.add_argument(
+        "--sort-window",
+        type=positive_int,
+        default=512,
+        help="texts taken from the queue at once and sorted by length before batching: larger pads "
+        "less, smaller returns the first requests sooner (default 512)",
     )
     p.add_argument("--max-inputs", type=positive_int, default=2048, help="texts per request (default 2048)")
     p.add_argument(

@@ -56,8 +56,8 @@ class ServeConfig:
         default_layers: layers when a request does not say (None: the deepest allowed).
         max_inputs: texts per request at most.
         max_request_bytes: request body size limit (413 past it).
-        max_batch_tokens, max_batch_size, max_queue_texts, workers, batch_mode: the engine's settings
-            (:class:`~matryoshka2d.serving.engine.BatchingEngine`).
+        max_batch_tokens, max_batch_size, sort_window, max_queue_texts, workers, batch_mode: the engine's
+            settings (:class:`~matryoshka2d.serving.engine.BatchingEngine`).
         api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     """
 
@@ -69,6 +69,7 @@ class ServeConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     max_batch_tokens: int = 8192
     max_batch_size: int = 32
+    sort_window: int = 512
     max_queue_texts: int = 4096
     workers: int = 1
     batch_mode: str = "grouped"
@@ -217,6 +218,7 @@ class EmbeddingServer:
                 model,
                 max_batch_tokens=self.config.max_batch_tokens,
                 max_batch_size=self.config.max_batch_size,
+                sort_window=self.config.sort_window,
                 max_queue_texts=self.config.max_queue_texts,
                 workers=self.config.workers,
                 mode=self.config.batch_mode,

@@ -1,8 +1,8 @@
 """Dynamic batching for the embeddings server: a bounded queue, worker threads and token-budget batches.
 
 Requests are tokenised when they arrive (:meth:`BatchingEngine.prepare`, any thread) and queued as rows
-(one row per text). A worker thread takes rows first-in first-out until a token budget is reached, sorts
-them by length and cuts them into batches whose padded size (rows x longest row) stays within the budget.
+(one row per text). A worker thread takes up to ``sort_window`` rows first-in first-out, sorts them by
+length and cuts them into batches whose padded size (rows x longest row) stays within the budget.
 Requests asking for different layer counts share batches: in ``"shared"`` mode one forward pass runs to
 the deepest layer count of the batch and every shallower exit is pooled from that same pass (the
 backend's ``forward(features, layers=[...])`` primitive); in ``"grouped"`` mode a batch is split by layer
@@ -40,7 +40,6 @@ from matryoshka2d.validation import check_positive_int
 log = logging.getLogger("matryoshka2d.serving")
 
 BATCH_MODES = ("shared", "grouped")
-TAKE_BATCHES = 4  # batches' worth of rows a worker takes from the queue at once
 
 
 class QueueFullError(Matryoshka2dError):
@@ -108,9 +107,12 @@ class BatchingEngine:
     Args:
         model: the backend (see the module docstring for the interface).
         max_batch_tokens: padded tokens (rows x longest row) per forward pass.
-        max_batch_size: rows per forward pass at most. A worker takes up to ``TAKE_BATCHES`` batches
-            worth of rows (and tokens) from the queue at once, sorts them by length and cuts them into
-            batches, so texts of similar length share a batch across requests.
+        max_batch_size: rows per forward pass at most.
+        sort_window: rows a worker takes from the queue at once (per layer count in ``"grouped"`` mode),
+            sorts by length and cuts into batches, so texts of similar length share a batch across
+            requests. Larger windows pad less (STSB-like lengths, batches of 32: 81% of the padded tokens
+            are real at 128 rows, 93% at 512, 98% sorting everything) but finish the window's requests
+            together rather than one batch at a time.
         max_queue_texts: texts waiting in the queue at most; past it :meth:`submit` raises
             :class:`QueueFullError`. A request larger than this is still taken when the queue is empty.
         workers: worker threads, each running its own forward passes (1 is right for a CPU whose cores
@@ -125,6 +127,7 @@ class BatchingEngine:
         model,
         max_batch_tokens: int = 8192,
         max_batch_size: int = 32,
+        sort_window: int = 512,
         max_queue_texts: int = 8192,
         workers: int = 1,
         mode: str = "grouped",
@@ -140,6 +143,7 @@ class BatchingEngine:
                 f"({model.max_seq_length}): one long text would not fit in a batch"
             )
         self.max_batch_size = check_positive_int(max_batch_size, "max_batch_size")
+        self.sort_window = check_positive_int(sort_window, "sort_window")
         self.max_queue_texts = check_positive_int(max_queue_texts, "max_queue_texts")
         self.workers = check_positive_int(workers, "workers")
         self.mode = mode
@@ -265,10 +269,10 @@ class BatchingEngine:
     def _take(self) -> list[tuple[Job, int]] | None:
         """Rows for the next few forward passes, first-in first-out; None when stopping and drained.
 
-        The budget (``TAKE_BATCHES`` batches' worth of rows and tokens) is per batch group: in ``"grouped"``
-        mode each layer count gets its own, so that every group has as many rows to sort by length as a
-        single-layer load (with one shared budget, a mix of three layer counts left ~a third of the rows per
-        group: measured 1.45x the padding and ~1.7x the time per row).
+        The budget (``sort_window`` rows, and as many batches' worth of tokens) is per batch group: in
+        ``"grouped"`` mode each layer count gets its own, so that every group has as many rows to sort by
+        length as a single-layer load (with one shared budget, a mix of three layer counts left ~a third of
+        the rows per group: measured 1.45x the padding and ~1.7x the time per row).
         """
         with self._cond:
             while not self._pending and not self._stopping:
@@ -277,7 +281,8 @@ class BatchingEngine:
                 return None
             rows: list[tuple[Job, int]] = []
             used: dict[int, list[int]] = {}  # batch group -> [rows, tokens] taken
-            max_rows, max_tokens = TAKE_BATCHES * self.max_batch_size, TAKE_BATCHES * self.max_batch_tokens
+            max_rows = self.sort_window
+            max_tokens = -(-self.sort_window // self.max_batch_size) * self.max_batch_tokens
             while self._pending:
                 job = self._pending[0]
                 budget = used.setdefault(job.layers if self.mode == "grouped" else 0, [0, 0])
