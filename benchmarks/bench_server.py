@@ -10,12 +10,12 @@ seed), closed-loop clients at concurrency 1, 8 and 32. Measured, in this order:
 3. ``m2d serve --batch-mode grouped`` on the same mixed-layer load (which batch mode is faster);
 4. Infinity, torch engine; 5. Infinity, optimum (ONNX) engine: both from the separate virtualenv made by
    ``benchmarks/infinity/setup.sh`` (skipped with a note if it is missing);
+6. optionally (``--overload-seconds N``) an overload of ``m2d serve``: 256 connections sending 32 texts
+   each as fast as they can; RSS of the server before, at peak and after, and the status counts.
+
 With ``--rounds N`` the servers are measured N times in turn (steps 2-5, each server started afresh every
 round) and every ratio uses the median of the rounds: one run of a few seconds per cell moved the
 comparison with Infinity by +-15%.
-
-6. optionally (``--overload-seconds N``) an overload of ``m2d serve``: 256 connections sending 32 texts
-   each as fast as they can; RSS of the server before, at peak and after, and the status counts.
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 

@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from matryoshka2d.data import data_dir
@@ -53,30 +52,29 @@ def main() -> None:
         for split in args.splits.split(","):
             start = time.perf_counter()
             grid = evaluate_sts(model, data_dir() / "stsb" / f"{split}.tsv", layers=layers, dims=DIMS)
-            s = np.asarray(grid.metrics["spearman"])
-            full, half = s[-1, 0], s[len(layers) // 2 - 1, 0]
+            last, full_dim = layers[-1], DIMS[0]
+            full = grid.cell(last, full_dim)
             retention = {
-                "half_layers": 100 * half / full,
-                "one_layer": 100 * s[0, 0] / full,
-                "dims_64": 100 * s[-1, DIMS.index(64)] / full,
-                "dims_48": 100 * s[-1, DIMS.index(48)] / full,
+                "half_layers": 100 * grid.cell(last // 2, full_dim) / full,
+                "one_layer": 100 * grid.cell(1, full_dim) / full,
+                "dims_64": 100 * grid.cell(last, 64) / full,
+                "dims_48": 100 * grid.cell(last, 48) / full,
             }
+            reduced = grid.mean(max_layers=last - 1)
             report["grids"][f"{name}/{split}"] = {
                 "model": path,
                 "precision": model.precision,
-                "spearman": s.tolist(),
-                "reduced_layer_mean": float(s[:-1].mean()),
+                "spearman": grid.spearman,
+                "reduced_layer_mean": reduced,
                 "retention_percent": retention,
             }
             print(
                 f"{name} {split} ({time.perf_counter() - start:.0f} s, {model.precision}): full {full:.2f}, "
-                f"mean of the reduced-layer cells {s[:-1].mean():.2f}; "
+                f"mean of the reduced-layer cells {reduced:.2f}; "
                 + ", ".join(f"{k} {v:.1f}%" for k, v in retention.items()),
                 flush=True,
             )
-            print("   layers " + " ".join(f"{d:>6}" for d in DIMS))
-            for k, row in zip(layers, s):
-                print(f"   {k:>6} " + " ".join(f"{v:6.2f}" for v in row))
+            print(grid.table())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(report, indent=1) + "\n", "grids", overwrite=True, recognize=_is_grids)
