@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from matryoshka2d.data import data_dir
+from matryoshka2d.evaluation.grid import GridResult
 from matryoshka2d.evaluation.sts import evaluate_sts
 from matryoshka2d.model import EmbeddingModel
 from matryoshka2d.persistence import atomic_write
@@ -51,19 +52,19 @@ def _is_grids(path: Path) -> bool:
         return False
 
 
-def summarize(spearman: list[list[float]]) -> dict:
-    """Full size (the last row, first column), the mean of the reduced-layer rows and the retention
-    figures (each a share of full size) of one layers x :data:`DIMS` table, rows = 1..N layers."""
-    grid = np.asarray(spearman)
-    full, last = grid[-1, 0], grid.shape[0]
+def summarize(grid: GridResult) -> dict:
+    """Full size (all layers x the largest dim), the mean of the reduced-layer rows and the retention
+    figures (each a share of full size) of one grid."""
+    last, full_dim = grid.layers[-1], grid.dims[0]
+    full = grid.cell(last, full_dim)
     return {
-        "full": float(full),
-        "reduced_layer_mean": float(grid[:-1].mean()),
+        "full": full,
+        "reduced_layer_mean": grid.mean(max_layers=last - 1),
         "retention_percent": {
-            "half_layers": float(100 * grid[last // 2 - 1, 0] / full),
-            "one_layer": float(100 * grid[0, 0] / full),
-            "dims_64": float(100 * grid[-1, DIMS.index(64)] / full),
-            "dims_48": float(100 * grid[-1, DIMS.index(48)] / full),
+            "half_layers": 100 * grid.cell(last // 2, full_dim) / full,
+            "one_layer": 100 * grid.cell(1, full_dim) / full,
+            "dims_64": 100 * grid.cell(last, 64) / full,
+            "dims_48": 100 * grid.cell(last, 48) / full,
         },
     }
 
@@ -75,24 +76,25 @@ def describe(name: str, summary: dict) -> str:
     return f"{name}: full {full:.2f}, reduced-layer mean {reduced:.2f}; {retention}"
 
 
-def seed_means(grids: dict[str, dict], splits: list[str]) -> dict[str, dict]:
-    """For every ``NAME`` of models ``NAME@SEED``: the grid averaged over its seeds and its figures."""
+def seed_means(grids: dict[str, GridResult]) -> dict[str, GridResult]:
+    """``{NAME/SPLIT: grid averaged over the models NAME@SEED/SPLIT}`` (their names in ``info["seeds"]``)."""
     groups: dict[str, list[str]] = {}
     for key in grids:
-        model = key.rsplit("/", 1)[0]
-        if "@" in model and model not in groups.setdefault(model.split("@", 1)[0], []):
-            groups[model.split("@", 1)[0]].append(model)
+        name, split = key.rsplit("/", 1)
+        if "@" in name:
+            groups.setdefault(f"{name.split('@', 1)[0]}/{split}", []).append(key)
     means = {}
-    for group, models in groups.items():
-        for split in splits:
-            mean = np.mean([grids[f"{model}/{split}"]["spearman"] for model in models], axis=0).tolist()
-            means[f"{group}/{split}"] = {"seeds": models, "spearman": mean, **summarize(mean)}
+    for group, keys in groups.items():
+        first = grids[keys[0]]
+        mean = np.mean([grids[key].spearman for key in keys], axis=0).tolist()
+        seeds = [key.rsplit("/", 1)[0] for key in keys]
+        means[group] = GridResult(group, first.layers, first.dims, {"spearman": mean}, info={"seeds": seeds})
     return means
 
 
-def compare(a: list[list[float]], b: list[list[float]]) -> dict:
+def compare(a: GridResult, b: GridResult) -> dict:
     """Cell-by-cell difference ``a - b`` over the reduced-layer rows (all but the last)."""
-    diff = (np.asarray(a) - np.asarray(b))[:-1]
+    diff = (np.asarray(a.spearman) - np.asarray(b.spearman))[:-1]
     return {
         "cells": int(diff.size),
         "cells_a_above_b": int((diff > 0).sum()),
@@ -119,13 +121,16 @@ def main() -> None:
             parser.error(f"--compare takes two of the names {sorted(names)}, got {','.join(pair)!r}")
     torch.set_num_threads(args.threads)
     report: dict = {"dims": DIMS, "grids": {}}
+    grids: dict[str, GridResult] = {}
     for name, path in models.items():
         model = EmbeddingModel.load(path, dtype="auto")
         layers = list(range(1, model.num_layers + 1))
         for split in splits:
             start = time.perf_counter()
-            grid = evaluate_sts(model, data_dir() / "stsb" / f"{split}.tsv", layers=layers, dims=DIMS)
-            summary = summarize(grid.spearman)
+            grid = grids[f"{name}/{split}"] = evaluate_sts(
+                model, data_dir() / "stsb" / f"{split}.tsv", layers=layers, dims=DIMS
+            )
+            summary = summarize(grid)
             report["grids"][f"{name}/{split}"] = {
                 "model": path,
                 "precision": model.precision,
@@ -135,10 +140,13 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(describe(f"{name} {split} ({seconds:.0f} s, {model.precision})", summary), flush=True)
             print(grid.table())
-    report["seed_means"] = seed_means(report["grids"], splits)
-    for key, summary in report["seed_means"].items():
-        print(describe(f"{key}, mean of {len(summary['seeds'])} seeds", summary))
-    tables = {key: value["spearman"] for key, value in {**report["grids"], **report["seed_means"]}.items()}
+    means = seed_means(grids)
+    report["seed_means"] = {}
+    for key, grid in means.items():
+        summary = summarize(grid)
+        report["seed_means"][key] = {"seeds": grid.info["seeds"], "spearman": grid.spearman, **summary}
+        print(describe(f"{key}, mean of {len(grid.info['seeds'])} seeds", summary))
+    grids.update(means)
     report["comparisons"] = {}
     seeds = {name.split("@", 1)[1] for name in models if "@" in name}
     for a, b in pairs:  # seed means (or single models), then each seed both were trained with
@@ -147,7 +155,7 @@ def main() -> None:
         ]
         for (x, y), split in itertools.product(pairs_here, splits):
             result = report["comparisons"][f"{x}-{y}/{split}"] = compare(
-                tables[f"{x}/{split}"], tables[f"{y}/{split}"]
+                grids[f"{x}/{split}"], grids[f"{y}/{split}"]
             )
             print(
                 f"{x} - {y} ({split}): {result['cells_a_above_b']} of {result['cells']} reduced-layer cells "
