@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -206,6 +207,9 @@ BAD_REQUESTS = [
     (b'{"model": "tiny", "input": ["a"', 400, None),  # malformed JSON
     (b"\xff\xfe not utf-8", 400, None),
     (b'["a list", "not an object"]', 400, None),
+    (b'{"model": "tiny", "input": ["a"], "dimensions": ' + b"1" * 5000 + b"}", 400, None),  # > 4300 digits
+    (b'{"model": "tiny", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),  # nested too deeply
+    (b'{"model": "tiny", "input": ["a cat", "half a pair \\ud800 here"]}', 400, "input"),  # lone surrogate
     (json.dumps({**GOOD, "input": ["x" * 100] * 10, "pad": "y" * 20_000}).encode(), 413, None),
 ]
 
@@ -261,6 +265,35 @@ def test_unknown_route_and_method(server):
     }
     response = httpx.get(server.url + "/v1/embeddings")
     assert response.status_code == 405 and "error" in response.json()
+    assert response.headers["allow"] == "POST"  # HTTP requires it on a 405
+
+
+def test_lone_surrogate_message_names_the_item(server):
+    body = b'{"model": "tiny", "input": ["a cat", "x\\udc00"]}'
+    assert "input[1] is not valid Unicode" in post(server, body).json()["error"]["message"]
+
+
+def test_unexpected_error_is_a_500_in_openai_shape_and_counted(model_dir):
+    class BrokenTokenizer(GatedModel):
+        broken = False  # after loading (the server warms up with a forward pass)
+
+        def tokenize(self, texts, padding=True):
+            if self.broken:
+                raise RuntimeError("tokenizer exploded")
+            return self.model.tokenize(texts, padding=padding)
+
+    broken = BrokenTokenizer(EmbeddingModel.load(model_dir))
+    app = make_app(model_dir, broken, api_key=None)
+    with BackgroundServer(app) as running:
+        broken.broken = True
+        response = post(running, GOOD, key=None)
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "server_error"
+        assert "tokenizer exploded" in response.json()["error"]["message"]
+        assert (
+            'm2d_requests_total{endpoint="/v1/embeddings",status="500"} 1.0'
+            in httpx.get(running.url + "/metrics").text
+        )
 
 
 def test_truncation(server, offline):
@@ -442,6 +475,48 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
             proc.wait()
 
 
+def test_sigterm_does_not_wait_for_ever_on_a_stalled_client(model_dir):
+    port = free_port()
+    command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), "--port", str(port)]
+    command += ["--threads", "1", "--log-level", "warning", "--drain-timeout", "1"]
+    proc = subprocess.Popen(
+        command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port)) as stalled:  # promises 100 bytes, sends 2
+            stalled.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{}"
+            )
+            time.sleep(0.5)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert time.monotonic() - start < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_drain_timeout_must_be_a_number(model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), "--drain-timeout", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--drain-timeout: must be a finite number >= 0" in result.stderr
+
+
 # ---------------------------------------------------------------- the engine itself
 @pytest.mark.parametrize("mode", ["shared", "grouped"])
 @pytest.mark.parametrize("workers", [1, 2])
@@ -524,6 +599,58 @@ def test_engine_queue_bound_and_stop(offline):
     gated.gate.set()
     stopper.join(10)
     assert running.future.result(1).shape == (1, 32) and queued.future.result(1).shape == (4, 8)
+
+
+class FailingModel(GatedModel):
+    """Raises in every forward pass while ``fail`` is set; records the rows of each pass."""
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        super().__init__(model)
+        self.fail = True
+        self.passes: list[int] = []
+
+    def forward(self, features, layers):
+        self.passes.append(len(features["input_ids"]))
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return self.model.forward(features, layers)
+
+
+def test_failed_forward_pass_drops_the_rest_of_its_request(offline):
+    failing = FailingModel(offline)
+    engine = BatchingEngine(failing, max_batch_tokens=64, max_batch_size=2, sort_window=2).start()
+    try:
+        job = engine.submit(engine.prepare(SENTENCES[:6]), 4, 32)  # three batches of 2
+        with pytest.raises(RuntimeError, match="out of memory"):
+            job.future.result(10)
+        deadline = time.monotonic() + 10
+        while engine.queued_texts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.queued_texts == 0 and engine.queued_requests == 0
+        assert failing.passes == [2]  # its other two batches never ran
+        failing.fail = False
+        assert engine.submit(engine.prepare(["a cat"]), 4, 32).future.result(10).shape == (1, 32)
+    finally:
+        engine.stop(10)
+
+
+def test_worker_survives_an_error_outside_the_forward_pass(offline):
+    calls = []
+
+    def on_batch(stats):  # e.g. a metrics hook that raises
+        calls.append(stats)
+        if len(calls) == 1:
+            raise ValueError("metrics broke")
+
+    engine = BatchingEngine(offline, max_batch_tokens=64, on_batch=on_batch).start()
+    try:
+        first = engine.submit(engine.prepare(["a cat"]), 4, 32)
+        with pytest.raises(ValueError, match="metrics broke"):
+            first.future.result(10)
+        second = engine.submit(engine.prepare(SENTENCES[:3]), 2, 8)
+        assert np.abs(second.future.result(10) - offline.encode(SENTENCES[:3], layers=2, dim=8)).max() <= 1e-5
+    finally:
+        engine.stop(10)
 
 
 def test_engine_refuses_a_budget_below_max_seq_length(offline):

@@ -60,7 +60,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return load_encoder(args.model, backend=args.runtime, dtype=args.dtype, threads=args.threads)
 
     app = create_app(config, load, on_load_error=on_load_error)
-    server = make_server(app, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    server = make_server(
+        app,
+        args.host,
+        args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        drain_timeout=args.drain_timeout or None,
+    )
     print(
         f"m2d serve: {args.model} ({args.runtime}) as '{name}' on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
@@ -149,4 +156,22 @@ def register(sub) -> None:
         help="uvicorn log level",
     )
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+    p.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=60.0,
+        help="on SIGTERM, seconds to wait for the requests in flight before cancelling the rest "
+        "(default 60; 0 waits for ever)",
+    )
     p.set_defaults(func=cmd_serve)
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.serving.engine import (
@@ -167,6 +168,15 @@ def _check_texts(value: str | list[Any], max_inputs: int) -> list[str]:
             raise ApiError(400, f"input[{i}] must be a string, got {_describe(text)}", param="input")
         if not text:
             raise ApiError(400, f"input[{i}] is an empty string", param="input")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON allows "\ud800"; no tokenizer takes a lone surrogate
+            raise ApiError(
+                400,
+                f"input[{i}] is not valid Unicode: a lone surrogate ({e.object[e.start : e.end]!a}) at "
+                f"character {e.start}",
+                param="input",
+            ) from None
     return value
 
 
@@ -311,7 +321,9 @@ class EmbeddingServer:
         body = await self.read_body(request)
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:
+            raise ApiError(400, "could not parse the JSON body of the request: nested too deeply") from None
+        except ValueError as e:  # malformed JSON, bytes that are not UTF-8, an integer of >4300 digits
             raise ApiError(400, f"could not parse the JSON body of the request: {e}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {type(payload).__name__}")
@@ -456,7 +468,10 @@ def create_app(
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return ApiError(
-            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code
+            exc.status_code,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code=code,
+            headers=exc.headers,
         ).response()
 
     @app.post(EMBEDDINGS)
@@ -466,6 +481,13 @@ def create_app(
             response = await server.embeddings(request)
         except ApiError as e:
             response = e.response()
+        except ClientDisconnect:  # gone while sending the body: nobody reads an answer
+            response = Response(status_code=499)
+        except Exception as e:  # a bug: still an answer in OpenAI's shape, and counted
+            log.exception("POST %s failed", EMBEDDINGS)
+            response = ApiError(
+                500, f"internal error: {type(e).__name__}: {e}", type="server_error"
+            ).response()
         metrics.observe_request(EMBEDDINGS, response.status_code, time.perf_counter() - start)
         return response
 

@@ -83,7 +83,7 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     next_row: int = 0  # rows before this one have been taken by a worker
     done_rows: int = 0
-    cancelled: bool = False
+    cancelled: bool = False  # its client went away or one of its batches failed: its other rows are dropped
     pooled: np.ndarray | None = None
 
     @property
@@ -330,8 +330,29 @@ class BatchingEngine:
         while (rows := self._take()) is not None:
             for batch in self._batches(rows):
                 batch = [row for row in batch if not row[0].cancelled]
-                if batch:
+                if not batch:
+                    continue
+                try:
                     self._run_batch(batch)
+                except Exception as e:  # never let one batch end the worker: later requests would hang
+                    log.exception("batch failed")
+                    self._fail({job for job, _ in batch}, e)
+
+    def _fail(self, jobs: set[Job], error: BaseException) -> None:
+        """Answer ``jobs`` with ``error`` and drop their rows still queued (none of them is computed)."""
+        with self._cond:
+            for job in jobs:
+                if job.cancelled:
+                    continue
+                job.cancelled = True  # rows already taken by a worker are skipped or dropped too
+                if job in self._pending:
+                    self._pending.remove(job)
+                    self._queued_texts -= job.size - job.next_row
+        for job in jobs:
+            try:
+                job.future.set_exception(error)
+            except concurrent.futures.InvalidStateError:  # answered or cancelled meanwhile
+                pass
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
         try:
@@ -346,9 +367,7 @@ class BatchingEngine:
             seconds = time.perf_counter() - start
         except Exception as e:  # a bug or an out-of-memory: fail these jobs, keep serving
             log.exception("forward pass failed")
-            for job in {job for job, _ in batch}:
-                if not job.future.done():
-                    job.future.set_exception(e)
+            self._fail({job for job, _ in batch}, e)
             return
         if self.on_batch is not None:
             width = max(job.prepared.lengths[i] for job, i in batch)

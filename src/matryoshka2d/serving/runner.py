@@ -1,8 +1,9 @@
 """Running the app with uvicorn: in the foreground (``m2d serve``) or in a background thread (tests).
 
 uvicorn answers SIGTERM/SIGINT gracefully: it stops accepting connections, lets the requests in flight
-finish (their queued texts are still batched and embedded), then runs the app's shutdown, which finishes
-anything left in the engine's queue; the process exits 0.
+finish (their queued texts are still batched and embedded; at most ``drain_timeout`` seconds, then the
+ones left are cancelled), then runs the app's shutdown, which finishes anything left in the engine's
+queue; the process exits 0.
 """
 
 from __future__ import annotations
@@ -26,16 +27,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def make_server(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", access_log: bool = False
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    access_log: bool = False,
+    drain_timeout: float | None = 60.0,
 ) -> uvicorn.Server:
-    """A uvicorn server for ``app`` (no graceful-shutdown timeout: in-flight requests always finish)."""
+    """A uvicorn server for ``app``.
+
+    Args:
+        drain_timeout: seconds a graceful shutdown waits for the requests in flight; past it the ones left
+            (e.g. a client that stalls in the middle of its body) are cancelled and their queued texts
+            dropped, and the shutdown goes on. ``None`` waits for ever.
+    """
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         access_log=access_log,
-        timeout_graceful_shutdown=None,
+        timeout_graceful_shutdown=drain_timeout,
         lifespan="on",
     )
     return uvicorn.Server(config)
