@@ -86,6 +86,21 @@ def tiny_transformer(family: str, vocab_size: int, num_layers: int = 4, hidden: 
             dim=hidden, n_layers=num_layers, n_heads=2, hidden_dim=2 * hidden, **common
         )
         return tf.DistilBertModel(config)
+    if family == "modernbert":  # a final norm after the last layer, per-layer attention types
+        config = tf.ModernBertConfig(
+            hidden_size=hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            global_attn_every_n_layers=2,
+            local_attention=16,
+            bos_token_id=2,
+            cls_token_id=2,
+            sep_token_id=3,
+            eos_token_id=3,
+            **common,
+        )
+        return tf.ModernBertModel(config)
     raise ValueError(family)
 
 
@@ -97,7 +112,7 @@ def build_tiny_model(folder: Path, family: str = "bert", num_layers: int = 4, po
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = BertTokenizerFast(vocab=str(write_vocab(folder)), model_max_length=48)
-    if family in ("roberta", "xlm-roberta", "distilbert", "mpnet"):
+    if family in ("roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert"):
         tokenizer.model_input_names = ["input_ids", "attention_mask"]
     transformer = tiny_transformer(family, len(tokenizer), num_layers=num_layers).eval()
     return EmbeddingModel(transformer, tokenizer, pooling_mode=pooling_mode, name_or_path=f"tiny-{family}")

@@ -81,6 +81,42 @@ def test_int8_export_is_close_to_float32(tiny_model, tmp_path):
     assert (out / name).stat().st_size < (out / ONNX_FILE).stat().st_size
 
 
+def test_a_model_past_the_onnx_file_limit_is_refused_before_export(tiny_model, tmp_path, monkeypatch):
+    import matryoshka2d.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "MAX_GRAPH_BYTES", 1000)
+    with pytest.raises(OnnxExportError, match="at most 2 GiB without external data"):
+        onnx_export.export_onnx(tiny_model, tmp_path / "model.onnx", layers=2)
+    assert not any(tmp_path.iterdir())
+
+
+def test_int8_quantisation_leaves_the_root_logger_alone(tiny_model, tmp_path, caplog, monkeypatch):
+    """Its hint is dropped, but what other threads log while it runs is not (the root logger's level is
+    not touched), and the root logger is left as it was."""
+    import logging
+
+    import onnxruntime.quantization as ortq
+
+    from matryoshka2d.export.onnx import export_onnx, quantize_int8
+
+    original = ortq.quantize_dynamic
+
+    def quantize_beside_another_thread(*args, **kwargs):
+        logging.getLogger("another.module").warning("logged while quantising")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ortq, "quantize_dynamic", quantize_beside_another_thread)
+    root = logging.getLogger()
+    level, filters = root.level, list(root.filters)
+    graph = export_onnx(tiny_model, tmp_path / "model.onnx", layers=2)
+    with caplog.at_level(logging.INFO):
+        quantize_int8(graph, tmp_path / "int8.onnx")
+    assert (root.level, root.filters) == (level, filters)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "logged while quantising"
+    ]
+
+
 def test_k_layer_graph_holds_only_k_layers(tiny_model, tmp_path):
     sizes = {k: exported(tmp_path / f"k{k}", tiny_model, k, None, format="onnx") for k in (1, 4)}
     onnx_size = {k: (out / ONNX_FILE).stat().st_size for k, out in sizes.items()}

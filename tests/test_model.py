@@ -144,6 +144,17 @@ def test_long_texts_fit_roberta_position_offset(tmp_path):
     assert model.encode([long_text]).shape == (1, 32)
 
 
+def test_long_texts_fit_mpnet_position_offset(tmp_path):
+    """MPNet's position ids start at 2 (a padding index fixed at 1, whatever pad_token_id says)."""
+    model = build_tiny_model(tmp_path / "m", "mpnet")
+    model.tokenizer.model_max_length = int(1e30)
+    auto = EmbeddingModel(model.transformer, model.tokenizer)
+    assert auto.max_seq_length == 64 - 2
+    assert auto.encode([" ".join(["cat"] * 200)]).shape == (1, 32)  # past 62 tokens: an IndexError before
+    with pytest.raises(ModelLoadError, match="1..62"):
+        EmbeddingModel(model.transformer, model.tokenizer, max_seq_length=63)
+
+
 def test_bad_batch_size(tiny_model):
     with pytest.raises(InvalidInputError, match="batch_size"):
         tiny_model.encode(SENTENCES, batch_size=0)
@@ -199,6 +210,11 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert model_module.resolve_dtype("auto") == torch.bfloat16
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
     assert model_module.resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: emulated
+    assert model_module.resolve_dtype("auto", "cuda") == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100: native
+    assert model_module.resolve_dtype("auto", "cuda:1") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert model_module.resolve_dtype("auto", "cuda") == torch.float32
     assert model_module.resolve_dtype("float16", "cuda") == torch.float16

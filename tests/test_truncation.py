@@ -76,3 +76,36 @@ def test_layer_views_return_the_right_hidden_states_call_after_call(family):
                 for k in range(4):
                     assert torch.equal(again[k], expected[k]) and torch.equal(again[k], full[k])
     assert [len(layer._forward_hooks) for layer in getattr(parent, name)] == hooks  # no growth
+
+
+def test_final_norm_models_give_every_exit_as_the_cut_model_would(tmp_path, monkeypatch):
+    """ModernBERT (like Llama-style decoders) normalises once after its last layer; transformers applies
+    that only to the last hidden state. Every exit must get it, as the model cut there would, whichever
+    way the exit is asked for: alone, beside deeper ones, from a truncated folder or from ONNX."""
+    from conftest import SENTENCES, build_tiny_model
+
+    from matryoshka2d import EmbeddingModel
+    from matryoshka2d.truncation import final_norm
+
+    model = build_tiny_model(tmp_path / "build", "modernbert")
+    assert final_norm(model.transformer) is model.transformer.final_norm
+    assert final_norm(tiny_transformer("bert", 100)) is None
+    texts = SENTENCES[:6]
+    together = model.encode_layers(texts, [1, 2, 3, 4])
+    for k in (1, 2, 3):
+        alone = model.encode(texts, layers=k)
+        unit = together[k] / np.linalg.norm(together[k], axis=1, keepdims=True)
+        assert np.abs(alone - unit).max() <= 1e-5, k
+    cut = EmbeddingModel.load(model.truncate(layers=2).save(tmp_path / "cut2"))  # its per-layer config too
+    assert cut.num_layers == 2 and cut.transformer.config.layer_types == [
+        "full_attention",
+        "sliding_attention",
+    ]
+    assert np.abs(cut.encode(texts) - model.encode(texts, layers=2)).max() <= 1e-5
+    pytest.importorskip("onnxruntime")
+    from matryoshka2d.backends import load_encoder
+
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    onnx = load_encoder(model.save(tmp_path / "full"), backend="onnx", dtype="float32", threads=1)
+    for k in (1, 2, 4):
+        assert np.abs(onnx.encode(texts, layers=k) - model.encode(texts, layers=k)).max() <= 1e-4, k

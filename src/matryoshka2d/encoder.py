@@ -225,6 +225,8 @@ class Encoder(abc.ABC):
     def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
         if layers is None:
             return [self.num_layers]
+        if isinstance(layers, Iterable) and not isinstance(layers, (str, bytes, Sequence, np.ndarray)):
+            layers = list(layers)  # a set, a generator, dict keys
         if not isinstance(layers, (Sequence, np.ndarray)) or isinstance(layers, str):
             return [check_layers(layers, self.num_layers)]  # type: ignore[arg-type]
         if len(layers) == 0:
@@ -259,7 +261,7 @@ class Encoder(abc.ABC):
             ``{k: float32 array of shape (len(texts), hidden_size)}``.
         """
         texts = check_texts(texts)
-        ks = self._layer_list(list(layers) if layers is not None else range(1, self.num_layers + 1))
+        ks = self._layer_list(layers if layers is not None else range(1, self.num_layers + 1))
         batch_size = check_positive_int(batch_size, "batch_size")
         parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         show = len(texts) > 20 * batch_size if show_progress is None else show_progress

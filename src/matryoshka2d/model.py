@@ -44,6 +44,7 @@ from matryoshka2d.pooling import POOLING_MODES, pool
 from matryoshka2d.truncation import (
     check_dim,
     check_layers,
+    exit_states,
     find_layer_stack,
     keep_first_layers,
     layer_view,
@@ -59,7 +60,13 @@ _OFFSET_POSITION_FAMILIES = {
     "camembert",
     "data2vec-text",
     "longformer",
+    "roberta-prelayernorm",
+    "xmod",
+    "ibert",
+    "luke",
 }
+# MPNet's position ids start after a padding index fixed at 1, whatever its config says.
+_FIXED_POSITION_OFFSETS = {"mpnet": 2}
 
 
 # The dtypes a model can run its transformer layers in (pooling and normalisation are always float32).
@@ -112,8 +119,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     if dtype != "auto":
         return _TORCH_DTYPES[dtype]
     device = torch.device(device or "cpu")
-    if device.type == "cuda":
-        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native bf16 (Ampere and later) on that device, not emulated (T4, V100)
+        supported = torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
         return torch.bfloat16 if supported else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
@@ -175,8 +182,10 @@ class EmbeddingModel(nn.Module, Encoder):
         self.name_or_path = name_or_path or getattr(transformer.config, "_name_or_path", "") or "model"
         limit = getattr(tokenizer, "model_max_length", None) or 512
         positions = getattr(transformer.config, "max_position_embeddings", None) or limit
-        if getattr(transformer.config, "model_type", "") in _OFFSET_POSITION_FAMILIES:
+        family = getattr(transformer.config, "model_type", "")
+        if family in _OFFSET_POSITION_FAMILIES:
             positions -= (getattr(transformer.config, "pad_token_id", None) or 0) + 1  # ids start at pad + 1
+        positions -= _FIXED_POSITION_OFFSETS.get(family, 0)
         if limit > 100_000:  # tokenizers without a configured limit report a huge sentinel
             limit = positions
         if max_seq_length is not None:  # 0, negative, non-integer or past the position embeddings: refused
@@ -460,9 +469,8 @@ class EmbeddingModel(nn.Module, Encoder):
             return {
                 deepest: self._rotate(deepest, pool(out.last_hidden_state.float(), mask, self.pooling_mode))
             }
-        return {
-            k: self._rotate(k, pool(out.hidden_states[k].float(), mask, self.pooling_mode)) for k in wanted
-        }
+        states = exit_states(transformer, out, wanted)  # each exit as a model cut there returns it
+        return {k: self._rotate(k, pool(states[k].float(), mask, self.pooling_mode)) for k in wanted}
 
     # ------------------------------------------------------------------ inference
     # iter_encode, encode and encode_layers come from Encoder, built on this one method.

@@ -48,6 +48,41 @@ def layer_stack_path(model: nn.Module) -> tuple[tuple[str, ...], str]:
     )
 
 
+# The normalisation some families apply once, after their last layer, found beside the layer list:
+# ModernBERT's ``final_norm``, Llama-style decoders' ``norm``.
+_FINAL_NORM_NAMES = ("final_norm", "norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The normalisation ``model`` applies after its last layer, or None (BERT, MPNet, RoBERTa, ...).
+
+    transformers applies it to ``last_hidden_state`` (and to ``hidden_states[-1]``) only, while a model cut
+    to k layers applies it after layer k: so every layer exit is taken after it (:func:`exit_states`).
+    """
+    parents, _ = layer_stack_path(model)
+    parent = _resolve(model, parents)
+    for name in _FINAL_NORM_NAMES:
+        module = parent._modules.get(name)
+        if module is not None:
+            return module
+    return None
+
+
+def exit_states(model: nn.Module, out, layers) -> dict[int, torch.Tensor]:
+    """The hidden state after each layer count in ``layers``, from one output of ``model`` run with
+    ``output_hidden_states=True``, each as the model cut to that many layers would return it: the last
+    layer run gives ``last_hidden_state``; the others get the final norm, if the model has one."""
+    ran = len(out.hidden_states) - 1  # layers run; hidden_states[0] is the embedding output
+    norm = final_norm(model)
+    states = {}
+    for k in set(layers):
+        if k == ran:
+            states[k] = out.last_hidden_state
+        else:
+            states[k] = out.hidden_states[k] if norm is None else norm(out.hidden_states[k])
+    return states
+
+
 def find_layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
     """The module holding the transformer layer list, and the attribute name of that list."""
     parents, name = layer_stack_path(model)
@@ -138,6 +173,8 @@ def keep_first_layers(model: nn.Module, k: int) -> None:
     parent, name = find_layer_stack(model)
     setattr(parent, name, getattr(parent, name)[:k])
     model.config.num_hidden_layers = k
+    if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer settings (ModernBERT)
+        model.config.layer_types = model.config.layer_types[:k]
 
 
 def truncate_dims(embeddings, dim: int | None, normalize: bool):

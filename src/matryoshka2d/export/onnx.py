@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
-from matryoshka2d.truncation import check_layers, layer_view
+from matryoshka2d.truncation import check_layers, exit_states, layer_view
 
 #: Key of the graph metadata entry mapping every layer count to the tensor holding its hidden state.
 EXITS_KEY = "matryoshka2d.exits"
@@ -98,6 +98,18 @@ def atomic_file(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+#: Weights an exported graph may hold: protobuf's 2 GiB message limit, less room for the graph itself.
+MAX_GRAPH_BYTES = 2**31 - 2**26
+
+
+class _QuantizerHintFilter(logging.Filter):
+    """Drops the records ONNX Runtime's quantiser logs on the root logger, and nothing else (changing the
+    root logger's level instead would also silence every other thread while a quantisation runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}onnxruntime{os.sep}quantization{os.sep}" not in record.pathname
+
+
 class _Exits(torch.nn.Module):
     """The first ``k`` layers as a module returning every hidden state after layer 1..k (ONNX export)."""
 
@@ -110,7 +122,8 @@ class _Exits(torch.nn.Module):
         out = self.transformer(
             **dict(zip(self.input_names, inputs)), output_hidden_states=True, return_dict=True
         )
-        return tuple(out.hidden_states[1:])
+        states = exit_states(self.transformer, out, range(1, len(out.hidden_states)))
+        return tuple(states[k] for k in sorted(states))
 
 
 def graph_input_names(model) -> list[str]:
@@ -139,7 +152,8 @@ def export_onnx(model, path: str | os.PathLike, layers: int | None = None) -> Pa
         layers: how many transformer layers the graph runs (default: all).
 
     Raises:
-        OnnxExportError: onnx/onnxruntime missing, or the model is not float32.
+        OnnxExportError: onnx/onnxruntime missing, the model is not float32, or its weights exceed what
+            one ONNX file holds (2 GiB).
     """
     require_onnx()
     import onnx
@@ -149,11 +163,18 @@ def export_onnx(model, path: str | os.PathLike, layers: int | None = None) -> Pa
         raise OnnxExportError(
             f"ONNX export needs a float32 model, got {model.precision}: load it with dtype='float32'"
         )
-    names = graph_input_names(model)
+    module = _Exits(model.transformer, k, graph_input_names(model)).eval()
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    if size > MAX_GRAPH_BYTES:
+        raise OnnxExportError(
+            f"{model.name_or_path} at {k} layers has {size / 2**30:.1f} GiB of weights: an ONNX file holds "
+            f"at most 2 GiB without external data, which this exporter does not write; use the torch backend "
+            f"(bfloat16 is the fast one on a CPU with native bf16) or fewer layers"
+        )
+    names = module.input_names
     exits = {i: f"hidden_state_{i}" for i in range(1, k)} | {k: LAST_HIDDEN_STATE}
     outputs = [exits[i] for i in range(1, k + 1)]
     sample = model.pad(model.tokenize(["a short example", "a slightly longer example text"], False), [0, 1])
-    module = _Exits(model.transformer, k, names).eval()
     path = Path(path)
     with atomic_file(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
@@ -261,10 +282,10 @@ def quantize_int8(source: str | os.PathLike, path: str | os.PathLike, preset: st
         raise InvalidInputError(f"unknown int8 preset {preset!r}; choose one of {list(INT8_PRESETS)}")
     path = Path(path)
     root = logging.getLogger()
-    level = root.level
+    hint = _QuantizerHintFilter()
     with atomic_file(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root logger
+        root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
         try:
             quantize_dynamic(
                 str(source),
@@ -274,7 +295,7 @@ def quantize_int8(source: str | os.PathLike, path: str | os.PathLike, preset: st
                 weight_type=QuantType.QInt8,
             )
         finally:
-            root.setLevel(level)
+            root.removeFilter(hint)
         graph = onnx.load(str(tmp))
         if not any(e.key == EXITS_KEY for e in graph.metadata_props):  # keep the exits
             for entry in onnx.load(str(source), load_external_data=False).metadata_props:
