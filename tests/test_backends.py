@@ -27,6 +27,23 @@ def onnx_encoder(tiny_model_dir, tmp_path):
     return OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.parametrize("threads", ["4", 2.5, 0, -1, True])
+def test_onnx_threads_checked_before_any_work(tiny_model_dir, tmp_path, threads):
+    with pytest.raises(InvalidInputError, match="threads"):
+        OnnxEncoder(tiny_model_dir, threads=threads, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # nothing exported
+
+
+def test_layers_as_one_int_or_any_iterable(onnx_encoder, tiny_model):
+    for encoder in (onnx_encoder, tiny_model):
+        one = encoder.encode_layers(SENTENCES, 3)
+        assert list(one) == [3]
+        assert np.abs(one[3] - encoder.encode_layers(SENTENCES, [3])[3]).max() == 0
+        assert list(encoder.encode_layers(SENTENCES, {1, 2})) == [1, 2]
+        assert list(encoder.encode_layers(SENTENCES, (k for k in (4, 1)))) == [1, 4]
+    assert onnx_encoder.warm_up(2) is onnx_encoder
+
+
 def test_onnx_equals_torch_at_every_cell(onnx_encoder, tiny_model):
     assert (onnx_encoder.num_layers, onnx_encoder.dim) == (tiny_model.num_layers, tiny_model.dim)
     assert (onnx_encoder.backend, onnx_encoder.precision) == ("onnx", "float32")
@@ -102,6 +119,22 @@ def test_exported_folder_uses_its_own_graph(tiny_model, tmp_path, monkeypatch):
     assert (int8.backend, int8.precision) == ("onnx-int8", "int8")
     assert (emb * fp32.encode(SENTENCES)).sum(axis=1).min() > 0.95
     assert set(int8.cache.iterdir()) == {int8.graph_path(3)}
+
+
+def test_sessions_take_their_weights_from_one_shared_set(tiny_model_dir, tmp_path, tiny_model):
+    """Every layer count's session uses the encoder's one copy of the weights, not its file's own."""
+    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+    weights = encoder._shared_weights()
+    word_embeddings = next(name for name in weights if "word_embeddings" in name)
+    expected = tiny_model.encode(SENTENCES, layers=2)
+    assert np.abs(encoder.encode(SENTENCES, layers=2) - expected).max() <= 1e-5
+    # Zero the shared word embeddings in place: the session built before (2 layers) and those built after
+    # (1, 3) all compute with them (texts of equal length become alike: only position embeddings are left).
+    table = weights[word_embeddings].numpy()
+    weights[word_embeddings].update_inplace(np.zeros_like(table))
+    for k in (2, 1, 3):
+        out = encoder.encode(["a cat sat", "the sun and"], layers=k)  # the same token count
+        assert np.abs(out[0] - out[1]).max() <= 1e-5, k
 
 
 def test_concurrent_mixed_calls_equal_sequential(tiny_model_dir, tmp_path):
