@@ -121,6 +121,21 @@ def test_usage_errors_exit_2(capsys):
         main(["eval-sts", "m", "--data", "d.tsv", "--layers", "one,two"])
     assert exc.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "--epochs: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_epochs_reach_every_training_run(monkeypatch, tmp_path):
+    import matryoshka2d.demo.experiment as experiment
+
+    seen = {}
+    monkeypatch.setattr(experiment, "run_demo", lambda out, work, **kwargs: seen.update(kwargs) or out)
+    assert main(["demo", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w"), "--epochs", "1"]) == 0
+    assert seen["common"] == {"epochs": 1}
+    assert main(["demo", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")]) == 0
+    assert seen["common"] is None  # the demo's own schedule (COMMON)
 
 
 # ---------------------------------------------------------------------- search and retrieval commands

@@ -31,7 +31,7 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
         data_root=tmp_path / "data",
         dims=[32, 16, 8],
         speed_texts=8,
-        common={"batch_size": 4, "save_steps": 3, "learning_rate": 1e-3},
+        common={"batch_size": 4, "save_steps": 3, "learning_rate": 1e-3, "epochs": 1},
     )
     report = run_demo(tmp_path / "out", tmp_path / "work", **kwargs)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -60,6 +60,7 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
         assert all(abs(a[-1] - b[-1]) > 1e-9 for a, b in zip(ours[:-1], theirs[:-1]))  # 8 of 32 dims
         assert all(abs(a[0] - b[0]) < 1e-6 for a, b in zip(ours, theirs))  # full size: a rotation
     assert "exit rotations (d)" in results["setup"]
+    assert "batch 4, 1 epoch of both, lr 0.001, 10% warmup, seed 42" in results["setup"]["training"]
     assert len(list((tmp_path / "out").glob("heatmap_*.png"))) == 5
     capsys.readouterr()
 

@@ -425,6 +425,19 @@ def test_disconnected_client_leaves_no_work(model_dir):
         assert 'status="499"' in metrics
 
 
+def _wait_healthy(url: str, seconds: float = 60) -> float:
+    """Wait until the server at ``url`` answers /health with 200; returns the deadline used."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return deadline
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -444,14 +457,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        deadline = _wait_healthy(url)
         texts = [f"{s} number {i}" for i in range(30) for s in SENTENCES[:2]]
         body = {"model": NAME, "input": texts}
         with ThreadPoolExecutor(4) as pool:
@@ -484,14 +490,7 @@ def test_sigterm_does_not_wait_for_ever_on_a_stalled_client(model_dir):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        _wait_healthy(url)
         with socket.create_connection(("127.0.0.1", port)) as stalled:  # promises 100 bytes, sends 2
             stalled.sendall(
                 b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

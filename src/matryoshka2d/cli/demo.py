@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from matryoshka2d.cli.common import DTYPES, overwrite_parent
+from matryoshka2d.cli.common import DTYPES, overwrite_parent, positive_int
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -34,6 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         base_model=args.model,
         overwrite=args.overwrite,
         speed_dtype=args.speed_dtype,
+        common=None if args.epochs is None else {"epochs": args.epochs},
     )
     print(f"wrote {path}")
     return 0
@@ -55,6 +56,12 @@ def register(sub) -> None:
         default="auto",
         help="what the speed measurement runs the layers in (default auto: bfloat16 on a CPU with native "
         "bf16, else float32); the quality grids are always float32",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        help="epochs of every training run (default: the recipe's schedule, demo.experiment.COMMON; fewer is "
+        "quicker and gives the lower figures of docs/RECIPE.md)",
     )
     p.set_defaults(func=cmd_demo)
 
