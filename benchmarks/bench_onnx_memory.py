@@ -6,7 +6,7 @@ same weights (``SessionOptions.add_initializer`` with one ``OrtValue`` per weigh
 of all layers). This script measures what that saves: each variant runs in a fresh subprocess that builds
 the graphs of every layer count of all-MiniLM-L6-v2 (float32 and int8) and reports its resident memory
 before and after, and checks that both give the same embeddings. "per graph" is the backend with the
-sharing switched off (the session's weight list emptied), i.e. what it did before.
+sharing switched off (no shared weights handed to the sessions), i.e. what it did before.
 
     python benchmarks/bench_onnx_memory.py
 """
@@ -32,7 +32,7 @@ import matryoshka2d.backends.onnx as onnx_backend
 
 model, quantize, mode, cache = sys.argv[1:5]
 if mode == "per graph":
-    onnx_backend._initializer_names = lambda path: []  # every session keeps its own file's weights
+    onnx_backend.OnnxEncoder._shared_weights = lambda self: {}  # every session keeps its own file's weights
 encoder = onnx_backend.OnnxEncoder(model, quantize=quantize or None, threads=1, cache_dir=cache)
 encoder._full_graph()  # already in the cache (the parent's first run exported / quantised it)
 process = psutil.Process()

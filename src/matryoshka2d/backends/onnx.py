@@ -7,7 +7,8 @@ request for several layer counts (grid evaluation) runs the graph of the deepest
 earlier exit. Pooling, dim truncation and normalisation are float32, shared with the torch backend.
 The graphs' weights are held once in memory: every session takes them from one set of ONNX Runtime
 values read from the graph of all layers (measured on all-MiniLM-L6-v2 with all 6 graphs built: 684
-against 951 MiB of RSS in float32; the word embeddings were in memory once per graph before).
+against 917 MiB of RSS in float32, benchmarks/bench_onnx_memory.py; the word embeddings were in memory
+once per graph before).
 """
 
 from __future__ import annotations
@@ -216,8 +217,10 @@ class OnnxEncoder(Encoder):
                 # cores, spinning off made 1 of 6 layers 1.5x faster and int8 at full size 1.36x
                 # (docs/BENCHMARKS.md).
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                for name in _initializer_names(path):  # the shared weights, not this file's own copy
-                    options.add_initializer(name, self._shared_weights()[name])
+                # The shared weights, not this file's own copy (ONNX Runtime ignores the names a cut graph
+                # does not use, so the file need not be read to list its own).
+                for name, value in self._shared_weights().items():
+                    options.add_initializer(name, value)
                 self._sessions[layers] = ort.InferenceSession(
                     str(path), options, providers=["CPUExecutionProvider"]
                 )
@@ -276,10 +279,3 @@ class OnnxEncoder(Encoder):
 
     def __repr__(self) -> str:
         return f"OnnxEncoder({self.describe()}, cache={str(self.cache)!r})"
-
-
-def _initializer_names(path: Path) -> list[str]:
-    """The names of the weights stored in the graph at ``path``."""
-    import onnx
-
-    return [t.name for t in onnx.load(str(path)).graph.initializer]

@@ -334,7 +334,7 @@ class BatchingEngine:
                     continue
                 try:
                     self._run_batch(batch)
-                except Exception as e:  # never let one batch end the worker: later requests would hang
+                except Exception as e:  # fail these jobs, keep serving: later requests would hang otherwise
                     log.exception("batch failed")
                     self._fail({job for job, _ in batch}, e)
 
@@ -355,20 +355,16 @@ class BatchingEngine:
                 pass
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
-        try:
-            keys = batch[0][0].prepared.encoded.keys()
-            encoded = {key: [job.prepared.encoded[key][i] for job, i in batch] for key in keys}
-            layers = sorted({job.layers for job, _ in batch})
-            start = time.perf_counter()
-            features = self.model.pad(encoded, range(len(batch)))
-            with torch.inference_mode():
-                pooled = self.model.forward(features, layers)
-                pooled = {k: _as_numpy(v) for k, v in pooled.items()}
-            seconds = time.perf_counter() - start
-        except Exception as e:  # a bug or an out-of-memory: fail these jobs, keep serving
-            log.exception("forward pass failed")
-            self._fail({job for job, _ in batch}, e)
-            return
+        """One forward pass for ``batch``; an error (a bug, an out-of-memory) is :meth:`_work`'s to handle."""
+        keys = batch[0][0].prepared.encoded.keys()
+        encoded = {key: [job.prepared.encoded[key][i] for job, i in batch] for key in keys}
+        layers = sorted({job.layers for job, _ in batch})
+        start = time.perf_counter()
+        features = self.model.pad(encoded, range(len(batch)))
+        with torch.inference_mode():
+            pooled = self.model.forward(features, layers)
+            pooled = {k: _as_numpy(v) for k, v in pooled.items()}
+        seconds = time.perf_counter() - start
         if self.on_batch is not None:
             width = max(job.prepared.lengths[i] for job, i in batch)
             self.on_batch(BatchStats(len(batch), width * len(batch), tuple(layers), seconds))
