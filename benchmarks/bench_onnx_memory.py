@@ -1,12 +1,13 @@
-"""Memory of the ONNX backend with a graph per layer count: one shared set of weights vs a copy per graph.
+"""Memory and disk of the ONNX backend's graph per layer count: one shared data file vs a copy per graph.
 
-``OnnxEncoder`` builds one ONNX Runtime session per layer count (``layers=k`` runs only k layers), and each
-cut graph stores the weights it uses, the word embeddings included. The backend hands every session the
-same weights (``SessionOptions.add_initializer`` with one ``OrtValue`` per weight, read once from the graph
-of all layers). This script measures what that saves: each variant runs in a fresh subprocess that builds
-the graphs of every layer count of all-MiniLM-L6-v2 (float32 and int8) and reports its resident memory
-before and after, and checks that both give the same embeddings. "per graph" is the backend with the
-sharing switched off (no shared weights handed to the sessions), i.e. what it did before.
+``OnnxEncoder`` builds one ONNX Runtime session per layer count (``layers=k`` runs only k layers). The cached
+graph of all layers keeps its weights in ``model.onnx_data`` and every cut graph refers to that file, which
+ONNX Runtime maps into memory: the sessions share its pages. "own weights" is the layout before: each cut
+graph holding a copy of the weights it uses (the word embeddings in every one of them). Each variant runs
+in a fresh subprocess that builds the sessions of every layer count of all-MiniLM-L6-v2 (float32 and
+int8), encodes with each of them, and reports its memory (RSS, and PSS: shared pages split between the
+processes that map them, here one) before and after; both variants must give the same embeddings. The
+second table is the disk: the cache as built against the same graphs cut with their own weights.
 
     python benchmarks/bench_onnx_memory.py
 """
@@ -25,23 +26,32 @@ import numpy as np  # noqa: E402
 from common import header, minilm_path, stsb_sentences  # noqa: E402
 
 CHILD = r"""
-import json, sys
-import numpy as np
+import json, shutil, sys
+from pathlib import Path
 import psutil
 import matryoshka2d.backends.onnx as onnx_backend
+from matryoshka2d.export.onnx import external_data_path, extract_exits
 
 model, quantize, mode, cache = sys.argv[1:5]
-if mode == "per graph":
-    onnx_backend.OnnxEncoder._shared_weights = lambda self: {}  # every session keeps its own file's weights
+if mode == "own weights":  # cut from a copy in another folder: each cut graph holds its own weights
+    def cut_with_own_weights(source, layers, path):
+        copy = Path(cache) / "elsewhere" / Path(source).name
+        if not copy.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(external_data_path(source), external_data_path(copy))
+            shutil.copy(source, copy)
+        return extract_exits(copy, layers, path)
+    onnx_backend.extract_exits = cut_with_own_weights
 encoder = onnx_backend.OnnxEncoder(model, quantize=quantize or None, threads=1, cache_dir=cache)
-encoder._full_graph()  # already in the cache (the parent's first run exported / quantised it)
+encoder._full_graph()
 process = psutil.Process()
-before = process.memory_info().rss
-encoder.warm_up()  # a session for every layer count
-after = process.memory_info().rss
+before = process.memory_full_info()
 texts = json.loads(sys.stdin.read())
-emb = {k: encoder.encode(texts, layers=k).tolist() for k in (1, 3, encoder.num_layers)}
-print(json.dumps({"before": before, "after": after, "layers": encoder.num_layers, "emb": emb}))
+emb = {k: encoder.encode(texts, layers=k).tolist() for k in range(1, encoder.num_layers + 1)}
+after = process.memory_full_info()
+sizes = {p.name: p.stat().st_size for p in encoder.cache.iterdir() if p.is_file()}
+print(json.dumps({"before": [before.rss, before.pss], "after": [after.rss, after.pss],
+                  "layers": encoder.num_layers, "emb": emb, "sizes": sizes}))
 """
 
 
@@ -56,26 +66,46 @@ def run(model: str, quantize: str, mode: str, cache: str, texts: list[str]) -> d
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def disk(sizes: dict[str, int], quantize: str) -> float:
+    """MiB of the graphs of one precision in a cache folder (the graph of all layers, its data, the cuts)."""
+    int8 = [n for n in sizes if "qint8" in n]
+    names = int8 if quantize else [n for n in sizes if n not in int8]
+    return sum(sizes[n] for n in names) / 2**20
+
+
 def main() -> None:
-    header("ONNX backend memory: shared weights vs a copy per layer-count graph")
+    header("ONNX backend memory and disk: one data file shared by every layer count's graph vs a copy each")
     model = str(minilm_path())
     texts = stsb_sentences()[:64]
-    columns = ["graphs", "variant", "RSS before the sessions (MiB)", "after all of them", "growth"]
-    print("| " + " | ".join([*columns, "after: shared / per graph"]) + " |")
+    print("| graphs | variant | RSS before the sessions (MiB) | after all of them | PSS after | disk (MiB) |")
     print("|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as cache:
-        for quantize in ("", "int8"):
-            run(model, quantize, "per graph", cache, texts[:1])  # export / quantise into the cache first
-            rows = {mode: run(model, quantize, mode, cache, texts) for mode in ("per graph", "shared")}
-            shared, own = rows["shared"]["emb"], rows["per graph"]["emb"]
-            diff = max(float(np.abs(np.array(shared[k]) - np.array(own[k])).max()) for k in shared)
-            growth = {mode: (r["after"] - r["before"]) / 2**20 for mode, r in rows.items()}
-            for mode, r in rows.items():
-                ratio = f"{r['after'] / rows['per graph']['after']:.2f}" if mode == "shared" else ""
-                before, after = r["before"] / 2**20, r["after"] / 2**20
-                graphs = f"{quantize or 'float32'}, 1..{r['layers']} layers"
-                print(f"| {graphs} | {mode} | {before:.0f} | {after:.0f} | {growth[mode]:.0f} | {ratio} |")
-            print(f"|  | max abs difference of the embeddings, shared vs per graph: {diff:.1e} | | | | |")
+    ratios = []
+    for quantize in ("", "int8"):
+        rows = {}
+        for mode in ("own weights", "one data file"):
+            with tempfile.TemporaryDirectory() as cache:
+                run(model, quantize, mode, cache, texts[:1])  # export / quantise / cut into the cache first
+                rows[mode] = run(model, quantize, mode, cache, texts)
+        shared, own = rows["one data file"], rows["own weights"]
+        diff = max(
+            float(np.abs(np.array(shared["emb"][k]) - np.array(own["emb"][k])).max()) for k in own["emb"]
+        )
+        for mode, r in rows.items():
+            graphs = f"{quantize or 'float32'}, 1..{r['layers']} layers"
+            print(
+                f"| {graphs} | {mode} | {r['before'][0] / 2**20:.0f} | {r['after'][0] / 2**20:.0f} | "
+                f"{r['after'][1] / 2**20:.0f} | {disk(r['sizes'], quantize):.0f} |"
+            )
+        ratios.append(
+            f"{quantize or 'float32'}: RSS {shared['after'][0] / own['after'][0]:.2f}, "
+            f"PSS {shared['after'][1] / own['after'][1]:.2f}, "
+            f"disk {disk(shared['sizes'], quantize) / disk(own['sizes'], quantize):.2f}; "
+            f"max abs difference of the embeddings {diff:.1e}"
+        )
+    print()
+    print("one data file / own weights (after all sessions):")
+    for line in ratios:
+        print("  " + line)
 
 
 if __name__ == "__main__":

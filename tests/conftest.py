@@ -101,6 +101,16 @@ def tiny_transformer(family: str, vocab_size: int, num_layers: int = 4, hidden: 
             **common,
         )
         return tf.ModernBertModel(config)
+    if family == "llama":  # a decoder (causal attention, rotary positions, RMS norm after the last layer)
+        config = tf.LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=2 * hidden,
+            **common,
+        )
+        return tf.LlamaModel(config)
     raise ValueError(family)
 
 
@@ -112,7 +122,7 @@ def build_tiny_model(folder: Path, family: str = "bert", num_layers: int = 4, po
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = BertTokenizerFast(vocab=str(write_vocab(folder)), model_max_length=48)
-    if family in ("roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert"):
+    if family in ("roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert", "llama"):
         tokenizer.model_input_names = ["input_ids", "attention_mask"]
     transformer = tiny_transformer(family, len(tokenizer), num_layers=num_layers).eval()
     return EmbeddingModel(transformer, tokenizer, pooling_mode=pooling_mode, name_or_path=f"tiny-{family}")

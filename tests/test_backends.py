@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from matryoshka2d import EmbeddingModel, InvalidDimError, InvalidInputError, Inv
 from matryoshka2d.backends import BACKENDS, load_encoder
 from matryoshka2d.backends.onnx import OnnxEncoder, onnx_cache_dir
 from matryoshka2d.cli import main
-from matryoshka2d.export import ONNX_FILE, export_model
+from matryoshka2d.export import ONNX_FILE, export_model, int8_file_name
 
 
 @pytest.fixture(autouse=True)
@@ -118,23 +119,81 @@ def test_exported_folder_uses_its_own_graph(tiny_model, tmp_path, monkeypatch):
     emb = int8.encode(SENTENCES)
     assert (int8.backend, int8.precision) == ("onnx-int8", "int8")
     assert (emb * fp32.encode(SENTENCES)).sum(axis=1).min() > 0.95
-    assert set(int8.cache.iterdir()) == {int8.graph_path(3)}
+    # The cache holds each graph of all layers once (its weights in a data file) and the cut graphs.
+    assert {p.name for p in fp32.cache.iterdir()} == {
+        "model.onnx",
+        "model.onnx_data",
+        "layers-2.onnx",
+        "layers-3.onnx",
+    }
+    full = int8_file_name(int8.preset)
+    assert {p.name for p in int8.cache.iterdir()} == {full, f"{full}_data", int8.graph_path(3).name}
 
 
-def test_sessions_take_their_weights_from_one_shared_set(tiny_model_dir, tmp_path, tiny_model):
-    """Every layer count's session uses the encoder's one copy of the weights, not its file's own."""
-    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
-    weights = encoder._shared_weights()
-    word_embeddings = next(name for name in weights if "word_embeddings" in name)
-    expected = tiny_model.encode(SENTENCES, layers=2)
-    assert np.abs(encoder.encode(SENTENCES, layers=2) - expected).max() <= 1e-5
-    # Zero the shared word embeddings in place: the session built before (2 layers) and those built after
-    # (1, 3) all compute with them (texts of equal length become alike: only position embeddings are left).
-    table = weights[word_embeddings].numpy()
-    weights[word_embeddings].update_inplace(np.zeros_like(table))
-    for k in (2, 1, 3):
-        out = encoder.encode(["a cat sat", "the sun and"], layers=k)  # the same token count
-        assert np.abs(out[0] - out[1]).max() <= 1e-5, k
+def test_cut_graphs_refer_to_the_weights_of_the_graph_of_all_layers(tiny_model_dir, tmp_path, tiny_model):
+    """The cache holds the weights once: every cut graph refers to the data file of the graph of all
+    layers (and runs on its own, without the shared weights the encoder's sessions take)."""
+    import onnx
+    import onnxruntime as ort
+
+    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up()
+    names = {p.name for p in encoder.cache.iterdir()}
+    assert names == {"model.onnx", "model.onnx_data"} | {f"layers-{k}.onnx" for k in range(1, 5)}
+    features = tiny_model.tokenize(SENTENCES)
+    mask = features["attention_mask"].numpy()
+    for k in range(1, 5):
+        graph = onnx.load(str(encoder.graph_path(k)), load_external_data=False)
+        locations = {
+            entry.value
+            for t in graph.graph.initializer
+            for entry in t.external_data
+            if entry.key == "location"
+        }
+        assert locations == {"model.onnx_data"}
+        session = ort.InferenceSession(str(encoder.graph_path(k)), providers=["CPUExecutionProvider"])
+        hidden = session.run([f"exit_{k}"], {i.name: features[i.name].numpy() for i in session.get_inputs()})
+        pooled = (hidden[0] * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        ref = tiny_model.encode_layers(SENTENCES, [k])[k]
+        assert np.abs(pooled - ref).max() <= 1e-5
+
+
+def test_a_folder_past_the_file_limit_runs_with_external_data(tiny_model, tmp_path, monkeypatch):
+    """A folder exported past 2 GiB of weights (here: past 1,000 bytes) has onnx/model.onnx_data."""
+    import matryoshka2d.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    out = export_model(tiny_model, tmp_path / "big", format="onnx", quantize="int8")
+    assert (out / "onnx" / "model.onnx_data").is_file()
+    for quantize in (None, "int8"):
+        encoder = OnnxEncoder(out, quantize=quantize, cache_dir=tmp_path / "cache")
+        assert encoder._fp32_graph == out / ONNX_FILE  # the folder's own graph
+        for k in (1, 4):
+            ours = encoder.encode(SENTENCES, layers=k, dim=8)
+            theirs = tiny_model.encode(SENTENCES, layers=k, dim=8)
+            if quantize:
+                assert (ours * theirs).sum(axis=1).min() > 0.95
+            else:
+                np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_sessions_of_every_layer_count_map_the_one_data_file(tiny_model_dir, tmp_path):
+    """The weights are in memory once: every session maps the cached data file (shared pages), none
+    holds a copy read from a file of its own (the cache has no other weights)."""
+    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up()
+    data = str(encoder.cache / "model.onnx_data")
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(data)]
+    assert len(mapped) >= encoder.num_layers  # each session maps (parts of) the same file
+
+
+def test_a_lost_data_file_rebuilds_the_graphs(tiny_model_dir, tmp_path, tiny_model):
+    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up([2, 3])
+    (encoder.cache / "model.onnx_data").unlink()
+    again = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(
+        again.encode(SENTENCES, layers=2), tiny_model.encode(SENTENCES, layers=2), atol=1e-5
+    )
+    assert (again.cache / "model.onnx_data").is_file() and not again.graph_path(3).exists()
 
 
 def test_concurrent_mixed_calls_equal_sequential(tiny_model_dir, tmp_path):

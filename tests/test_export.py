@@ -9,6 +9,7 @@ by ``SentenceTransformer(folder)``) turn it into embeddings.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -81,13 +82,89 @@ def test_int8_export_is_close_to_float32(tiny_model, tmp_path):
     assert (out / name).stat().st_size < (out / ONNX_FILE).stat().st_size
 
 
-def test_a_model_past_the_onnx_file_limit_is_refused_before_export(tiny_model, tmp_path, monkeypatch):
+@pytest.fixture
+def external_past_1kb(monkeypatch):
+    """Every graph past 1,000 bytes of weights is written as a model past 2 GiB is: weights in a data file."""
     import matryoshka2d.export.onnx as onnx_export
 
-    monkeypatch.setattr(onnx_export, "MAX_GRAPH_BYTES", 1000)
-    with pytest.raises(OnnxExportError, match="at most 2 GiB without external data"):
-        onnx_export.export_onnx(tiny_model, tmp_path / "model.onnx", layers=2)
-    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+
+
+def run_graph(path, features):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: features[i.name].numpy() for i in session.get_inputs()})
+
+
+def test_a_graph_past_the_file_limit_keeps_its_weights_in_one_data_file(tiny_model, tmp_path, monkeypatch):
+    """Models past protobuf's 2 GiB (bge-m3, multilingual-e5-large in float32) are exported, cut and
+    quantised with their weights in ``<graph>_data`` beside the graph, and compute what one file does."""
+    import matryoshka2d.export.onnx as onnx_export
+
+    one_file = onnx_export.export_onnx(tiny_model, tmp_path / "one" / "model.onnx")
+    cut_one = extract_exits(one_file, 2, tmp_path / "one" / "l2.onnx")
+    int8_one = onnx_export.quantize_int8(one_file, tmp_path / "one" / "int8.onnx")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    big = tmp_path / "big"
+    graph = onnx_export.export_onnx(tiny_model, big / "model.onnx")
+    cut = extract_exits(graph, 2, big / "l2.onnx")
+    int8 = onnx_export.quantize_int8(graph, big / "int8.onnx")
+    elsewhere = extract_exits(graph, 2, tmp_path / "elsewhere" / "l2.onnx")
+    # A cut graph in the same folder refers to its source's data file; one in another folder has its own.
+    names = ["model.onnx", "model.onnx_data", "l2.onnx", "int8.onnx", "int8.onnx_data"]
+    assert sorted(p.name for p in big.iterdir()) == sorted(names)  # and no temporary files left
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["l2.onnx", "l2.onnx_data"]
+    assert cut.stat().st_size < 0.5 * cut_one.stat().st_size
+    for external, inside in ((graph, one_file), (elsewhere, cut_one), (int8, int8_one)):  # weights moved out
+        data = onnx_export.external_data_path(external).stat().st_size
+        assert inside.stat().st_size - external.stat().st_size > 0.9 * data
+    assert read_exits(graph) == read_exits(int8) == read_exits(one_file)
+    features = tiny_model.tokenize(SENTENCES)
+    for external, inside in ((graph, one_file), (cut, cut_one), (elsewhere, cut_one), (int8, int8_one)):
+        for a, b in zip(run_graph(external, features), run_graph(inside, features), strict=True):
+            assert np.array_equal(a, b)
+    # Written again below the limit (a smaller model at the same path): the stale data file goes.
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 2**31)
+    onnx_export.export_onnx(tiny_model, graph, layers=1)
+    assert not onnx_export.external_data_path(graph).exists()
+    assert read_exits(graph) == {1: "last_hidden_state"}
+
+
+def test_onnx_folder_with_external_data_loads_in_sentence_transformers(
+    tiny_model, tmp_path, external_past_1kb
+):
+    out = exported(tmp_path / "small", tiny_model, 3, 16, format="onnx", quantize="int8")
+    int8 = f"onnx/{int8_file_name()}"
+    assert (out / "onnx" / "model.onnx_data").is_file() and (out / f"{int8}_data").is_file()
+    ours = tiny_model.encode(SENTENCES, layers=3, dim=16)
+    assert np.abs(st_onnx_encode(out, SENTENCES) - ours).max() <= 1e-4
+    assert (st_onnx_encode(out, SENTENCES, file_name=int8) * ours).sum(axis=1).min() > 0.95
+
+
+def test_cli_export_says_where_external_weights_are(tiny_model_dir, tmp_path, capsys, external_past_1kb):
+    out = tmp_path / "big"
+    assert main(["export", str(tiny_model_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert "weights of onnx/model.onnx in onnx/model.onnx_data" in capsys.readouterr().out
+
+
+def test_int8_quantisation_writes_nothing_beside_its_source(tiny_model, tmp_path, monkeypatch):
+    """The source may be a read-only model folder (or another process may be quantising it too): ONNX
+    Runtime's shape-inferred copy of it must not be written there."""
+    import onnx
+
+    from matryoshka2d.export.onnx import export_onnx, quantize_int8
+
+    source = export_onnx(tiny_model, tmp_path / "model" / "model.onnx", layers=2)
+    written = []
+    infer = onnx.shape_inference.infer_shapes_path
+
+    def recording(path, output_path="", *args, **kwargs):
+        written.append(Path(output_path or path).resolve())
+        return infer(path, output_path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", recording)
+    quantize_int8(source, tmp_path / "out" / "int8.onnx")
+    assert written and all(source.parent.resolve() not in p.parents for p in written)
+    assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx"]
 
 
 def test_int8_quantisation_leaves_the_root_logger_alone(tiny_model, tmp_path, caplog, monkeypatch):

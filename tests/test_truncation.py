@@ -109,3 +109,33 @@ def test_final_norm_models_give_every_exit_as_the_cut_model_would(tmp_path, monk
     onnx = load_encoder(model.save(tmp_path / "full"), backend="onnx", dtype="float32", threads=1)
     for k in (1, 2, 4):
         assert np.abs(onnx.encode(texts, layers=k) - model.encode(texts, layers=k)).max() <= 1e-4, k
+
+
+def test_a_decoder_with_last_token_pooling_gives_every_exit_as_the_cut_model_would(tmp_path, monkeypatch):
+    """Llama-style decoder embedding models (e5-mistral, gte-Qwen2): causal attention, the last token
+    pooled, an RMS norm after the last layer that every exit gets; the same embeddings from a batch and
+    one text at a time (padding must not move the last token), a truncated folder and ONNX."""
+    from conftest import SENTENCES, build_tiny_model
+
+    from matryoshka2d import EmbeddingModel
+    from matryoshka2d.truncation import final_norm
+
+    model = build_tiny_model(tmp_path / "build", "llama", pooling_mode="lasttoken")
+    assert final_norm(model.transformer) is model.transformer.norm
+    texts = SENTENCES[:6]
+    together = model.encode_layers(texts, [1, 2, 3, 4])
+    for k in (1, 2, 3, 4):
+        unit = together[k] / np.linalg.norm(together[k], axis=1, keepdims=True)
+        assert np.abs(model.encode(texts, layers=k) - unit).max() <= 1e-5, k
+    one_by_one = np.stack([model.encode([t], layers=3)[0] for t in texts])
+    assert np.abs(one_by_one - model.encode(texts, layers=3)).max() <= 1e-5
+    cut = EmbeddingModel.load(model.truncate(layers=2).save(tmp_path / "cut2"))
+    assert cut.num_layers == 2 and cut.pooling_mode == "lasttoken"
+    assert np.abs(cut.encode(texts) - model.encode(texts, layers=2)).max() <= 1e-5
+    pytest.importorskip("onnxruntime")
+    from matryoshka2d.backends import load_encoder
+
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    onnx = load_encoder(model.save(tmp_path / "full"), backend="onnx", dtype="float32", threads=1)
+    for k in (1, 2, 4):
+        assert np.abs(onnx.encode(texts, layers=k) - model.encode(texts, layers=k)).max() <= 1e-4, k

@@ -5,10 +5,10 @@ asked for, so each layer count gets its own graph, cut on first use from one gra
 (:func:`~matryoshka2d.export.onnx.extract_exits`) and cached on disk (see :func:`onnx_cache_dir`). A
 request for several layer counts (grid evaluation) runs the graph of the deepest one, which returns every
 earlier exit. Pooling, dim truncation and normalisation are float32, shared with the torch backend.
-The graphs' weights are held once in memory: every session takes them from one set of ONNX Runtime
-values read from the graph of all layers (measured on all-MiniLM-L6-v2 with all 6 graphs built: 684
-against 917 MiB of RSS in float32, benchmarks/bench_onnx_memory.py; the word embeddings were in memory
-once per graph before).
+The weights are held once, on disk and in memory: the cached graph of all layers keeps them in a data
+file beside it (``model.onnx_data``) that every cut graph refers to instead of holding a copy, and ONNX
+Runtime maps that file into memory, so the sessions of all layer counts share its pages (measured on
+all-MiniLM-L6-v2 with all 6 graphs: benchmarks/bench_onnx_memory.py, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,18 +26,20 @@ from matryoshka2d.encoder import Encoder, sort_longest_first
 from matryoshka2d.export.onnx import (
     exit_output_name,
     export_onnx,
+    external_data_path,
     extract_exits,
     int8_file_name,
     int8_preset,
     quantize_int8,
     read_exits,
     require_onnx,
+    save_graph,
 )
 from matryoshka2d.pooling import pool_numpy
 from matryoshka2d.validation import check_positive_int
 
 #: Bump when the cached graphs change meaning (new exporter settings), so old caches are not reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the graph of all layers keeps its weights in a data file the cut graphs share
 
 
 def onnx_cache_dir() -> Path:
@@ -51,6 +53,12 @@ def onnx_cache_dir() -> Path:
         return Path(root).expanduser() / "onnx"
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg).expanduser() / "matryoshka2d" / "onnx"
+
+
+def _copy_with_external_data(source: Path, path: Path) -> None:
+    import onnx
+
+    save_graph(onnx.load(str(source)), path, external=True)
 
 
 def _fingerprint(files: Sequence[Path]) -> str:
@@ -116,7 +124,6 @@ class OnnxEncoder(Encoder):
         self._tokenizer_lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._sessions: dict[int, object] = {}
-        self._weights: dict[str, object] | None = None  # name -> OrtValue, shared by every session
 
         self._folder = folder
         shipped_fp32 = self._shipped(folder / "onnx" / "model.onnx")
@@ -124,7 +131,8 @@ class OnnxEncoder(Encoder):
         self._fp32_graph = shipped_fp32  # None: exported from the torch weights into the cache on first use
         self._int8_graph = shipped_int8
         if shipped_fp32 or shipped_int8:
-            key_files = [f for f in (shipped_fp32, shipped_int8) if f is not None]
+            graphs = [f for f in (shipped_fp32, shipped_int8) if f is not None]
+            key_files = graphs + [d for d in map(external_data_path, graphs) if d.is_file()]
         else:
             spec = read_folder_spec(folder)
             key_files = [
@@ -191,9 +199,11 @@ class OnnxEncoder(Encoder):
         return out
 
     # ------------------------------------------------------------------ graphs
-    def graph_path(self, layers: int) -> Path:
-        """The cached graph running the first ``layers`` layers (it may not be built yet)."""
-        suffix = f".qint8_{self.preset}" if self.quantize else ""
+    def graph_path(self, layers: int, quantized: bool | None = None) -> Path:
+        """The cached graph running the first ``layers`` layers (it may not be built yet), of this encoder's
+        precision or, with ``quantized``, of the given one."""
+        quantized = bool(self.quantize) if quantized is None else quantized
+        suffix = f".qint8_{self.preset or int8_preset()}" if quantized else ""
         return self.cache / f"layers-{layers}{suffix}.onnx"
 
     def session(self, layers: int):
@@ -205,9 +215,10 @@ class OnnxEncoder(Encoder):
             if layers not in self._sessions:
                 import onnxruntime as ort
 
+                full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data file is gone
                 path = self.graph_path(layers)
                 if not path.is_file():
-                    extract_exits(self._full_graph(), layers, path)
+                    extract_exits(full, layers, path)
                 options = ort.SessionOptions()
                 if self.threads:
                     options.intra_op_num_threads = self.threads
@@ -217,30 +228,10 @@ class OnnxEncoder(Encoder):
                 # cores, spinning off made 1 of 6 layers 1.5x faster and int8 at full size 1.36x
                 # (docs/BENCHMARKS.md).
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                # The shared weights, not this file's own copy (ONNX Runtime ignores the names a cut graph
-                # does not use, so the file need not be read to list its own).
-                for name, value in self._shared_weights().items():
-                    options.add_initializer(name, value)
                 self._sessions[layers] = ort.InferenceSession(
                     str(path), options, providers=["CPUExecutionProvider"]
                 )
             return self._sessions[layers]
-
-    def _shared_weights(self) -> dict[str, object]:
-        """Every weight of the graph of all layers as an ``OrtValue`` (read once; called under the build
-        lock). A cut graph holds a subset of them under the same names; the values must outlive the
-        sessions that use them, so they live as long as the encoder."""
-        if self._weights is None:
-            import onnx
-            import onnxruntime as ort
-            from onnx import numpy_helper
-
-            graph = onnx.load(str(self._full_graph()))
-            self._weights = {
-                t.name: ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t))
-                for t in graph.graph.initializer
-            }
-        return self._weights
 
     def _shipped(self, path: Path) -> Path | None:
         """``path`` if it is a graph of all layers written by ``m2d export`` (with its exits), else None."""
@@ -248,28 +239,44 @@ class OnnxEncoder(Encoder):
         return path if exits and max(exits) == self.num_layers else None
 
     def _full_graph(self) -> Path:
-        """The graph of all layers with its exits: the folder's own, else exported/quantised into the cache.
+        """The cached graph of all layers with its exits, its weights in a data file beside it (so that
+        every cut graph refers to them instead of holding a copy): copied from the folder's own graph where
+        ``m2d export`` wrote one, else exported from the torch weights (and quantised for int8).
 
         Called under the build lock.
         """
-        if self._fp32_graph is None:
-            full = self.cache / "model.onnx"
-            if not full.is_file():
+        if not self.quantize:
+            return self._fp32_full_graph()
+        full = self.cache / int8_file_name(self.preset)
+        if self._missing(full, quantized=True):
+            if self._int8_graph is not None:
+                _copy_with_external_data(self._int8_graph, full)
+            else:
+                quantize_int8(self._fp32_full_graph(), full, self.preset, external=True)
+        return full
+
+    def _missing(self, full: Path, quantized: bool) -> bool:
+        """Whether the graph of all layers ``full`` (or its data file) must be built; if so, the cut graphs
+        that refer to its data are removed too (they are cut again from the new one)."""
+        if full.is_file() and external_data_path(full).is_file():
+            return False
+        for k in range(1, self.num_layers + 1):
+            self.graph_path(k, quantized).unlink(missing_ok=True)
+        return True
+
+    def _fp32_full_graph(self) -> Path:
+        full = self.cache / "model.onnx"
+        if self._missing(full, quantized=False):
+            if self._fp32_graph is not None:
+                _copy_with_external_data(self._fp32_graph, full)
+            else:
                 if self._torch_model is None:
                     from matryoshka2d.model import EmbeddingModel
 
                     self._torch_model = EmbeddingModel.load(self._folder, dtype="float32")
-                export_onnx(self._torch_model, full)
-            self._fp32_graph = full
-            self._torch_model = None  # free the weights: every later graph is cut from this one
-        if not self.quantize:
-            return self._fp32_graph
-        if self._int8_graph is None:
-            quantized = self.cache / int8_file_name(self.preset)
-            if not quantized.is_file():
-                quantize_int8(self._fp32_graph, quantized, self.preset)
-            self._int8_graph = quantized
-        return self._int8_graph
+                export_onnx(self._torch_model, full, external=True)
+        self._torch_model = None  # free the weights: every later graph is cut from this one
+        return full
 
     def warm_up(self, layers: Sequence[int] | None = None) -> OnnxEncoder:
         """Build the graphs of ``layers`` (default: every layer count) now rather than on first use."""

@@ -44,6 +44,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         onnx = read_json(out / "matryoshka2d.json").get("onnx", {})
         print(f"ONNX: {onnx.get('file')} (SentenceTransformer(folder, backend='onnx'))")
+        for name in (onnx.get("file"), onnx.get("int8_file")):
+            if name and (out / f"{name}_data").is_file():  # past 2 GiB: ONNX external data
+                print(f"  weights of {name} in {name}_data beside it: keep the two files together")
         if onnx.get("int8_file"):
             print(
                 f"int8: {onnx['int8_file']} (model_kwargs={{'file_name': '{onnx['int8_file']}'}}, "

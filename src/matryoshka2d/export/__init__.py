@@ -5,7 +5,8 @@ sentence-transformers folder holding only the K kept layers (``num_hidden_layers
 module keeping the first D dims and a Normalize module, so that ``SentenceTransformer(folder)`` gives
 ``encode(layers=K, dim=D)``. ``format="onnx"`` adds ``onnx/model.onnx`` (``SentenceTransformer(folder,
 backend="onnx")``) and ``quantize="int8"`` adds ``onnx/model_qint8_<preset>.onnx`` (load it with
-``model_kwargs={"file_name": "onnx/model_qint8_<preset>.onnx"}``).
+``model_kwargs={"file_name": "onnx/model_qint8_<preset>.onnx"}``). A model past 2 GiB of weights keeps
+them in ``onnx/model.onnx_data`` beside the graph (ONNX external data, as optimum writes it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.export.onnx import (
     OnnxExportError,
     export_onnx,
+    external_data_path,
     extract_exits,
     int8_file_name,
     int8_preset,
@@ -37,6 +39,7 @@ __all__ = [
     "OnnxExportError",
     "export_model",
     "export_onnx",
+    "external_data_path",
     "extract_exits",
     "int8_file_name",
     "int8_preset",

@@ -10,6 +10,11 @@ layers after ``i`` (ONNX Runtime runs the whole graph whatever outputs are asked
 
 :func:`quantize_int8` applies ONNX Runtime's dynamic quantisation (int8 weights, activations quantised on
 the fly) with the settings of the preset that fits this CPU (:func:`int8_preset`).
+
+A graph whose weights pass :data:`EXTERNAL_DATA_BYTES` (protobuf cannot hold a file past 2 GiB:
+bge-m3 or multilingual-e5-large in float32) keeps them in one file beside it, ``<name>_data``
+(``model.onnx`` + ``model.onnx_data``, the layout optimum and sentence-transformers read): see
+:func:`save_graph`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -83,23 +87,59 @@ def int8_file_name(preset: str | None = None) -> str:
     return f"model_qint8_{preset or int8_preset()}.onnx"
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path`` (else removed)."""
+#: Weights a graph file holds itself: protobuf's 2 GiB message limit, less room for the graph. Past it they
+#: go to one external data file beside the graph (:func:`save_graph`).
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """The file beside ``path`` holding its weights when they are external: ``model.onnx_data``."""
+    path = Path(path)
+    return path.with_name(path.name + "_data")
+
+
+def _weight_bytes(graph) -> int:
+    """Bytes of the graph's weights (counted one by one: the whole may be past protobuf's limit)."""
+    return sum(t.ByteSize() for t in graph.graph.initializer)
+
+
+def has_external_data(graph) -> bool:
+    """Whether any weight of ``graph`` (loaded with or without its data) lives in an external file."""
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+
+
+def save_graph(graph, path: str | os.PathLike, external: bool | None = None) -> Path:
+    """Write the ONNX ``graph`` (weights loaded in memory) to ``path`` atomically.
+
+    With ``external`` (default: when the weights pass :data:`EXTERNAL_DATA_BYTES`) the weights go to one
+    file, :func:`external_data_path`; it is moved into place before the graph that refers to it, so a
+    reader that sees the new graph finds its data. A data file left at that name by an earlier graph is
+    removed when the new one holds its weights itself. ``graph`` must not be used afterwards (saving with
+    external data moves its weights out of it). A graph whose weights are references to another graph's
+    data file (:func:`extract_exits` in the same folder) is written as it is.
+    """
+    import onnx
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
+    data = external_data_path(path)
+    if external is None:
+        external = _weight_bytes(graph) > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as folder:
+        tmp = Path(folder) / path.name
+        if external:
+            onnx.save(graph, str(tmp), save_as_external_data=True, location=data.name)
+            os.chmod(tmp.with_name(data.name), 0o644)
+            os.replace(tmp.with_name(data.name), data)
+        else:
+            onnx.save(graph, str(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-#: Weights an exported graph may hold: protobuf's 2 GiB message limit, less room for the graph itself.
-MAX_GRAPH_BYTES = 2**31 - 2**26
+    if not external:
+        data.unlink(missing_ok=True)
+    return path
 
 
 class _QuantizerHintFilter(logging.Filter):
@@ -136,7 +176,9 @@ def graph_input_names(model) -> list[str]:
     return names
 
 
-def export_onnx(model, path: str | os.PathLike, layers: int | None = None) -> Path:
+def export_onnx(
+    model, path: str | os.PathLike, layers: int | None = None, external: bool | None = None
+) -> Path:
     """Write the ONNX graph of ``model``'s embeddings and first ``layers`` transformer layers.
 
     The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model uses them),
@@ -150,10 +192,11 @@ def export_onnx(model, path: str | os.PathLike, layers: int | None = None) -> Pa
         model: a float32 :class:`~matryoshka2d.model.EmbeddingModel`.
         path: the ``.onnx`` file to write.
         layers: how many transformer layers the graph runs (default: all).
+        external: weights in ``<path>_data`` beside the graph (default: only past
+            :data:`EXTERNAL_DATA_BYTES`, where one file cannot hold them); see :func:`save_graph`.
 
     Raises:
-        OnnxExportError: onnx/onnxruntime missing, the model is not float32, or its weights exceed what
-            one ONNX file holds (2 GiB).
+        OnnxExportError: onnx/onnxruntime missing, or the model is not float32.
     """
     require_onnx()
     import onnx
@@ -164,19 +207,20 @@ def export_onnx(model, path: str | os.PathLike, layers: int | None = None) -> Pa
             f"ONNX export needs a float32 model, got {model.precision}: load it with dtype='float32'"
         )
     module = _Exits(model.transformer, k, graph_input_names(model)).eval()
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    if size > MAX_GRAPH_BYTES:
-        raise OnnxExportError(
-            f"{model.name_or_path} at {k} layers has {size / 2**30:.1f} GiB of weights: an ONNX file holds "
-            f"at most 2 GiB without external data, which this exporter does not write; use the torch backend "
-            f"(bfloat16 is the fast one on a CPU with native bf16) or fewer layers"
-        )
     names = module.input_names
     exits = {i: f"hidden_state_{i}" for i in range(1, k)} | {k: LAST_HIDDEN_STATE}
     outputs = [exits[i] for i in range(1, k + 1)]
     sample = model.pad(model.tokenize(["a short example", "a slightly longer example text"], False), [0, 1])
     path = Path(path)
-    with atomic_file(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Exported into a folder of its own: past 2 GiB the exporter writes every weight as a file beside
+    # the graph; save_graph then writes the graph where it belongs (with one data file if need be).
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as folder,
+        torch.no_grad(),
+        warnings.catch_warnings(),
+    ):
+        tmp = Path(folder) / path.name
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
         torch.onnx.export(
             module,
@@ -196,8 +240,7 @@ def export_onnx(model, path: str | os.PathLike, layers: int | None = None) -> Pa
         graph.graph.output.extend(keep)
         entry = graph.metadata_props.add()
         entry.key, entry.value = EXITS_KEY, json.dumps({str(i): name for i, name in exits.items()})
-        onnx.save(graph, str(tmp))
-    return path
+        return save_graph(graph, path, external)
 
 
 def _exits_of(graph) -> dict[int, str] | None:
@@ -224,15 +267,22 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
 
     The new graph returns the hidden state of every layer count ``1..layers`` (outputs named
     :func:`exit_output_name`: ``exit_1``, ``exit_2``, ...) and holds only the nodes and weights these
-    need. Written atomically.
+    need. Where ``source`` keeps its weights in a data file and ``path`` is in the same folder, the new
+    graph refers to that file instead of copying the weights (a few hundred KiB on disk, not the weights
+    again); else it holds them as :func:`save_graph` decides. Written atomically.
 
     Raises:
         OnnxExportError: ``source`` has no recorded exits, or not up to ``layers``.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnx.utils import Extractor
 
-    graph = onnx.load(str(source))
+    source, path = Path(source), Path(path)
+    # The weights stay on disk while cutting: the extractor's shape inference serialises the whole graph,
+    # which protobuf refuses past 2 GiB.
+    graph = onnx.load(str(source), load_external_data=False)
+    refer = has_external_data(graph) and path.parent.resolve() == source.parent.resolve()
     exits = _exits_of(graph) or {}
     if layers not in exits:
         raise OnnxExportError(
@@ -252,13 +302,19 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
     for output in sub.graph.output:
         output.name = renames[output.name]
     del sub.metadata_props[:]
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        onnx.save(sub, str(tmp))
-    return path
+    if refer:
+        return save_graph(sub, path, external=False)
+    if has_external_data(sub):
+        load_external_data_for_model(sub, str(source.parent))
+    return save_graph(sub, path)
 
 
-def quantize_int8(source: str | os.PathLike, path: str | os.PathLike, preset: str | None = None) -> Path:
+def quantize_int8(
+    source: str | os.PathLike,
+    path: str | os.PathLike,
+    preset: str | None = None,
+    external: bool | None = None,
+) -> Path:
     """Dynamic int8 quantisation of an ONNX graph with ONNX Runtime (weights int8, activations on the fly).
 
     The settings of sentence-transformers' ``export_dynamic_quantized_onnx_model`` presets: every operator
@@ -272,6 +328,7 @@ def quantize_int8(source: str | os.PathLike, path: str | os.PathLike, preset: st
         source: a float32 ``.onnx`` file.
         path: the ``.onnx`` file to write.
         preset: one of :data:`INT8_PRESETS` (default: :func:`int8_preset` for this CPU).
+        external: weights in ``<path>_data`` beside the graph (default: past :data:`EXTERNAL_DATA_BYTES`).
     """
     require_onnx()
     import onnx
@@ -281,24 +338,35 @@ def quantize_int8(source: str | os.PathLike, path: str | os.PathLike, preset: st
     if preset not in INT8_PRESETS:
         raise InvalidInputError(f"unknown int8 preset {preset!r}; choose one of {list(INT8_PRESETS)}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source_graph = onnx.load(str(source))
+    metadata = list(source_graph.metadata_props)
+    big = _weight_bytes(source_graph) > EXTERNAL_DATA_BYTES
     root = logging.getLogger()
     hint = _QuantizerHintFilter()
-    with atomic_file(path) as tmp, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{path.name}.quantize-", dir=path.parent) as folder,
+        warnings.catch_warnings(),
+    ):
+        tmp = Path(folder) / path.name
         warnings.simplefilter("ignore")
         root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
         try:
+            # Given the graph, not its path: from a path, ONNX Runtime writes its shape-inferred copy beside
+            # the source, which may be a read-only model folder (or another process's file of that name).
             quantize_dynamic(
-                str(source),
+                source_graph,
                 str(tmp),
                 per_channel=True,
                 reduce_range=INT8_PRESETS[preset],
                 weight_type=QuantType.QInt8,
+                use_external_data_format=big,
             )
         finally:
             root.removeFilter(hint)
+        del source_graph
         graph = onnx.load(str(tmp))
         if not any(e.key == EXITS_KEY for e in graph.metadata_props):  # keep the exits
-            for entry in onnx.load(str(source), load_external_data=False).metadata_props:
+            for entry in metadata:
                 graph.metadata_props.add().CopyFrom(entry)
-            onnx.save(graph, str(tmp))
-    return path
+        return save_graph(graph, path, external)
