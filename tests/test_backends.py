@@ -120,24 +120,28 @@ def test_exported_folder_uses_its_own_graph(tiny_model, tmp_path, monkeypatch):
     assert (int8.backend, int8.precision) == ("onnx-int8", "int8")
     assert (emb * fp32.encode(SENTENCES)).sum(axis=1).min() > 0.95
     # The cache holds each graph of all layers once (its weights in a data file) and the cut graphs.
-    assert {p.name for p in fp32.cache.iterdir()} == {
+    assert {p.name for p in fp32.cache.iterdir() if not p.name.startswith(".")} == {
         "model.onnx",
         "model.onnx_data",
         "layers-2.onnx",
         "layers-3.onnx",
     }
     full = int8_file_name(int8.preset)
-    assert {p.name for p in int8.cache.iterdir()} == {full, f"{full}_data", int8.graph_path(3).name}
+    assert {p.name for p in int8.cache.iterdir() if not p.name.startswith(".")} == {
+        full,
+        f"{full}_data",
+        int8.graph_path(3).name,
+    }
 
 
 def test_cut_graphs_refer_to_the_weights_of_the_graph_of_all_layers(tiny_model_dir, tmp_path, tiny_model):
     """The cache holds the weights once: every cut graph refers to the data file of the graph of all
-    layers (and runs on its own, without the shared weights the encoder's sessions take)."""
+    layers (and runs on its own, as any ONNX Runtime session would load it)."""
     import onnx
     import onnxruntime as ort
 
     encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up()
-    names = {p.name for p in encoder.cache.iterdir()}
+    names = {p.name for p in encoder.cache.iterdir() if not p.name.startswith(".")}
     assert names == {"model.onnx", "model.onnx_data"} | {f"layers-{k}.onnx" for k in range(1, 5)}
     features = tiny_model.tokenize(SENTENCES)
     mask = features["attention_mask"].numpy()
@@ -178,22 +182,90 @@ def test_a_folder_past_the_file_limit_runs_with_external_data(tiny_model, tmp_pa
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
 def test_sessions_of_every_layer_count_map_the_one_data_file(tiny_model_dir, tmp_path):
-    """The weights are in memory once: every session maps the cached data file (shared pages), none
-    holds a copy read from a file of its own (the cache has no other weights)."""
-    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up()
+    """Every new session maps the cached data file (its pages shared with the sessions before it); the
+    cut graphs hold no weights of their own, so the file is where every session's weights come from
+    (ONNX Runtime's pre-packed matrix copies aside)."""
+    encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
     data = str(encoder.cache / "model.onnx_data")
-    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(data)]
-    assert len(mapped) >= encoder.num_layers  # each session maps (parts of) the same file
+
+    def mappings() -> int:
+        return sum(line.endswith(data) for line in Path("/proc/self/maps").read_text().splitlines())
+
+    counts = [mappings()]
+    for k in range(1, encoder.num_layers + 1):
+        encoder.session(k)
+        counts.append(mappings())
+    assert all(after > before for before, after in zip(counts, counts[1:])), counts
 
 
-def test_a_lost_data_file_rebuilds_the_graphs(tiny_model_dir, tmp_path, tiny_model):
+def test_damaged_cache_is_rebuilt(tiny_model_dir, tmp_path, tiny_model):
+    """A lost or cut-short data file (a crash, a full disk) rebuilds the graph of all layers and drops the
+    cut graphs that referred to it; temporary folders a killed builder left are removed."""
     encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up([2, 3])
-    (encoder.cache / "model.onnx_data").unlink()
-    again = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
-    np.testing.assert_allclose(
-        again.encode(SENTENCES, layers=2), tiny_model.encode(SENTENCES, layers=2), atol=1e-5
-    )
-    assert (again.cache / "model.onnx_data").is_file() and not again.graph_path(3).exists()
+    data = encoder.cache / "model.onnx_data"
+    expected = tiny_model.encode(SENTENCES, layers=2)
+    for damage in ("lost", "cut short"):
+        if damage == "lost":
+            data.unlink()
+        else:
+            data.write_bytes(data.read_bytes()[:1000])
+        leftover = encoder.cache / ".model.onnx.export-killed"
+        leftover.mkdir()
+        again = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+        np.testing.assert_allclose(again.encode(SENTENCES, layers=2), expected, atol=1e-5)
+        assert data.stat().st_size > 1000 and not again.graph_path(3).exists(), damage
+        assert not leftover.exists()
+        again.warm_up([3])
+
+
+def test_int8_from_a_warm_cache_frees_the_torch_weights(tiny_model_dir, tmp_path):
+    OnnxEncoder(tiny_model_dir, quantize="int8", cache_dir=tmp_path / "cache").warm_up([1])
+    again = OnnxEncoder(tiny_model_dir, quantize="int8", cache_dir=tmp_path / "cache")
+    again.encode(SENTENCES, layers=1)
+    assert again._torch_model is None
+
+
+def test_a_shipped_data_file_behind_a_symbolic_link(tiny_model, tmp_path, monkeypatch):
+    """Hub snapshots (and git-annex, DVC) hold files as symbolic links: onnx refuses external data read
+    through one, so the backend copies the files as bytes."""
+    import matryoshka2d.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    out = export_model(tiny_model, tmp_path / "big", format="onnx", quantize="int8")
+    for name in ("model.onnx_data", f"{int8_file_name()}_data"):
+        blob = tmp_path / "blobs" / name
+        blob.parent.mkdir(exist_ok=True)
+        (out / "onnx" / name).rename(blob)
+        (out / "onnx" / name).symlink_to(blob)
+    expected = tiny_model.encode(SENTENCES, layers=2)
+    fp32 = OnnxEncoder(out, cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(fp32.encode(SENTENCES, layers=2), expected, atol=1e-5)
+    int8 = OnnxEncoder(out, quantize="int8", cache_dir=tmp_path / "cache")
+    assert (int8.encode(SENTENCES, layers=2) * expected).sum(axis=1).min() > 0.95
+
+
+def test_two_encoders_build_one_cache_at_once(tiny_model_dir, tmp_path, tiny_model):
+    """Two encoders (as two processes would: separate objects, one cache folder) build every graph at the
+    same time; the cache lock makes one build and the other reuse, both give the right embeddings."""
+    encoders = [OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache") for _ in range(2)]
+    errors = []
+
+    def build(encoder):
+        try:
+            encoder.warm_up()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build, args=(e,)) for e in encoders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for encoder in encoders:
+        for k in (1, 4):
+            expected = tiny_model.encode(SENTENCES, layers=k)
+            np.testing.assert_allclose(encoder.encode(SENTENCES, layers=k), expected, atol=1e-5)
 
 
 def test_concurrent_mixed_calls_equal_sequential(tiny_model_dir, tmp_path):

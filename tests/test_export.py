@@ -122,6 +122,8 @@ def test_a_graph_past_the_file_limit_keeps_its_weights_in_one_data_file(tiny_mod
     for external, inside in ((graph, one_file), (cut, cut_one), (elsewhere, cut_one), (int8, int8_one)):
         for a, b in zip(run_graph(external, features), run_graph(inside, features), strict=True):
             assert np.array_equal(a, b)
+    with pytest.raises(OnnxExportError, match="write over its source"):
+        extract_exits(graph, 2, graph)
     # Written again below the limit (a smaller model at the same path): the stale data file goes.
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 2**31)
     onnx_export.export_onnx(tiny_model, graph, layers=1)

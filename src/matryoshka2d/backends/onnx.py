@@ -5,27 +5,33 @@ asked for, so each layer count gets its own graph, cut on first use from one gra
 (:func:`~matryoshka2d.export.onnx.extract_exits`) and cached on disk (see :func:`onnx_cache_dir`). A
 request for several layer counts (grid evaluation) runs the graph of the deepest one, which returns every
 earlier exit. Pooling, dim truncation and normalisation are float32, shared with the torch backend.
-The weights are held once, on disk and in memory: the cached graph of all layers keeps them in a data
-file beside it (``model.onnx_data``) that every cut graph refers to instead of holding a copy, and ONNX
-Runtime maps that file into memory, so the sessions of all layer counts share its pages (measured on
-all-MiniLM-L6-v2 with all 6 graphs: benchmarks/bench_onnx_memory.py, docs/BENCHMARKS.md).
+The weights are stored once: the cached graph of all layers keeps them in a data file beside it
+(``model.onnx_data``) that every cut graph refers to instead of holding a copy, and ONNX Runtime maps that
+file into memory, so the sessions of all layer counts share its pages (each session still makes its own
+pre-packed copy of the matrix weights; measured on all-MiniLM-L6-v2 with all 6 graphs:
+benchmarks/bench_onnx_memory.py, docs/BENCHMARKS.md). Graphs are built under a file lock in the cache
+folder, so processes sharing a cache build each graph once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from matryoshka2d.encoder import Encoder, sort_longest_first
 from matryoshka2d.export.onnx import (
+    copy_graph,
     exit_output_name,
     export_onnx,
+    external_data_complete,
     external_data_path,
     extract_exits,
     int8_file_name,
@@ -33,7 +39,6 @@ from matryoshka2d.export.onnx import (
     quantize_int8,
     read_exits,
     require_onnx,
-    save_graph,
 )
 from matryoshka2d.pooling import pool_numpy
 from matryoshka2d.validation import check_positive_int
@@ -53,12 +58,6 @@ def onnx_cache_dir() -> Path:
         return Path(root).expanduser() / "onnx"
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg).expanduser() / "matryoshka2d" / "onnx"
-
-
-def _copy_with_external_data(source: Path, path: Path) -> None:
-    import onnx
-
-    save_graph(onnx.load(str(source)), path, external=True)
 
 
 def _fingerprint(files: Sequence[Path]) -> str:
@@ -215,10 +214,11 @@ class OnnxEncoder(Encoder):
             if layers not in self._sessions:
                 import onnxruntime as ort
 
-                full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data file is gone
-                path = self.graph_path(layers)
-                if not path.is_file():
-                    extract_exits(full, layers, path)
+                with self._cache_lock():  # other processes may build in the same cache folder
+                    full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data is gone
+                    path = self.graph_path(layers)
+                    if not path.is_file():
+                        extract_exits(full, layers, path)
                 options = ort.SessionOptions()
                 if self.threads:
                     options.intra_op_num_threads = self.threads
@@ -238,27 +238,41 @@ class OnnxEncoder(Encoder):
         exits = read_exits(path) if path.is_file() else None
         return path if exits and max(exits) == self.num_layers else None
 
+    @contextlib.contextmanager
+    def _cache_lock(self) -> Iterator[None]:
+        """Held (across processes) while graphs are built in the cache folder. Temporary files that a
+        killed builder left behind are removed under it (no other builder can be writing them)."""
+        from filelock import FileLock
+
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.cache / ".build.lock")):
+            for stale in self.cache.glob(".*.*-*"):  # save_graph / export_onnx / quantize_int8 folders
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            yield
+
     def _full_graph(self) -> Path:
         """The cached graph of all layers with its exits, its weights in a data file beside it (so that
         every cut graph refers to them instead of holding a copy): copied from the folder's own graph where
         ``m2d export`` wrote one, else exported from the torch weights (and quantised for int8).
 
-        Called under the build lock.
+        Called under the build locks.
         """
         if not self.quantize:
             return self._fp32_full_graph()
         full = self.cache / int8_file_name(self.preset)
         if self._missing(full, quantized=True):
             if self._int8_graph is not None:
-                _copy_with_external_data(self._int8_graph, full)
+                copy_graph(self._int8_graph, full)
             else:
                 quantize_int8(self._fp32_full_graph(), full, self.preset, external=True)
+        self._torch_model = None  # free the weights: every later graph is cut from the cached ones
         return full
 
     def _missing(self, full: Path, quantized: bool) -> bool:
         """Whether the graph of all layers ``full`` (or its data file) must be built; if so, the cut graphs
         that refer to its data are removed too (they are cut again from the new one)."""
-        if full.is_file() and external_data_path(full).is_file():
+        if full.is_file() and external_data_complete(full):
             return False
         for k in range(1, self.num_layers + 1):
             self.graph_path(k, quantized).unlink(missing_ok=True)
@@ -268,7 +282,7 @@ class OnnxEncoder(Encoder):
         full = self.cache / "model.onnx"
         if self._missing(full, quantized=False):
             if self._fp32_graph is not None:
-                _copy_with_external_data(self._fp32_graph, full)
+                copy_graph(self._fp32_graph, full)
             else:
                 if self._torch_model is None:
                     from matryoshka2d.model import EmbeddingModel

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -110,6 +111,43 @@ def has_external_data(graph) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
 
 
+def external_files(graph) -> set[str]:
+    """The data files (relative paths) that ``graph``'s external weights are read from."""
+    return {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def external_data_complete(path: str | os.PathLike) -> bool:
+    """Whether every external weight of the graph at ``path`` lies inside its data file (a data file that is
+    missing, or was cut short by a crash, gives False)."""
+    import onnx
+
+    path = Path(path)
+    graph = onnx.load(str(path), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for tensor in graph.graph.initializer:
+        info = {e.key: e.value for e in tensor.external_data}
+        if "location" not in info:
+            continue
+        if info["location"] not in sizes:
+            data = path.parent / info["location"]
+            sizes[info["location"]] = data.stat().st_size if data.is_file() else -1
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if sizes[info["location"]] < end:
+            return False
+    return True
+
+
+def _durable(*paths: Path) -> None:
+    """Flush ``paths`` to disk before they are renamed into place (a power loss must not leave a
+    complete-looking name on a short file)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save_graph(graph, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write the ONNX ``graph`` (weights loaded in memory) to ``path`` atomically.
 
@@ -132,13 +170,45 @@ def save_graph(graph, path: str | os.PathLike, external: bool | None = None) -> 
         if external:
             onnx.save(graph, str(tmp), save_as_external_data=True, location=data.name)
             os.chmod(tmp.with_name(data.name), 0o644)
+            _durable(tmp.with_name(data.name))
             os.replace(tmp.with_name(data.name), data)
         else:
             onnx.save(graph, str(tmp))
+        refers_to_data = data.name in external_files(graph)  # a cut graph sharing a data file of that name
         os.chmod(tmp, 0o644)
+        _durable(tmp)
         os.replace(tmp, path)
-    if not external:
+    if not external and not refers_to_data:
         data.unlink(missing_ok=True)
+    return path
+
+
+def copy_graph(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy the graph ``source`` to ``path`` with its weights in a data file beside it, atomically.
+
+    A graph that already keeps them in ``<source>_data`` is copied file by file, as bytes (no 2 GiB of
+    weights through memory; a symbolic link, as in the hub's cache, is followed); one that holds them
+    itself is rewritten with :func:`save_graph` (``external=True``).
+    """
+    import onnx
+
+    source, path = Path(source), Path(path)
+    graph = onnx.load(str(source), load_external_data=False)
+    files = external_files(graph)
+    if files != {external_data_path(source).name} or source.name != path.name:
+        if files:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(graph, str(source.parent))
+        return save_graph(graph, path, external=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as folder:
+        for src, dst in ((external_data_path(source), external_data_path(path)), (source, path)):
+            tmp = Path(folder) / dst.name
+            shutil.copyfile(src, tmp)  # the data file first: a reader that sees the graph finds its data
+            os.chmod(tmp, 0o644)
+            _durable(tmp)
+            os.replace(tmp, dst)
     return path
 
 
@@ -279,6 +349,8 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
     from onnx.utils import Extractor
 
     source, path = Path(source), Path(path)
+    if path.resolve() == source.resolve():
+        raise OnnxExportError(f"extract_exits would write over its source {source}: give another path")
     # The weights stay on disk while cutting: the extractor's shape inference serialises the whole graph,
     # which protobuf refuses past 2 GiB.
     graph = onnx.load(str(source), load_external_data=False)
@@ -337,25 +409,32 @@ def quantize_int8(
     preset = preset or int8_preset()
     if preset not in INT8_PRESETS:
         raise InvalidInputError(f"unknown int8 preset {preset!r}; choose one of {list(INT8_PRESETS)}")
-    path = Path(path)
+    source, path = Path(source), Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    source_graph = onnx.load(str(source))
-    metadata = list(source_graph.metadata_props)
-    big = _weight_bytes(source_graph) > EXTERNAL_DATA_BYTES
+    head = onnx.load(str(source), load_external_data=False)
+    metadata = [(entry.key, entry.value) for entry in head.metadata_props]
+    files = external_files(head)
+    big = bool(files) or _weight_bytes(head) > EXTERNAL_DATA_BYTES
+    del head
     root = logging.getLogger()
     hint = _QuantizerHintFilter()
     with (
         tempfile.TemporaryDirectory(prefix=f".{path.name}.quantize-", dir=path.parent) as folder,
         warnings.catch_warnings(),
     ):
+        # ONNX Runtime writes a shape-inferred copy of its input beside it: so the input is a copy of the
+        # source (and its data files: onnx refuses links to them) in this private folder, not the source,
+        # which may be in a read-only model folder (or be quantised by another process at the same time).
+        linked = Path(folder) / "source"
+        linked.mkdir()
+        for name in (source.name, *files):
+            shutil.copyfile(source.parent / name, linked / name)
         tmp = Path(folder) / path.name
         warnings.simplefilter("ignore")
         root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
         try:
-            # Given the graph, not its path: from a path, ONNX Runtime writes its shape-inferred copy beside
-            # the source, which may be a read-only model folder (or another process's file of that name).
             quantize_dynamic(
-                source_graph,
+                str(linked / source.name),
                 str(tmp),
                 per_channel=True,
                 reduce_range=INT8_PRESETS[preset],
@@ -364,9 +443,9 @@ def quantize_int8(
             )
         finally:
             root.removeFilter(hint)
-        del source_graph
         graph = onnx.load(str(tmp))
         if not any(e.key == EXITS_KEY for e in graph.metadata_props):  # keep the exits
-            for entry in metadata:
-                graph.metadata_props.add().CopyFrom(entry)
+            for key, value in metadata:
+                entry = graph.metadata_props.add()
+                entry.key, entry.value = key, value
         return save_graph(graph, path, external)
