@@ -118,7 +118,8 @@ CANDIDATES: dict[str, dict] = {
     },
     "plain_stsb_3ep": {**with_stsb({"wrapper": None}), "epochs": 3},
     # The 1-layer exit (issue 12's 80% retention target, v4: 78.9% on test): more of the relational term
-    # (weight 16), or more of the task loss on every prior layer (prior weight 8), at v4's schedule.
+    # (weight 16: recipe v5, the recommended one since 2026-12-05), or more of the task loss on every prior
+    # layer (prior weight 8), at v4's schedule.
     "prior4_relational_w16_stsb_3ep": {
         **with_stsb(all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=16)),
         "epochs": 3,

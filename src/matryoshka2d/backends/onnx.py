@@ -214,11 +214,6 @@ class OnnxEncoder(Encoder):
             if layers not in self._sessions:
                 import onnxruntime as ort
 
-                with self._cache_lock():  # other processes may build in the same cache folder
-                    full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data is gone
-                    path = self.graph_path(layers)
-                    if not path.is_file():
-                        extract_exits(full, layers, path)
                 options = ort.SessionOptions()
                 if self.threads:
                     options.intra_op_num_threads = self.threads
@@ -228,9 +223,16 @@ class OnnxEncoder(Encoder):
                 # cores, spinning off made 1 of 6 layers 1.5x faster and int8 at full size 1.36x
                 # (docs/BENCHMARKS.md).
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                self._sessions[layers] = ort.InferenceSession(
-                    str(path), options, providers=["CPUExecutionProvider"]
-                )
+                # Under the lock until the session has mapped its files: other processes may build (or
+                # rebuild a damaged cache) in the same folder.
+                with self._cache_lock():
+                    full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data is gone
+                    path = self.graph_path(layers)
+                    if not path.is_file():
+                        extract_exits(full, layers, path)
+                    self._sessions[layers] = ort.InferenceSession(
+                        str(path), options, providers=["CPUExecutionProvider"]
+                    )
             return self._sessions[layers]
 
     def _shipped(self, path: Path) -> Path | None:
