@@ -124,6 +124,10 @@ CANDIDATES: dict[str, dict] = {
         **with_stsb(all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=16)),
         "epochs": 3,
     },
+    "prior4_relational_w32_stsb_3ep": {
+        **with_stsb(all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=32)),
+        "epochs": 3,
+    },
     "prior8_relational_w8_stsb_3ep": {
         **with_stsb(all_pairs(prior_layers_weight=8, distillation="relational", kl_div_weight=8)),
         "epochs": 3,

@@ -78,6 +78,17 @@ def test_layer_views_return_the_right_hidden_states_call_after_call(family):
     assert [len(layer._forward_hooks) for layer in getattr(parent, name)] == hooks  # no growth
 
 
+def assert_onnx_exits_match(model, texts, tmp_path, monkeypatch) -> None:
+    """The ONNX backend on the saved model gives what ``model.encode(layers=k)`` does at k = 1, 2, 4."""
+    pytest.importorskip("onnxruntime")
+    from matryoshka2d.backends import load_encoder
+
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    onnx = load_encoder(model.save(tmp_path / "full"), backend="onnx", dtype="float32", threads=1)
+    for k in (1, 2, 4):
+        assert np.abs(onnx.encode(texts, layers=k) - model.encode(texts, layers=k)).max() <= 1e-4, k
+
+
 def test_final_norm_models_give_every_exit_as_the_cut_model_would(tmp_path, monkeypatch):
     """ModernBERT (like Llama-style decoders) normalises once after its last layer; transformers applies
     that only to the last hidden state. Every exit must get it, as the model cut there would, whichever
@@ -102,13 +113,7 @@ def test_final_norm_models_give_every_exit_as_the_cut_model_would(tmp_path, monk
         "sliding_attention",
     ]
     assert np.abs(cut.encode(texts) - model.encode(texts, layers=2)).max() <= 1e-5
-    pytest.importorskip("onnxruntime")
-    from matryoshka2d.backends import load_encoder
-
-    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
-    onnx = load_encoder(model.save(tmp_path / "full"), backend="onnx", dtype="float32", threads=1)
-    for k in (1, 2, 4):
-        assert np.abs(onnx.encode(texts, layers=k) - model.encode(texts, layers=k)).max() <= 1e-4, k
+    assert_onnx_exits_match(model, texts, tmp_path, monkeypatch)
 
 
 def test_a_decoder_with_last_token_pooling_gives_every_exit_as_the_cut_model_would(tmp_path, monkeypatch):
@@ -132,10 +137,4 @@ def test_a_decoder_with_last_token_pooling_gives_every_exit_as_the_cut_model_wou
     cut = EmbeddingModel.load(model.truncate(layers=2).save(tmp_path / "cut2"))
     assert cut.num_layers == 2 and cut.pooling_mode == "lasttoken"
     assert np.abs(cut.encode(texts) - model.encode(texts, layers=2)).max() <= 1e-5
-    pytest.importorskip("onnxruntime")
-    from matryoshka2d.backends import load_encoder
-
-    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
-    onnx = load_encoder(model.save(tmp_path / "full"), backend="onnx", dtype="float32", threads=1)
-    for k in (1, 2, 4):
-        assert np.abs(onnx.encode(texts, layers=k) - model.encode(texts, layers=k)).max() <= 1e-4, k
+    assert_onnx_exits_match(model, texts, tmp_path, monkeypatch)
