@@ -209,7 +209,7 @@ def test_damaged_cache_is_rebuilt(tiny_model_dir, tmp_path, tiny_model):
             data.unlink()
         else:
             data.write_bytes(data.read_bytes()[:1000])
-        leftover = encoder.cache / ".model.onnx.export-killed"
+        leftover = encoder.cache / ".model.onnx.tmp-4194305-killed00"  # a pid past Linux's pid_max
         leftover.mkdir()
         again = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
         np.testing.assert_allclose(again.encode(SENTENCES, layers=2), expected, atol=1e-5)

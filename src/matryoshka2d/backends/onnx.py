@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -242,15 +241,13 @@ class OnnxEncoder(Encoder):
 
     @contextlib.contextmanager
     def _cache_lock(self) -> Iterator[None]:
-        """Held (across processes) while graphs are built in the cache folder. Temporary files that a
-        killed builder left behind are removed under it (no other builder can be writing them)."""
+        """Held (across processes) while graphs are built in the cache folder. What a killed builder left
+        there is removed by the next write of the same graph
+        (:func:`~matryoshka2d.export.onnx.save_graph`)."""
         from filelock import FileLock
 
         self.cache.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.cache / ".build.lock")):
-            for stale in self.cache.glob(".*.*-*"):  # save_graph / export_onnx / quantize_int8 folders
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
             yield
 
     def _full_graph(self) -> Path:
@@ -261,13 +258,14 @@ class OnnxEncoder(Encoder):
         Called under the build locks.
         """
         if not self.quantize:
-            return self._fp32_full_graph()
-        full = self.cache / int8_file_name(self.preset)
-        if self._missing(full, quantized=True):
-            if self._int8_graph is not None:
-                copy_graph(self._int8_graph, full)
-            else:
-                quantize_int8(self._fp32_full_graph(), full, self.preset, external=True)
+            full = self._fp32_full_graph()
+        else:
+            full = self.cache / int8_file_name(self.preset)
+            if self._missing(full, quantized=True):
+                if self._int8_graph is not None:
+                    copy_graph(self._int8_graph, full)
+                else:
+                    quantize_int8(self._fp32_full_graph(), full, self.preset, external=True)
         self._torch_model = None  # free the weights: every later graph is cut from the cached ones
         return full
 
@@ -291,7 +289,6 @@ class OnnxEncoder(Encoder):
 
                     self._torch_model = EmbeddingModel.load(self._folder, dtype="float32")
                 export_onnx(self._torch_model, full, external=True)
-        self._torch_model = None  # free the weights: every later graph is cut from this one
         return full
 
     def warm_up(self, layers: Sequence[int] | None = None) -> OnnxEncoder:

@@ -13,7 +13,7 @@ from matryoshka2d.cli.common import cell_parent, model_parent, overwrite_parent
 
 def cmd_export(args: argparse.Namespace) -> int:
     from matryoshka2d.errors import InvalidInputError
-    from matryoshka2d.export import export_model, require_onnx
+    from matryoshka2d.export import export_model, external_data_path, require_onnx
     from matryoshka2d.model import EmbeddingModel
     from matryoshka2d.persistence import check_output_folder
 
@@ -45,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         onnx = read_json(out / "matryoshka2d.json").get("onnx", {})
         print(f"ONNX: {onnx.get('file')} (SentenceTransformer(folder, backend='onnx'))")
         for name in (onnx.get("file"), onnx.get("int8_file")):
-            if name and (out / f"{name}_data").is_file():  # past 2 GiB: ONNX external data
+            if name and external_data_path(out / name).is_file():  # past 2 GiB: ONNX external data
                 print(f"  weights of {name} in {name}_data beside it: keep the two files together")
         if onnx.get("int8_file"):
             print(

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
+from matryoshka2d.persistence import remove_stale_temporaries
 from matryoshka2d.truncation import check_layers, exit_states, layer_view
 
 #: Key of the graph metadata entry mapping every layer count to the tensor holding its hidden state.
@@ -104,15 +105,9 @@ def _weight_bytes(graph) -> int:
     return sum(t.ByteSize() for t in graph.graph.initializer)
 
 
-def has_external_data(graph) -> bool:
-    """Whether any weight of ``graph`` (loaded with or without its data) lives in an external file."""
-    import onnx
-
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
-
-
 def external_files(graph) -> set[str]:
-    """The data files (relative paths) that ``graph``'s external weights are read from."""
+    """The data files (relative paths) that ``graph``'s external weights are read from (loaded with or
+    without its data; empty where the graph holds every weight itself)."""
     return {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
 
 
@@ -137,15 +132,24 @@ def external_data_complete(path: str | os.PathLike) -> bool:
     return True
 
 
-def _durable(*paths: Path) -> None:
-    """Flush ``paths`` to disk before they are renamed into place (a power loss must not leave a
+def _temporary_folder(path: Path) -> tempfile.TemporaryDirectory:
+    """A private folder beside ``path`` to write it in (``.NAME.tmp-<pid>-*``, the project's temporary
+    names); what killed writes of ``path`` left there is removed first (:func:`remove_stale_temporaries`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    return tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished file ``tmp`` to ``path``, flushed to disk first (a power loss must not leave a
     complete-looking name on a short file)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    os.chmod(tmp, 0o644)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def save_graph(graph, path: str | os.PathLike, external: bool | None = None) -> Path:
@@ -161,23 +165,18 @@ def save_graph(graph, path: str | os.PathLike, external: bool | None = None) -> 
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = external_data_path(path)
     if external is None:
         external = _weight_bytes(graph) > EXTERNAL_DATA_BYTES
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as folder:
+    with _temporary_folder(path) as folder:
         tmp = Path(folder) / path.name
         if external:
             onnx.save(graph, str(tmp), save_as_external_data=True, location=data.name)
-            os.chmod(tmp.with_name(data.name), 0o644)
-            _durable(tmp.with_name(data.name))
-            os.replace(tmp.with_name(data.name), data)
+            _move_into_place(tmp.with_name(data.name), data)
         else:
             onnx.save(graph, str(tmp))
         refers_to_data = data.name in external_files(graph)  # a cut graph sharing a data file of that name
-        os.chmod(tmp, 0o644)
-        _durable(tmp)
-        os.replace(tmp, path)
+        _move_into_place(tmp, path)
     if not external and not refers_to_data:
         data.unlink(missing_ok=True)
     return path
@@ -201,14 +200,11 @@ def copy_graph(source: str | os.PathLike, path: str | os.PathLike) -> Path:
 
             load_external_data_for_model(graph, str(source.parent))
         return save_graph(graph, path, external=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as folder:
+    with _temporary_folder(path) as folder:
         for src, dst in ((external_data_path(source), external_data_path(path)), (source, path)):
             tmp = Path(folder) / dst.name
             shutil.copyfile(src, tmp)  # the data file first: a reader that sees the graph finds its data
-            os.chmod(tmp, 0o644)
-            _durable(tmp)
-            os.replace(tmp, dst)
+            _move_into_place(tmp, dst)
     return path
 
 
@@ -282,11 +278,10 @@ def export_onnx(
     outputs = [exits[i] for i in range(1, k + 1)]
     sample = model.pad(model.tokenize(["a short example", "a slightly longer example text"], False), [0, 1])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Exported into a folder of its own: past 2 GiB the exporter writes every weight as a file beside
     # the graph; save_graph then writes the graph where it belongs (with one data file if need be).
     with (
-        tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as folder,
+        _temporary_folder(path) as folder,
         torch.no_grad(),
         warnings.catch_warnings(),
     ):
@@ -354,7 +349,7 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
     # The weights stay on disk while cutting: the extractor's shape inference serialises the whole graph,
     # which protobuf refuses past 2 GiB.
     graph = onnx.load(str(source), load_external_data=False)
-    refer = has_external_data(graph) and path.parent.resolve() == source.parent.resolve()
+    refer = bool(external_files(graph)) and path.parent.resolve() == source.parent.resolve()
     exits = _exits_of(graph) or {}
     if layers not in exits:
         raise OnnxExportError(
@@ -376,7 +371,7 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
     del sub.metadata_props[:]
     if refer:
         return save_graph(sub, path, external=False)
-    if has_external_data(sub):
+    if external_files(sub):
         load_external_data_for_model(sub, str(source.parent))
     return save_graph(sub, path)
 
@@ -410,7 +405,6 @@ def quantize_int8(
     if preset not in INT8_PRESETS:
         raise InvalidInputError(f"unknown int8 preset {preset!r}; choose one of {list(INT8_PRESETS)}")
     source, path = Path(source), Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = onnx.load(str(source), load_external_data=False)
     metadata = [(entry.key, entry.value) for entry in head.metadata_props]
     files = external_files(head)
@@ -419,7 +413,7 @@ def quantize_int8(
     root = logging.getLogger()
     hint = _QuantizerHintFilter()
     with (
-        tempfile.TemporaryDirectory(prefix=f".{path.name}.quantize-", dir=path.parent) as folder,
+        _temporary_folder(path) as folder,
         warnings.catch_warnings(),
     ):
         # ONNX Runtime writes a shape-inferred copy of its input beside it: so the input is a copy of the
