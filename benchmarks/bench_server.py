@@ -17,6 +17,14 @@ With ``--rounds N`` the servers are measured N times in turn (steps 2-5, each se
 round) and every ratio uses the median of the rounds: one run of a few seconds per cell moved the
 comparison with Infinity by +-15%.
 
+``--interleave N`` measures only the concurrency-32 comparisons, paired in time: ``m2d serve`` (torch),
+``m2d serve --backend onnx`` and Infinity's two engines are started together and stay up; after one
+unrecorded pass of every cell, N rounds each run every cell once (our two servers at layers 6 and 3,
+Infinity's at full size) in an order rotated from round to round, while the other servers sit idle
+(their CPU use while idle is measured and printed). Each ratio is taken within a round, from cells a
+minute apart, so a drift of the machine's speed over the hour (which moved single runs by more than the
+margin) cancels; the median, the range and the number of rounds at or above the target are reported.
+
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
     flock /tmp/m2d-heavy.lock .venv/bin/python benchmarks/bench_server.py --overload-seconds 120
@@ -389,6 +397,93 @@ def overload(requests: list[list[str]], seconds: float, connections: int = 256) 
     return result
 
 
+# ---------------------------------------------------------------- paired in time
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(
+    requests: list[list[str]], rounds: int, concurrency: int, warmup: float, duration: float
+) -> dict:
+    """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up."""
+    servers = {"m2d serve": m2d_server("grouped"), "m2d onnx": m2d_server("grouped", ["--backend", "onnx"])}
+    for engine in ("torch", "onnx"):
+        server = infinity_server(engine)
+        if server is not None:
+            servers[f"infinity-{engine}"] = server
+    try:
+        for label, server in servers.items():
+            ready = server.wait_ready()
+            print(f"{label}: ready in {ready:.0f} s, RSS {server.rss_mib():.0f} MiB", flush=True)
+        cells = [("m2d serve", "6"), ("m2d serve", "3"), ("m2d onnx", "6"), ("m2d onnx", "3")]
+        cells += [(label, "6") for label in servers if label.startswith("infinity")]
+        runs: list[RunResult] = []
+        print("warm-up pass of every cell (not recorded):", flush=True)
+        for label, layers in cells:
+            asked = None if label.startswith("infinity") else [int(layers)]
+            run_load(label, servers[label].port, requests, asked, concurrency, warmup, 2.0, layers)
+        idle_cpu = {label: 0.0 for label in servers}  # CPU seconds used while another server was loaded
+        for round_ in range(rounds):
+            print(f"round {round_ + 1} of {rounds}:", flush=True)
+            shift = round_ % len(cells)
+            for label, layers in cells[shift:] + cells[:shift]:
+                others = {name: cpu_seconds(s.proc.pid) for name, s in servers.items() if name != label}
+                asked = None if label.startswith("infinity") else [int(layers)]
+                port = servers[label].port
+                result = run_load(label, port, requests, asked, concurrency, warmup, duration, layers)
+                result.round = round_
+                runs.append(result)
+                for name, before in others.items():
+                    idle_cpu[name] += cpu_seconds(servers[name].proc.pid) - before
+    finally:
+        codes = {label: server.stop() for label, server in servers.items()}
+
+    def rate(label: str, layers: str, round_: int) -> float:
+        (run,) = [r for r in runs if (r.server, r.layers, r.round) == (label, layers, round_)]
+        return run.sentences_per_s
+
+    pairs = {
+        "m2d serve / infinity-torch": (("m2d serve", "6"), ("infinity-torch", "6"), 1.3),
+        "m2d onnx / infinity-onnx": (("m2d onnx", "6"), ("infinity-onnx", "6"), 1.3),
+        "m2d serve layers 3 / layers 6": (("m2d serve", "3"), ("m2d serve", "6"), 1.8),
+        "m2d onnx layers 3 / layers 6": (("m2d onnx", "3"), ("m2d onnx", "6"), 1.8),
+    }
+    ratios = {}
+    print(f"\nratios within each round (c={concurrency}, {rounds} rounds of {duration:.0f} s cells):")
+    for name, (a, b, target) in pairs.items():
+        if a[0] not in servers or b[0] not in servers:
+            continue
+        values = [rate(*a, r) / rate(*b, r) if rate(*b, r) else float("nan") for r in range(rounds)]
+        ratios[name] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "rounds_at_target": sum(v >= target for v in values),
+            "target": target,
+            "per_round": values,
+        }
+        print(
+            f"  {name}: median {statistics.median(values):.2f}x, range {min(values):.2f}-{max(values):.2f}x, "
+            f"{sum(v >= target for v in values)} of {rounds} rounds >= {target}x  "
+            f"({', '.join(f'{v:.2f}' for v in values)})"
+        )
+    seconds_loaded = rounds * (warmup + duration) * (len(cells) - 1)
+    print("CPU used by each server while the others were loaded (idle):")
+    for label, cpu in idle_cpu.items():
+        print(f"  {label}: {cpu:.1f} CPU s in ~{seconds_loaded:.0f} s")
+    print(f"exit codes after SIGTERM: {codes}")
+    return {
+        "interleave_rounds": rounds,
+        "concurrency": concurrency,
+        "runs": [asdict(r) for r in runs],
+        "ratios": ratios,
+        "idle_cpu_seconds": idle_cpu,
+        "exit_codes": codes,
+    }
+
+
 # ---------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -398,6 +493,13 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--overload-seconds", type=float, default=0, help="0: skip the overload test")
     parser.add_argument("--skip-infinity", action="store_true")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only the c=32 comparisons, all servers up at once, N rounds of every cell in turn (see above)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -408,6 +510,10 @@ def main() -> None:
     )
     results: list[RunResult] = []
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": THREADS}
+    if args.interleave:
+        report.update(interleaved(requests, args.interleave, max(levels), args.warmup, args.duration))
+        write_json(Path(args.out), report)
+        return
 
     print("offline encode (same requests, this process):", flush=True)
     report["offline_p50_ms"] = {}
@@ -517,7 +623,10 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")
     report["ratios"] = ratios
-    out = Path(args.out)
+    write_json(Path(args.out), report)
+
+
+def write_json(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -128,6 +128,19 @@ CANDIDATES: dict[str, dict] = {
         **with_stsb(all_pairs(prior_layers_weight=4, distillation="relational", kl_div_weight=32)),
         "epochs": 3,
     },
+    # v5 with the same total distillation weight spread towards the shallow exits (1.72x at layer 1 ..
+    # 0.57x at layer 5): aimed at the 1-layer exit without v5 -> weight 32's cost at full size.
+    "prior4_relational_w16_linear_stsb_3ep": {
+        **with_stsb(
+            all_pairs(
+                prior_layers_weight=4,
+                distillation="relational",
+                kl_div_weight=16,
+                distillation_weighting="linear",
+            )
+        ),
+        "epochs": 3,
+    },
     "prior8_relational_w8_stsb_3ep": {
         **with_stsb(all_pairs(prior_layers_weight=8, distillation="relational", kl_div_weight=8)),
         "epochs": 3,

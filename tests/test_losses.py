@@ -657,6 +657,35 @@ def test_2d_loss_with_relational_distillation_matches_its_formula():
     )
 
 
+@pytest.mark.parametrize("scheme", ["linear", "log"])
+def test_distillation_weighting_spreads_the_same_total_over_the_prior_layers(scheme):
+    base = MultipleNegativesRankingLoss()
+    loss = Matryoshka2dLoss.all_pairs(
+        base, [HIDDEN, 8], kl_div_weight=2.0, distillation="relational", distillation_weighting=scheme
+    )
+    lw = losses.LAYER_WEIGHTINGS[scheme]
+    prior = (1, 2, 3)
+    factors = {k: lw(k) * len(prior) / sum(lw(j) for j in prior) for k in prior}
+    assert factors[1] > factors[2] > factors[3]  # shallow exits get more of it
+    assert sum(loss.distillation_weight(k, NUM_LAYERS) for k in prior) == pytest.approx(2.0 * len(prior))
+    outputs = fake_outputs()
+    loss.layers_for_step(NUM_LAYERS)
+
+    def stacked(k):
+        return torch.cat([out[k] for out in outputs])
+
+    expected = sum(manual_term(base, outputs, NUM_LAYERS, d) for d in (HIDDEN, 8))
+    for k in prior:
+        expected = expected + sum(manual_term(base, outputs, k, d) for d in (HIDDEN, 8)) / 3
+        expected = expected + 2.0 * factors[k] * manual_relational(stacked(k), stacked(NUM_LAYERS), 0.05)
+    assert loss(outputs, None).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.config()["distillation_weighting"] == scheme
+    # uniform (the default) is exactly kl_div_weight for every layer
+    uniform = Matryoshka2dLoss.all_pairs(base, [HIDDEN, 8], kl_div_weight=2.0)
+    assert [uniform.distillation_weight(k, NUM_LAYERS) for k in prior] == [2.0, 2.0, 2.0]
+    assert uniform.config()["distillation_weighting"] == "uniform"
+
+
 def test_default_distillation_is_the_sentence_transformers_kl():
     loss = Matryoshka2dLoss.all_pairs(MultipleNegativesRankingLoss(), [HIDDEN, 8], last_layer_weight=0)
     assert loss.distillation == "kl_logits" and loss.dim_distillation is None
@@ -696,6 +725,8 @@ def test_distillation_switches():
     [
         (lambda: AdaptiveLayerLoss(MNRL, distillation="kl"), "distillation must be one of"),
         (lambda: AdaptiveLayerLoss(MNRL, distillation=None), "distillation must be one of"),
+        (lambda: AdaptiveLayerLoss(MNRL, distillation_weighting="steep"), "distillation_weighting must be"),
+        (lambda: AdaptiveLayerLoss(MNRL, distillation_weighting=None), "distillation_weighting must be"),
         (lambda: AdaptiveLayerLoss(MNRL, relational_temperature=0), "relational_temperature"),
         (lambda: AdaptiveLayerLoss(MNRL, relational_temperature=float("nan")), "relational_temperature"),
         (lambda: MatryoshkaLoss(MNRL, [8], dim_distillation="cosine"), "dim_distillation must be one of"),

@@ -679,7 +679,7 @@ class _LayerDimLoss(nn.Module):
         return loss
 
     def _layer_distillation(self, stacked: dict[int, Tensor], plan: StepPlan) -> Tensor:
-        """``kl_div_weight * sum_k distillation_term(layer k, last layer)`` over the plan's KL layers.
+        """``sum_k distillation_weight(k) * distillation_term(layer k, last layer)`` over the KL layers.
 
         The embeddings are the full-size ones of every column of this process's batch (the teacher,
         the last layer, is detached). The default form, ``"kl_logits"``, is sentence-transformers'
@@ -688,8 +688,14 @@ class _LayerDimLoss(nn.Module):
         form = getattr(self, "distillation", "kl_logits")
         t = self.kl_temperature if form == "kl_logits" else self.relational_temperature
         teacher = stacked[plan.last_layer].detach()
-        total = sum(distillation_term(form, stacked[k], teacher, t) for k in plan.kl_layers)
-        return total * self.kl_div_weight
+        return sum(
+            self.distillation_weight(k, plan.last_layer) * distillation_term(form, stacked[k], teacher, t)
+            for k in plan.kl_layers
+        )
+
+    def distillation_weight(self, k: int, num_layers: int) -> float:
+        """Weight of prior layer ``k``'s distillation term in a model of ``num_layers`` layers."""
+        raise NotImplementedError
 
     # -- checks and description
     def check_model(self, model) -> None:
@@ -775,10 +781,11 @@ class AdaptiveLayerLoss(_LayerDimLoss):
 
         loss = last_layer_weight * base(last)
              + sum_{sampled prior k} [ prior_layers_weight * lw(k) / n_sampled * base(k)
-                                       + kl_div_weight * D(k, last) ]
+                                       + kl_div_weight * dw(k) * D(k, last) ]
 
-    ``lw`` is ``layer_weighting``; ``D`` is :func:`distillation_term` of form ``distillation``, on the
-    full-size embeddings of all columns, with the last layer detached as the teacher. The default,
+    ``lw`` is ``layer_weighting``; ``dw`` is ``distillation_weighting`` (1 by default); ``D`` is
+    :func:`distillation_term` of form ``distillation``, on the full-size embeddings of all columns, with
+    the last layer detached as the teacher. The default,
     ``"kl_logits"``, is ``kl_temperature * KL(softmax(last / T) || softmax(k / T))`` over the
     dimensions of the normalised embeddings (batchmean), sentence-transformers' ``AdaptiveLayerLoss``
     (values and gradients match it). ``"relational"`` makes layer k learn the last layer's in-batch
@@ -799,6 +806,11 @@ class AdaptiveLayerLoss(_LayerDimLoss):
             over the other embeddings of the step (0.05 = MNRL's scale 20).
         layer_weighting: prior-layer weights ``lw(k)`` by layer count ``k``: ``"uniform"`` (1),
             ``"log"`` (``1 / (1 + ln(1 + k))``) or ``"linear"`` (``1 / (1 + k)``).
+        distillation_weighting: how the distillation weight is spread over the prior layers, one of
+            the ``layer_weighting`` schemes: ``dw(k)`` is the scheme's weight of ``k`` divided by its
+            mean over every prior layer the loss can train, so the total stays ``kl_div_weight`` per
+            prior layer and ``"uniform"`` (default) is 1 for each. ``"linear"`` puts more of it on the
+            shallowest exits (on 6 layers: 1.72 at layer 1 .. 0.57 at layer 5).
         include_embedding_layer: let layer 0 (the embedding layer output) be a prior layer, as
             sentence-transformers does (default: :data:`INCLUDE_EMBEDDING_LAYER`).
 
@@ -817,6 +829,7 @@ class AdaptiveLayerLoss(_LayerDimLoss):
         include_embedding_layer: bool | None = None,
         distillation: str = "kl_logits",
         relational_temperature: float = 0.05,
+        distillation_weighting: str = "uniform",
     ) -> None:
         super().__init__(base)
         self.n_layers_per_step = _per_step(n_layers_per_step, "n_layers_per_step")
@@ -826,11 +839,10 @@ class AdaptiveLayerLoss(_LayerDimLoss):
         self.kl_temperature = _number(kl_temperature, "kl_temperature")
         self.distillation = _choice(distillation, "distillation", DISTILLATIONS)
         self.relational_temperature = _number(relational_temperature, "relational_temperature", strict=True)
-        if layer_weighting not in LAYER_WEIGHTINGS:
-            raise InvalidInputError(
-                f"layer_weighting must be one of {list(LAYER_WEIGHTINGS)}, got {layer_weighting!r}"
-            )
-        self.layer_weighting = layer_weighting
+        self.layer_weighting = _choice(layer_weighting, "layer_weighting", list(LAYER_WEIGHTINGS))
+        self.distillation_weighting = _choice(
+            distillation_weighting, "distillation_weighting", list(LAYER_WEIGHTINGS)
+        )
         if include_embedding_layer is None:
             include_embedding_layer = INCLUDE_EMBEDDING_LAYER
         if not isinstance(include_embedding_layer, bool):
@@ -849,6 +861,12 @@ class AdaptiveLayerLoss(_LayerDimLoss):
     def layer_weight(self, k: int) -> float:
         """``prior_layers_weight * lw(k)`` for prior layer ``k``."""
         return self.prior_layers_weight * LAYER_WEIGHTINGS[self.layer_weighting](k)
+
+    def distillation_weight(self, k: int, num_layers: int) -> float:
+        """``kl_div_weight * dw(k)``: the scheme's weight of ``k`` over its mean on the prior layers."""
+        scheme = LAYER_WEIGHTINGS[self.distillation_weighting]
+        prior = self.prior_layers(num_layers)
+        return self.kl_div_weight * scheme(k) * len(prior) / sum(scheme(j) for j in prior)
 
     def prior_layers(self, num_layers: int) -> list[int]:
         """Layer counts that may be sampled as prior layers: 1 (or 0) .. num_layers - 1."""
@@ -873,6 +891,7 @@ class AdaptiveLayerLoss(_LayerDimLoss):
             "include_embedding_layer": self.include_embedding_layer,
             "distillation": self.distillation,
             "relational_temperature": self.relational_temperature,
+            "distillation_weighting": self.distillation_weighting,
         }
 
 
@@ -913,6 +932,7 @@ class Matryoshka2dLoss(AdaptiveLayerLoss):
         dim_distillation_weight: weight of each prefix's dim distillation term.
         **kwargs: the other options of :class:`AdaptiveLayerLoss` (``last_layer_weight``,
             ``prior_layers_weight``, ``kl_div_weight``, ``kl_temperature``, ``layer_weighting``,
+            ``distillation_weighting``,
             ``include_embedding_layer``, ``distillation``, ``relational_temperature``).
 
     References:
