@@ -289,10 +289,11 @@ def m2d_server(mode: str, extra: list[str] | None = None) -> Server:
         "--log-level",
         "warning",
     ]
-    return Server(f"m2d-{mode}", command + (extra or []), port)
+    flags = "".join("-" + a.lstrip("-") for a in extra or [])  # each server its own log file
+    return Server(f"m2d-{mode}{flags}", command + (extra or []), port)
 
 
-def infinity_server(engine: str) -> Server | None:
+def infinity_server(engine: str, extra: list[str] | None = None) -> Server | None:
     binary = INFINITY_VENV / "bin" / "infinity_emb"
     if not binary.exists():
         print(f"  (Infinity not installed at {INFINITY_VENV}: run benchmarks/infinity/setup.sh)")
@@ -302,8 +303,10 @@ def infinity_server(engine: str) -> Server | None:
     common_args += ["--url-prefix", "/v1", "--no-vector-disk-cache", "--log-level", "warning"]
     if engine == "torch":
         return Server(
-            "infinity-torch",
-            [str(binary), "v2", "--model-id", str(minilm_path()), "--engine", "torch"] + common_args,
+            "infinity-torch" + ("-" + "-".join(a.lstrip("-") for a in extra) if extra else ""),
+            [str(binary), "v2", "--model-id", str(minilm_path()), "--engine", "torch"]
+            + common_args
+            + (extra or []),
             port,
         )
     if not (ONNX_DIR / "model.onnx").exists():
@@ -405,19 +408,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 def interleaved(
-    requests: list[list[str]], rounds: int, concurrency: int, warmup: float, duration: float
+    requests: list[list[str]], rounds: int, concurrency: int, warmup: float, duration: float, compiled: bool
 ) -> dict:
-    """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up."""
+    """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up.
+
+    ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``.
+    """
     servers = {"m2d serve": m2d_server("grouped"), "m2d onnx": m2d_server("grouped", ["--backend", "onnx"])}
-    for engine in ("torch", "onnx"):
-        server = infinity_server(engine)
+    if compiled:
+        servers["m2d compiled"] = m2d_server("grouped", ["--compile"])
+    for engine, extra in [("torch", None), ("onnx", None)] + ([("torch", ["--compile"])] if compiled else []):
+        server = infinity_server(engine, extra)
         if server is not None:
-            servers[f"infinity-{engine}"] = server
+            servers[server.name] = server
     try:
         for label, server in servers.items():
             ready = server.wait_ready()
             print(f"{label}: ready in {ready:.0f} s, RSS {server.rss_mib():.0f} MiB", flush=True)
-        cells = [("m2d serve", "6"), ("m2d serve", "3"), ("m2d onnx", "6"), ("m2d onnx", "3")]
+        cells = [(label, k) for label in servers if label.startswith("m2d") for k in ("6", "3")]
         cells += [(label, "6") for label in servers if label.startswith("infinity")]
         runs: list[RunResult] = []
         print("warm-up pass of every cell (not recorded):", flush=True)
@@ -449,6 +457,14 @@ def interleaved(
         "m2d onnx / infinity-onnx": (("m2d onnx", "6"), ("infinity-onnx", "6"), 1.3),
         "m2d serve layers 3 / layers 6": (("m2d serve", "3"), ("m2d serve", "6"), 1.8),
         "m2d onnx layers 3 / layers 6": (("m2d onnx", "3"), ("m2d onnx", "6"), 1.8),
+        "m2d compiled / infinity-torch": (("m2d compiled", "6"), ("infinity-torch", "6"), 1.3),
+        "m2d compiled / infinity-torch --compile": (
+            ("m2d compiled", "6"),
+            ("infinity-torch-compile", "6"),
+            1.3,
+        ),
+        "m2d compiled / m2d serve": (("m2d compiled", "6"), ("m2d serve", "6"), 1.0),
+        "m2d compiled layers 3 / layers 6": (("m2d compiled", "3"), ("m2d compiled", "6"), 1.8),
     }
     ratios = {}
     print(f"\nratios within each round (c={concurrency}, {rounds} rounds of {duration:.0f} s cells):")
@@ -494,6 +510,11 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=0, help="0: skip the overload test")
     parser.add_argument("--skip-infinity", action="store_true")
     parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="with --interleave: also m2d serve --compile and Infinity's torch engine with --compile",
+    )
+    parser.add_argument(
         "--interleave",
         type=int,
         default=0,
@@ -511,7 +532,9 @@ def main() -> None:
     results: list[RunResult] = []
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": THREADS}
     if args.interleave:
-        report.update(interleaved(requests, args.interleave, max(levels), args.warmup, args.duration))
+        report.update(
+            interleaved(requests, args.interleave, max(levels), args.warmup, args.duration, args.compiled)
+        )
         write_json(Path(args.out), report)
         return
 

@@ -358,3 +358,20 @@ def test_cli_runtime_and_dtype(tiny_model_dir, sts_file, tmp_path, capsys):
     assert (record["backend"], record["dtype"]) == ("torch", "bfloat16")
     assert main([*argv, "--runtime", "onnx", "--dtype", "float16", "--overwrite"]) == 2
     assert "'float16' is for the torch backend" in capsys.readouterr().err
+
+
+def test_cli_compile(tiny_model_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "e.npy"
+    argv = ["encode", str(tiny_model_dir), "--input", str(texts), "--layers", "2", "--out", str(out)]
+    assert main([*argv, "--compile"]) == 0
+    assert "(torch float32 compiled)" in capsys.readouterr().out
+    np.testing.assert_allclose(
+        np.load(out), EmbeddingModel.load(tiny_model_dir).encode(SENTENCES, layers=2), atol=1e-5
+    )
+    assert main([*argv, "--runtime", "onnx", "--compile", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "compile is for the torch backend" in err and len(err.strip().splitlines()) == 1
+    assert load_encoder(tiny_model_dir, compile=True).compiled
+    assert not load_encoder(tiny_model_dir).compiled

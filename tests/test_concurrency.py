@@ -221,3 +221,13 @@ def test_shallow_multi_layer_passes_stay_right_call_after_call(tiny_model):
         for k in (2, 3):
             got = np.concatenate([b[(k, tiny_model.dim)] for b in batches])
             assert np.array_equal(got, expected[k])
+
+
+def test_compiled_model_from_many_threads_equals_sequential(tmp_path):
+    # the threads start on a model with nothing compiled yet: first uses of each layer count race
+    model = build_tiny_model(tmp_path, "bert").compile_for_inference()
+    cells = [(None, None), (1, None), (2, 16), (1, 4)]
+    results = run_concurrently(model, SENTENCES, cells, threads=4, calls=6)
+    assert len(results) == 24
+    assert_equal_to_sequential(model, SENTENCES, cells, results)
+    assert set(model._compiled) == {1, 2, 4}

@@ -252,3 +252,54 @@ def test_cpu_bf16_detection_reads_cpu_flags():
 def test_bad_dtype_names_the_value(tiny_model_dir, dtype):
     with pytest.raises(InvalidInputError, match="dtype"):
         EmbeddingModel.load(tiny_model_dir, dtype=dtype)
+
+
+# ---------------------------------------------------------------- compiled inference (torch.compile)
+def test_compiled_inference_equals_eager_and_training_stays_eager(tmp_path):
+    model = build_tiny_model(tmp_path, "bert", num_layers=3)
+    eager = {k: model.encode(SENTENCES, layers=k, batch_size=4) for k in (1, 3)}
+    multi = model.encode_layers(SENTENCES, layers=[1, 2, 3], batch_size=4)
+    assert model.compile_for_inference() is model and model.compiled
+    for k in (1, 3):
+        np.testing.assert_allclose(model.encode(SENTENCES, layers=k, batch_size=4), eager[k], atol=1e-5)
+    one = model.encode(SENTENCES[:1], layers=3)  # a batch of one text: its own graph
+    np.testing.assert_allclose(one, eager[3][:1], atol=1e-5)
+    for k, value in model.encode_layers(SENTENCES, layers=[1, 2, 3], batch_size=4).items():
+        np.testing.assert_allclose(value, multi[k], atol=1e-5)
+    assert set(model._compiled) == {1, 3}  # one compiled module per deepest layer count
+    # a pass that records gradients (training) runs eagerly and gets gradients
+    features = model.tokenize(SENTENCES[:2])
+    out = model(features, layers=[3])[3]
+    assert out.requires_grad
+    out.sum().backward()
+    assert next(model.transformer.parameters()).grad is not None
+    assert model.compile_for_inference(enabled=False) is model and not model.compiled and not model._compiled
+
+
+def test_compiled_inference_follows_changed_weights(tmp_path):
+    model = build_tiny_model(tmp_path, "bert", num_layers=2)
+    model.compile_for_inference()
+    before = model.encode(SENTENCES, layers=2)
+    with torch.no_grad():  # an in-place change, like an optimizer step: frozen graphs are now stale
+        next(model.transformer.parameters()).mul_(1.5)
+    after = model.encode(SENTENCES, layers=2)
+    model.compile_for_inference(enabled=False)
+    np.testing.assert_allclose(after, model.encode(SENTENCES, layers=2), atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_warm_up_compiles_every_layer_count_asked(tmp_path):
+    model = build_tiny_model(tmp_path, "bert", num_layers=3)
+    model.compile_for_inference().warm_up([1, 3])
+    assert set(model._compiled) == {1, 3}
+    with pytest.raises(InvalidLayersError, match="1..3"):
+        model.warm_up([4])
+
+
+def test_compile_needs_a_cpu_compiler(tmp_path, monkeypatch):
+    model = build_tiny_model(tmp_path, "bert", num_layers=2)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ to be found
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(InvalidInputError, match="C\\+\\+ compiler"):
+        model.compile_for_inference()
+    assert not model.compiled

@@ -517,6 +517,23 @@ def test_cli_drain_timeout_must_be_a_number(model_dir):
 
 
 # ---------------------------------------------------------------- the engine itself
+def test_engine_runs_the_graphs_a_compiled_model_warmed_up(model_dir):
+    from torch._dynamo.utils import counters
+
+    model = EmbeddingModel.load(model_dir).compile_for_inference().warm_up([2])
+    graphs = counters["stats"]["unique_graphs"]
+    engine = BatchingEngine(model, max_batch_size=4).start()
+    try:
+        for texts in (SENTENCES, SENTENCES[:1], SENTENCES[:3]):  # batches of 4, 1 and 3 rows
+            np.testing.assert_allclose(
+                engine.encode(texts, 2, 16), EmbeddingModel.load(model_dir).encode(texts, layers=2, dim=16),
+                atol=1e-5,
+            )  # fmt: skip
+    finally:
+        engine.stop()
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again for the engine's passes
+
+
 @pytest.mark.parametrize("mode", ["shared", "grouped"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, workers):

@@ -28,6 +28,7 @@ def load_encoder(
     dtype: str = "float32",
     device: str | None = None,
     threads: int | None = None,
+    compile: bool = False,
 ) -> Encoder:
     """Load a model folder (or hub id) for inference with the chosen backend.
 
@@ -39,6 +40,8 @@ def load_encoder(
             weights for ``"onnx-int8"``): they accept ``"auto"`` and ``"float32"`` only.
         device: for ``"torch"``: where to run (default CPU). The ONNX backends run on CPU.
         threads: for the ONNX backends: ONNX Runtime intra-op threads (default: its own choice).
+        compile: for ``"torch"``: run inference through ``torch.compile`` with frozen weights
+            (:meth:`~matryoshka2d.model.EmbeddingModel.compile_for_inference`).
 
     Raises:
         InvalidInputError: an unknown backend, or a dtype/device the backend does not offer.
@@ -49,7 +52,12 @@ def load_encoder(
     if backend == "torch":
         from matryoshka2d.model import EmbeddingModel
 
-        return EmbeddingModel.load(name_or_path, device=device, dtype=dtype)
+        model = EmbeddingModel.load(name_or_path, device=device, dtype=dtype)
+        return model.compile_for_inference() if compile else model
+    if compile:
+        raise InvalidInputError(
+            f"compile is for the torch backend; backend {backend!r} runs ONNX Runtime's own optimised graphs"
+        )
     if dtype not in ("auto", "float32"):
         raise InvalidInputError(
             f"dtype {dtype!r} is for the torch backend; backend {backend!r} computes in "

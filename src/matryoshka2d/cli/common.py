@@ -121,6 +121,12 @@ def runtime_parent(aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         "(bfloat16 on a CPU with avx512_bf16/AMX or a GPU with bf16, else float32: ~1.8-2.7x faster "
         "there at ~0.01 STSB); pooling and normalisation are float32",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch runtime: run the layers through torch.compile with frozen weights (~1.2x faster in "
+        "float32 on CPU, after 7-15 s of compiling per layer count: pays for long jobs and servers)",
+    )
     return p
 
 
@@ -139,10 +145,12 @@ def load_runtime(args: argparse.Namespace, model: str | None = None):
         model if model is not None else args.model,
         backend=getattr(args, "runtime", "torch"),
         dtype=getattr(args, "dtype", "float32"),
+        compile=getattr(args, "compile", False),
     )
     return encoder
 
 
 def runtime_note(encoder) -> str:
     """``"torch bfloat16"``, ``"onnx-int8 int8"``, ...: how an encoder ran, for summary lines."""
-    return f"{encoder.backend} {encoder.precision}"
+    compiled = " compiled" if getattr(encoder, "compiled", False) else ""
+    return f"{encoder.backend} {encoder.precision}{compiled}"

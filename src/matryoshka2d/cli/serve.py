@@ -57,7 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     def load():
-        return load_encoder(args.model, backend=args.runtime, dtype=args.dtype, threads=args.threads)
+        return load_encoder(
+            args.model, backend=args.runtime, dtype=args.dtype, threads=args.threads, compile=args.compile
+        )
 
     app = create_app(config, load, on_load_error=on_load_error)
     server = make_server(

@@ -360,8 +360,8 @@ class BatchingEngine:
         encoded = {key: [job.prepared.encoded[key][i] for job, i in batch] for key in keys}
         layers = sorted({job.layers for job, _ in batch})
         start = time.perf_counter()
-        features = self.model.pad(encoded, range(len(batch)))
-        with torch.inference_mode():
+        with torch.inference_mode():  # padded inside it too, as encode does: compiled graphs match
+            features = self.model.pad(encoded, range(len(batch)))
             pooled = self.model.forward(features, layers)
             pooled = {k: _as_numpy(v) for k, v in pooled.items()}
         seconds = time.perf_counter() - start
