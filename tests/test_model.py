@@ -286,19 +286,37 @@ def test_compiled_inference_follows_changed_weights(tmp_path):
     model.compile_for_inference(enabled=False)
     np.testing.assert_allclose(after, model.encode(SENTENCES, layers=2), atol=1e-5)
     assert np.abs(after - before).max() > 1e-3
+    # a fused optimizer step does not bump the version counters: still noticed
+    model.compile_for_inference()
+    model.encode(SENTENCES, layers=2)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(model.tokenize(SENTENCES), layers=[2])[2].pow(2).sum().backward()
+    optimizer.step()
+    model.eval()
+    stepped = model.encode(SENTENCES, layers=2)
+    model.compile_for_inference(enabled=False)
+    np.testing.assert_allclose(stepped, model.encode(SENTENCES, layers=2), atol=1e-5)
 
 
 def test_warm_up_compiles_every_layer_count_asked(tmp_path):
+    from torch._dynamo.utils import counters
+
     model = build_tiny_model(tmp_path, "bert", num_layers=3)
-    model.compile_for_inference().warm_up([1, 3])
+    model.compile_for_inference().warm_up([1, 3], exits=True)
     assert set(model._compiled) == {1, 3}
+    graphs = counters["stats"]["unique_graphs"]
+    for texts in (SENTENCES, SENTENCES[:1]):  # several exits at once too (the server's shared mode)
+        model.encode_layers(texts, layers=[1, 2, 3], batch_size=3)
+        model.encode(texts, layers=1)
+    assert counters["stats"]["unique_graphs"] == graphs
     with pytest.raises(InvalidLayersError, match="1..3"):
         model.warm_up([4])
 
 
 def test_compile_needs_a_cpu_compiler(tmp_path, monkeypatch):
     model = build_tiny_model(tmp_path, "bert", num_layers=2)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ to be found
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ to be found
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(InvalidInputError, match="C\\+\\+ compiler"):
         model.compile_for_inference()

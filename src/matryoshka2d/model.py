@@ -128,13 +128,28 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
 
 
 def _cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend would use ($CXX, g++ or clang++), or None."""
+    """The C++ compiler torch.compile's CPU backend uses on Linux and macOS ($CXX, else g++), if found."""
     import shutil
 
-    for name in (os.environ.get("CXX"), "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def _weights_state(module: nn.Module) -> tuple:
+    """What identifies a module's current weights cheaply: each parameter's storage, version counter
+    and dtype, plus the first element of every eighth parameter (writes that bypass the version
+    counter, such as fused optimizer steps or ``.data`` writes, still change those in practice).
+    About 0.2 ms for all-MiniLM-L6-v2, once per compiled forward pass."""
+    params = list(module.parameters())
+    ids = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype) for p in params)
+    sample = params[:: max(1, len(params) // 12)] + params[-1:]
+    firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in sample]) if params else None
+    return ids, firsts
+
+
+def _same_weights(a: tuple, b: tuple) -> bool:
+    if not a or not b or a[0] != b[0]:
+        return False
+    return a[1] is b[1] is None or (a[1] is not None and b[1] is not None and torch.equal(a[1], b[1]))
 
 
 class EmbeddingModel(nn.Module, Encoder):
@@ -427,10 +442,13 @@ class EmbeddingModel(nn.Module, Encoder):
         cores, float32, 1.11-1.15x the eager ``encode`` speed and 1.21x in the server (without freezing
         about 1.05x; docs/BENCHMARKS.md); each compiled layer count then holds its own copy of its
         layers' weights (the MiniLM server: 1.0 GiB RSS against 0.5). Results equal the
-        eager ones to float32 rounding (~1e-6). Any change of the weights afterwards (an optimizer
-        step, ``load_state_dict``, ``.to()``) is noticed before the next pass: the graphs are dropped
-        (with ``torch._dynamo.reset()``, which drops every compiled graph of the process) and compiled
-        again, so results always follow the current weights.
+        eager ones to float32 rounding (~1e-6). A change of the weights afterwards (an optimizer step,
+        fused or not, ``load_state_dict``, ``.to()``) is noticed before the next pass (the storage and
+        version counter of every parameter and the first element of a sample of them are compared):
+        the graphs are dropped (with
+        ``torch._dynamo.reset()``, which drops every compiled graph of the process) and compiled again.
+        A write that changes none of these (``p.data[5] = x``) is not seen: call
+        ``compile_for_inference()`` again after such edits.
 
         ``freeze`` sets ``torch._inductor.config.freezing``, a process-wide switch of torch (its graph
         capture reads it; a per-call option does not reach it): it applies to every ``torch.compile``
@@ -447,13 +465,15 @@ class EmbeddingModel(nn.Module, Encoder):
         if enabled and self.device.type == "cpu" and not _cpp_compiler():
             raise InvalidInputError(
                 "compiling for a CPU needs a C++ compiler (inductor builds C++ kernels): none found "
-                "(install g++ or clang++, or set CXX)"
+                "(install g++, or set CXX to another one)"
             )
         if enabled and freeze:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
         with self._compile_lock:
+            if self._compiled:  # free the frozen copies held in dynamo's caches too
+                torch._dynamo.reset()
             self._compile = bool(enabled)
             self._compiled, self._compiled_weights = {}, ()
         return self
@@ -473,9 +493,9 @@ class EmbeddingModel(nn.Module, Encoder):
             or torch.onnx.is_in_onnx_export()
         ):
             return view
-        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in self.transformer.parameters())
+        weights = _weights_state(self.transformer)
         with self._compile_lock:
-            if weights != self._compiled_weights:
+            if not _same_weights(weights, self._compiled_weights):
                 if self._compiled:  # compiled from other weights: frozen copies are stale, guards blind
                     torch._dynamo.reset()
                 self._compiled, self._compiled_weights = {}, weights
@@ -488,13 +508,22 @@ class EmbeddingModel(nn.Module, Encoder):
                 self._compiled[deepest] = runner
         return runner
 
-    def warm_up(self, layers: Iterable[int] | None = None) -> EmbeddingModel:
+    def warm_up(self, layers: Iterable[int] | None = None, exits: bool = False) -> EmbeddingModel:
         """Run every layer count in ``layers`` (default: all) once now, with one text and with two, so
-        that compiled graphs (:meth:`compile_for_inference`) are built before the first real request."""
+        that compiled graphs (:meth:`compile_for_inference`) are built before the first real request.
+
+        Args:
+            layers: layer counts to run.
+            exits: also the passes that return several exits at once (a graph of their own when
+                compiled; the server's ``shared`` batch mode runs them).
+        """
+        texts = [["warm up", "a second, longer text to warm up with"], ["warm up"]]
         for k in sorted(set(layers if layers is not None else range(1, self.num_layers + 1))):
             check_layers(k, self.num_layers)
-            self.encode(["warm up", "a second, longer text to warm up with"], layers=k)
-            self.encode(["warm up"], layers=k)
+            for batch in texts:
+                self.encode(batch, layers=k)
+                if exits and k > 1:
+                    self.encode_layers(batch, layers=[1, k])
         return self
 
     # ------------------------------------------------------------------ properties
@@ -561,7 +590,20 @@ class EmbeddingModel(nn.Module, Encoder):
         inputs = {key: value for key, value in features.items() if key in self._input_names}
         need_all = wanted != [deepest]
         transformer = layer_view(self.transformer, deepest)  # shares every weight; self is not changed
-        out = self._runner(transformer, deepest)(**inputs, output_hidden_states=need_all, return_dict=True)
+        runner = self._runner(transformer, deepest)
+        if runner is transformer:
+            out = transformer(**inputs, output_hidden_states=need_all, return_dict=True)
+        else:
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            try:
+                out = runner(**inputs, output_hidden_states=need_all, return_dict=True)
+            except BackendCompilerFailed as e:  # e.g. a C++ toolchain that cannot build the kernels
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InvalidInputError(
+                    f"torch.compile could not build the graph of {deepest} layers ({first}); "
+                    "run without compiling (no --compile)"
+                ) from None
         mask = features["attention_mask"]
         # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).
         if not need_all:
