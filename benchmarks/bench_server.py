@@ -276,6 +276,11 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def flag_suffix(extra: list[str] | None) -> str:
+    """``["--compile"]`` -> ``"-compile"``: part of a server's name, so each gets its own log file."""
+    return "".join("-" + flag.lstrip("-") for flag in extra or [])
+
+
 def m2d_server(mode: str, extra: list[str] | None = None) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(minilm_path()), "--port", str(port)]
@@ -289,8 +294,7 @@ def m2d_server(mode: str, extra: list[str] | None = None) -> Server:
         "--log-level",
         "warning",
     ]
-    flags = "".join("-" + a.lstrip("-") for a in extra or [])  # each server its own log file
-    return Server(f"m2d-{mode}{flags}", command + (extra or []), port)
+    return Server(f"m2d-{mode}{flag_suffix(extra)}", command + (extra or []), port)
 
 
 def infinity_server(engine: str, extra: list[str] | None = None) -> Server | None:
@@ -303,7 +307,7 @@ def infinity_server(engine: str, extra: list[str] | None = None) -> Server | Non
     common_args += ["--url-prefix", "/v1", "--no-vector-disk-cache", "--log-level", "warning"]
     if engine == "torch":
         return Server(
-            "infinity-torch" + ("-" + "-".join(a.lstrip("-") for a in extra) if extra else ""),
+            f"infinity-torch{flag_suffix(extra)}",
             [str(binary), "v2", "--model-id", str(minilm_path()), "--engine", "torch"]
             + common_args
             + (extra or []),

@@ -136,20 +136,40 @@ def _cpp_compiler() -> str | None:
 
 def _weights_state(module: nn.Module) -> tuple:
     """What identifies a module's current weights cheaply: each parameter's storage, version counter
-    and dtype, plus the first element of every eighth parameter (writes that bypass the version
-    counter, such as fused optimizer steps or ``.data`` writes, still change those in practice).
-    About 0.2 ms for all-MiniLM-L6-v2, once per compiled forward pass."""
+    and dtype, plus the first element of about a dozen parameters spread over the model (writes that
+    bypass the version counter, such as fused optimizer steps or ``.data`` writes, still change those
+    in practice). About 0.2 ms for all-MiniLM-L6-v2, once per compiled forward pass."""
     params = list(module.parameters())
     ids = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype) for p in params)
     sample = params[:: max(1, len(params) // 12)] + params[-1:]
-    firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in sample]) if params else None
-    return ids, firsts
+    return ids, torch.stack([p.detach().reshape(-1)[0].float() for p in sample])
 
 
 def _same_weights(a: tuple, b: tuple) -> bool:
-    if not a or not b or a[0] != b[0]:
-        return False
-    return a[1] is b[1] is None or (a[1] is not None and b[1] is not None and torch.equal(a[1], b[1]))
+    """Whether two :func:`_weights_state` results (``()``: none yet) describe the same weights."""
+    return bool(a) and bool(b) and a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def _compiled_runner(view: nn.Module, layers: int) -> Callable:
+    """``view`` (a model of ``layers`` layers) compiled for inference, failures as one-line errors."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    # Each layer count keeps its own graphs (one text / any batch, with or without every exit's hidden
+    # states): shared, the layer counts of one model would exhaust torch's limit of 8 graphs per
+    # function and quietly run eagerly.
+    compiled = torch.compile(view, dynamic=True, isolate_recompiles=True, recompile_limit=8)
+
+    def run(**kwargs):
+        try:
+            return compiled(**kwargs)
+        except BackendCompilerFailed as e:  # e.g. a C++ toolchain that cannot build the kernels
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidInputError(
+                f"torch.compile could not build the graph of {layers} layers ({first}); "
+                "run without compiling (no --compile)"
+            ) from None
+
+    return run
 
 
 class EmbeddingModel(nn.Module, Encoder):
@@ -472,10 +492,8 @@ class EmbeddingModel(nn.Module, Encoder):
 
             inductor_config.freezing = True
         with self._compile_lock:
-            if self._compiled:  # free the frozen copies held in dynamo's caches too
-                torch._dynamo.reset()
             self._compile = bool(enabled)
-            self._compiled, self._compiled_weights = {}, ()
+            self._drop_compiled(())
         return self
 
     @property
@@ -483,9 +501,17 @@ class EmbeddingModel(nn.Module, Encoder):
         """Whether inference runs compiled graphs (:meth:`compile_for_inference`)."""
         return self._compile
 
+    def _drop_compiled(self, weights: tuple) -> None:
+        """Forget the compiled graphs (under ``_compile_lock``); the next ones are compiled from
+        ``weights``. Dynamo's caches hold the graphs' frozen copies of the weights too: reset them."""
+        if self._compiled:
+            torch._dynamo.reset()
+        self._compiled, self._compiled_weights = {}, weights
+
     def _runner(self, view: nn.Module, deepest: int) -> Callable:
         """What runs ``deepest`` layers: the compiled graph when compiling is on and no gradient is
-        recorded, else ``view`` itself (eager)."""
+        recorded (a graph that cannot be built is an :class:`InvalidInputError`), else ``view`` itself
+        (eager)."""
         if (
             not self._compile
             or torch.is_grad_enabled()
@@ -495,17 +521,11 @@ class EmbeddingModel(nn.Module, Encoder):
             return view
         weights = _weights_state(self.transformer)
         with self._compile_lock:
-            if not _same_weights(weights, self._compiled_weights):
-                if self._compiled:  # compiled from other weights: frozen copies are stale, guards blind
-                    torch._dynamo.reset()
-                self._compiled, self._compiled_weights = {}, weights
+            if not _same_weights(weights, self._compiled_weights):  # frozen copies stale, guards blind
+                self._drop_compiled(weights)
             runner = self._compiled.get(deepest)
             if runner is None:
-                # Each layer count keeps its own graphs (one text / any batch, with or without every
-                # exit's hidden states): shared, the layer counts of one model would exhaust torch's
-                # limit of 8 graphs per function and quietly run eagerly.
-                runner = torch.compile(view, dynamic=True, isolate_recompiles=True, recompile_limit=8)
-                self._compiled[deepest] = runner
+                runner = self._compiled[deepest] = _compiled_runner(view, deepest)
         return runner
 
     def warm_up(self, layers: Iterable[int] | None = None, exits: bool = False) -> EmbeddingModel:
@@ -590,20 +610,7 @@ class EmbeddingModel(nn.Module, Encoder):
         inputs = {key: value for key, value in features.items() if key in self._input_names}
         need_all = wanted != [deepest]
         transformer = layer_view(self.transformer, deepest)  # shares every weight; self is not changed
-        runner = self._runner(transformer, deepest)
-        if runner is transformer:
-            out = transformer(**inputs, output_hidden_states=need_all, return_dict=True)
-        else:
-            from torch._dynamo.exc import BackendCompilerFailed
-
-            try:
-                out = runner(**inputs, output_hidden_states=need_all, return_dict=True)
-            except BackendCompilerFailed as e:  # e.g. a C++ toolchain that cannot build the kernels
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise InvalidInputError(
-                    f"torch.compile could not build the graph of {deepest} layers ({first}); "
-                    "run without compiling (no --compile)"
-                ) from None
+        out = self._runner(transformer, deepest)(**inputs, output_hidden_states=need_all, return_dict=True)
         mask = features["attention_mask"]
         # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).
         if not need_all:

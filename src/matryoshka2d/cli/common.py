@@ -124,8 +124,8 @@ def runtime_parent(aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch runtime: run the layers through torch.compile with frozen weights (~1.2x faster in "
-        "float32 on CPU, after 7-15 s of compiling per layer count: pays for long jobs and servers)",
+        help="torch runtime: run the layers through torch.compile with frozen weights (1.1-1.2x faster "
+        "in float32 on CPU, after 12-28 s of compiling per layer count: pays for long jobs and servers)",
     )
     return p
 
