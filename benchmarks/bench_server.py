@@ -24,6 +24,8 @@ Infinity's at full size) in an order rotated from round to round, while the othe
 (their CPU use while idle is measured and printed). Each ratio is taken within a round, from cells a
 minute apart, so a drift of the machine's speed over the hour (which moved single runs by more than the
 margin) cancels; the median, the range and the number of rounds at or above the target are reported.
+``--kinds onnx`` (or ``torch``) starts only the servers of that backend kind: fewer servers resident
+(six at once took memory bandwidth and cache from the one measured) and more rounds per hour.
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -412,16 +414,29 @@ def cpu_seconds(pid: int) -> float:
 
 
 def interleaved(
-    requests: list[list[str]], rounds: int, concurrency: int, warmup: float, duration: float, compiled: bool
+    requests: list[list[str]],
+    rounds: int,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    compiled: bool,
+    kinds: tuple[str, ...] = ("torch", "onnx"),
 ) -> dict:
     """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up.
 
-    ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``.
+    ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``; ``kinds``
+    keeps only the servers of those backend kinds (``torch``, ``onnx``): fewer servers resident, more
+    rounds in the same time.
     """
-    servers = {"m2d serve": m2d_server("grouped"), "m2d onnx": m2d_server("grouped", ["--backend", "onnx"])}
-    if compiled:
+    servers = {}
+    if "torch" in kinds:
+        servers["m2d serve"] = m2d_server("grouped")
+    if "onnx" in kinds:
+        servers["m2d onnx"] = m2d_server("grouped", ["--backend", "onnx"])
+    if compiled and "torch" in kinds:
         servers["m2d compiled"] = m2d_server("grouped", ["--compile"])
-    for engine, extra in [("torch", None), ("onnx", None)] + ([("torch", ["--compile"])] if compiled else []):
+    engines = [("torch", None), ("onnx", None)] + ([("torch", ["--compile"])] if compiled else [])
+    for engine, extra in [(engine, extra) for engine, extra in engines if engine in kinds]:
         server = infinity_server(engine, extra)
         if server is not None:
             servers[server.name] = server
@@ -525,9 +540,17 @@ def main() -> None:
         metavar="N",
         help="only the c=32 comparisons, all servers up at once, N rounds of every cell in turn (see above)",
     )
+    parser.add_argument(
+        "--kinds",
+        default="torch,onnx",
+        help="with --interleave: the backend kinds compared (torch, onnx or both), the others not started",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - {"torch", "onnx"}:
+        parser.error(f"--kinds takes torch, onnx or both, got {args.kinds!r}")
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
         f"machine: {machine()}; {THREADS} threads per server; requests of 1..32 STSB test sentences",
@@ -537,7 +560,9 @@ def main() -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": THREADS}
     if args.interleave:
         report.update(
-            interleaved(requests, args.interleave, max(levels), args.warmup, args.duration, args.compiled)
+            interleaved(
+                requests, args.interleave, max(levels), args.warmup, args.duration, args.compiled, kinds
+            )
         )
         write_json(Path(args.out), report)
         return

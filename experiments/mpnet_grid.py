@@ -14,6 +14,8 @@ wins, the smallest, mean and largest difference), and so are A@SEED and B@SEED f
         plain@42=models/mpnet-plain plain@43=models/mpnet-plain-s43 \\
         2dmse@42=models/mpnet-2dmse 2dmse@43=models/mpnet-2dmse-s43 \\
         recipe@42=models/mpnet-recipe recipe@43=models/mpnet-recipe-s43 \\
+        recipe-v6@42=models/mpnet-recipe-v6 recipe-v6@43=models/mpnet-recipe-v6-s43 \\
+        --compare recipe-v6,2dmse --compare recipe-v6,plain --compare recipe-v6,recipe \\
         --compare recipe,2dmse --compare recipe,plain --compare 2dmse,plain \\
         --out experiments/results/mpnet_grids.json
 

@@ -66,3 +66,32 @@ def test_compare_counts_reduced_layer_cells_only(mpnet_grid):
     assert result["min"] == pytest.approx(-2.0)
     assert result["max"] == pytest.approx(0.5)
     assert result["mean"] == pytest.approx((65 * 0.5 - 2.0) / 66)
+
+
+# ---------------------------------------------------------------------------------------- the MPNet configs
+@pytest.mark.parametrize("name", ["plain", "2dmse", "recipe", "recipe-v6"])
+def test_mpnet_configs_build_their_loss_for_a_12_layer_model(name):
+    from types import SimpleNamespace
+
+    from matryoshka2d.training.config import TrainConfig
+    from matryoshka2d.training.loss_factory import build_loss
+
+    cfg = TrainConfig.from_yaml(_PATH.parent / "mpnet" / f"{name}.yaml")
+    mpnet = SimpleNamespace(dim=768, num_layers=12)  # the shape of all-mpnet-base-v2
+    build_loss(cfg, mpnet).check_model(mpnet)
+    for task in cfg.extra_tasks:
+        build_loss(cfg.task_config(task), mpnet).check_model(mpnet)
+    assert cfg.epochs == 1 and cfg.batch_size == 32  # one schedule for every model of the comparison
+    assert cfg.dims in (None, [768, 512, 256, 128, 64])  # 64 = 8.3% of 768, as 32 of 384 on MiniLM
+
+
+def test_mpnet_recipe_v6_uses_the_recommended_loss_settings():
+    from matryoshka2d.demo.experiment import RECOMMENDED_WRAPPER_ARGS
+    from matryoshka2d.training.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(_PATH.parent / "mpnet" / "recipe-v6.yaml")
+    v3 = TrainConfig.from_yaml(_PATH.parent / "mpnet" / "recipe.yaml")
+    assert cfg.wrapper_args == RECOMMENDED_WRAPPER_ARGS
+    # ... and differs from the v3 run only there (and in where it is written)
+    same = {k: v for k, v in cfg.to_dict().items() if k not in ("wrapper_args", "output_dir")}
+    assert same == {k: v for k, v in v3.to_dict().items() if k not in ("wrapper_args", "output_dir")}
