@@ -36,6 +36,7 @@ from matryoshka2d.encoder import sort_longest_first  # noqa: E402
 from matryoshka2d.export.onnx import exit_output_name  # noqa: E402
 from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.pooling import pool_numpy  # noqa: E402
+from matryoshka2d.truncation import truncate_dims  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ def main() -> None:
 
     def pooled(hidden: np.ndarray, feed: dict) -> np.ndarray:
         emb = pool_numpy(np.asarray(hidden, dtype=np.float32), feed["attention_mask"], encoder.pooling_mode)
-        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        return truncate_dims(emb, None, normalize=True)
 
     min_cosine = {}
     for (label, k), fn in run.items():  # also the warm-up of every variant
@@ -162,7 +163,7 @@ def main() -> None:
         print(f"  {label}: {layer_counts[1]} of {full} layers {half:.2f}x its full depth")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"openvino-{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, json.dumps(report, indent=1) + "\n")
+    atomic_write(out, json.dumps(report, indent=1) + "\n", "benchmark results", overwrite=True)
     print(f"written to {out}")
 
 

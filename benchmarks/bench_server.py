@@ -55,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, minilm_path, stsb_sentences  # noqa: E402
 
+from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.serving.runner import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -436,7 +437,9 @@ def interleaved(
     if compiled and "torch" in kinds:
         servers["m2d compiled"] = m2d_server("grouped", ["--compile"])
     engines = [("torch", None), ("onnx", None)] + ([("torch", ["--compile"])] if compiled else [])
-    for engine, extra in [(engine, extra) for engine, extra in engines if engine in kinds]:
+    for engine, extra in engines:
+        if engine not in kinds:
+            continue
         server = infinity_server(engine, extra)
         if server is not None:
             servers[server.name] = server
@@ -680,9 +683,7 @@ def main() -> None:
 
 def write_json(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write(out, json.dumps(report, indent=2) + "\n", "benchmark results", overwrite=True)
     print(f"wrote {out}")
 
 

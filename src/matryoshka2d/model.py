@@ -534,15 +534,15 @@ class EmbeddingModel(nn.Module, Encoder):
 
         Args:
             layers: layer counts to run.
-            exits: also the passes that return several exits at once (a graph of their own when
-                compiled; the server's ``shared`` batch mode runs them).
+            exits: when compiled, also the passes that return several exits at once (a graph of their
+                own; the server's ``shared`` batch mode runs them). Eager, they need nothing built.
         """
         texts = [["warm up", "a second, longer text to warm up with"], ["warm up"]]
         for k in sorted(set(layers if layers is not None else range(1, self.num_layers + 1))):
             check_layers(k, self.num_layers)
             for batch in texts:
                 self.encode(batch, layers=k)
-                if exits and k > 1:
+                if exits and k > 1 and self._compile:
                     self.encode_layers(batch, layers=[1, k])
         return self
 

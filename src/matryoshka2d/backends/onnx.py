@@ -291,8 +291,12 @@ class OnnxEncoder(Encoder):
                 export_onnx(self._torch_model, full, external=True)
         return full
 
-    def warm_up(self, layers: Sequence[int] | None = None) -> OnnxEncoder:
-        """Build the graphs of ``layers`` (default: every layer count) now rather than on first use."""
+    def warm_up(self, layers: Sequence[int] | None = None, exits: bool = False) -> OnnxEncoder:
+        """Build the graphs of ``layers`` (default: every layer count) now rather than on first use.
+
+        ``exits`` is accepted for the torch model's signature and changes nothing: the graph of ``k``
+        layers already returns every exit up to ``k``.
+        """
         for k in self._layer_list(layers if layers is not None else range(1, self.num_layers + 1)):
             self.session(k)
         return self

@@ -234,10 +234,9 @@ class EmbeddingServer:
                 mode=self.config.batch_mode,
                 on_batch=self.metrics.observe_batch,
             ).start()
-            if getattr(model, "compiled", False):  # shared mode also runs several exits in one pass
+            if hasattr(model, "warm_up"):  # every allowed layer count's graphs now (ONNX, compiled torch),
+                # with the several-exit passes of the shared batch mode (their own graphs when compiled)
                 model.warm_up(allowed, exits=self.config.batch_mode == "shared")
-            elif hasattr(model, "warm_up"):  # every allowed layer count's graph (ONNX, compiled torch) now
-                model.warm_up(allowed)
             engine.encode(["warm up"], default, model.dim)  # the first pass is slow; keep it off a client
         except BaseException as e:  # noqa: BLE001 - reported on /health and to the CLI
             self.load_error = str(e) or type(e).__name__
