@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.encoder import Encoder, sort_longest_first
+from matryoshka2d.export.int8_outliers import calibration_feeds
 from matryoshka2d.export.onnx import (
     copy_graph,
     exit_output_name,
@@ -43,7 +44,7 @@ from matryoshka2d.pooling import pool_numpy
 from matryoshka2d.validation import check_positive_int
 
 #: Bump when the cached graphs change meaning (new exporter settings), so old caches are not reused.
-CACHE_VERSION = "2"  # 2: the graph of all layers keeps its weights in a data file the cut graphs share
+CACHE_VERSION = "3"  # 2: weights in a data file the cut graphs share; 3: int8 keeps outlier channels float32
 
 
 def onnx_cache_dir() -> Path:
@@ -79,7 +80,8 @@ class OnnxEncoder(Encoder):
 
     Args:
         name_or_path: a model folder or a hub id.
-        quantize: None (float32) or ``"int8"`` (ONNX Runtime dynamic quantisation, preset for this CPU).
+        quantize: None (float32) or ``"int8"`` (ONNX Runtime dynamic quantisation, preset for this CPU;
+            the few outlier activation channels stay float32: :mod:`matryoshka2d.export.int8_outliers`).
         threads: ONNX Runtime intra-op threads (default: ONNX Runtime's choice, one per physical core).
         cache_dir: where cut graphs are cached (default :func:`onnx_cache_dir`).
     """
@@ -265,7 +267,10 @@ class OnnxEncoder(Encoder):
                 if self._int8_graph is not None:
                     copy_graph(self._int8_graph, full)
                 else:
-                    quantize_int8(self._fp32_full_graph(), full, self.preset, external=True)
+                    feeds = calibration_feeds(self, self.input_names)
+                    quantize_int8(
+                        self._fp32_full_graph(), full, self.preset, external=True, calibration=feeds
+                    )
         self._torch_model = None  # free the weights: every later graph is cut from the cached ones
         return full
 

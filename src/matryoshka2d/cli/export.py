@@ -77,7 +77,7 @@ def register(sub) -> None:
         "--quantize",
         choices=("int8",),
         help="with --format onnx: also write onnx/model_qint8_<preset>.onnx (ONNX Runtime dynamic int8, "
-        "preset chosen from this CPU)",
+        "preset chosen from this CPU; the few activation channels far above the rest stay float32)",
     )
     p.add_argument(
         "--out",

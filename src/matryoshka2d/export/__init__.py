@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from matryoshka2d.errors import InvalidInputError
+from matryoshka2d.export.int8_outliers import calibration_feeds, split_outlier_channels
 from matryoshka2d.export.onnx import (
     OnnxExportError,
     export_onnx,
     external_data_path,
     extract_exits,
+    graph_input_names,
     int8_file_name,
     int8_preset,
     quantize_int8,
@@ -38,6 +40,7 @@ __all__ = [
     "ONNX_FILE",
     "OnnxExportError",
     "export_model",
+    "calibration_feeds",
     "export_onnx",
     "external_data_path",
     "extract_exits",
@@ -45,6 +48,7 @@ __all__ = [
     "int8_preset",
     "quantize_int8",
     "read_exits",
+    "split_outlier_channels",
 ]
 
 
@@ -107,6 +111,7 @@ def export_model(
         def write_onnx(folder: Path) -> None:
             graph = export_onnx(small, folder / ONNX_FILE)
             if preset:
-                quantize_int8(graph, graph.parent / int8_file_name(preset), preset)
+                feeds = calibration_feeds(small, graph_input_names(small))
+                quantize_int8(graph, graph.parent / int8_file_name(preset), preset, calibration=feeds)
 
     return small.save(out, metadata=metadata, overwrite=overwrite, inputs=inputs, extra_files=write_onnx)

@@ -27,7 +27,9 @@ import platform
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -381,6 +383,8 @@ def quantize_int8(
     path: str | os.PathLike,
     preset: str | None = None,
     external: bool | None = None,
+    calibration: Sequence[Mapping[str, Any]] | None = None,
+    outlier_ratio: float | None = None,
 ) -> Path:
     """Dynamic int8 quantisation of an ONNX graph with ONNX Runtime (weights int8, activations on the fly).
 
@@ -391,15 +395,27 @@ def quantize_int8(
     MatMul-only quantisation: -0.22 but 2.6x larger). The graph metadata (the exits) is kept. Written
     atomically.
 
+    With ``calibration``, the few activation channels that would set the int8 scale of a MatMul input on
+    their own stay in float32 (:func:`~matryoshka2d.export.int8_outliers.split_outlier_channels`): on
+    all-mpnet-base-v2 the median cosine of int8 to float32 embeddings goes from 0.888 to 0.990 (STSB
+    validation sentences).
+
     Args:
         source: a float32 ``.onnx`` file.
         path: the ``.onnx`` file to write.
         preset: one of :data:`INT8_PRESETS` (default: :func:`int8_preset` for this CPU).
         external: weights in ``<path>_data`` beside the graph (default: past :data:`EXTERNAL_DATA_BYTES`).
+        calibration: batches of graph inputs (:func:`~matryoshka2d.export.int8_outliers.calibration_feeds`)
+            to find the outlier channels on; None quantises every channel (ONNX Runtime's plain dynamic
+            quantisation, what sentence-transformers does).
+        outlier_ratio: a channel is kept in float32 past this multiple of the median channel's range
+            (default :data:`~matryoshka2d.export.int8_outliers.OUTLIER_RATIO`).
     """
     require_onnx()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from matryoshka2d.export.int8_outliers import OUTLIER_RATIO, OUTLIERS_KEY, split_outlier_channels
 
     preset = preset or int8_preset()
     if preset not in INT8_PRESETS:
@@ -424,22 +440,37 @@ def quantize_int8(
         for name in (source.name, *files):
             shutil.copyfile(source.parent / name, linked / name)
         tmp = Path(folder) / path.name
+        to_quantize, float32_nodes, record = linked / source.name, [], []
+        if calibration is not None:
+            split = Path(folder) / "split" / source.name
+            split.parent.mkdir()
+            float32_nodes = split_outlier_channels(
+                to_quantize, split, calibration, outlier_ratio or OUTLIER_RATIO
+            )
+            to_quantize = split
+            record = [
+                e
+                for e in onnx.load(str(split), load_external_data=False).metadata_props
+                if e.key == OUTLIERS_KEY
+            ]
         warnings.simplefilter("ignore")
         root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
         try:
             quantize_dynamic(
-                str(linked / source.name),
+                str(to_quantize),
                 str(tmp),
                 per_channel=True,
                 reduce_range=INT8_PRESETS[preset],
                 weight_type=QuantType.QInt8,
+                nodes_to_exclude=float32_nodes,
                 use_external_data_format=big,
             )
         finally:
             root.removeFilter(hint)
         graph = onnx.load(str(tmp))
-        if not any(e.key == EXITS_KEY for e in graph.metadata_props):  # keep the exits
-            for key, value in metadata:
+        present = {e.key for e in graph.metadata_props}
+        for key, value in metadata + [(e.key, e.value) for e in record]:  # keep the exits
+            if key not in present:
                 entry = graph.metadata_props.add()
                 entry.key, entry.value = key, value
         return save_graph(graph, path, external)

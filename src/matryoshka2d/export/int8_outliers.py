@@ -1,0 +1,199 @@
+"""Outlier channels kept in float32 when a graph is quantised to int8 (:func:`split_outlier_channels`).
+
+ONNX Runtime's dynamic quantisation gives each MatMul input tensor one uint8 scale per run, from the
+tensor's range. BERT-family encoders have a few activation channels tens of times larger than the rest,
+mostly on the ``[SEP]`` / ``</s>`` and ``[CLS]`` / ``<s>`` tokens (the feed-forward output projection's
+input, the attention LayerNorm's output): the scale follows them and the other channels round to a few
+levels. Measured on all-mpnet-base-v2 (STSB validation sentences): the feed-forward input of its eighth
+layer ranges to ~97 where 99.9% of values stay below ~2.4 and the median is ~0.08, so the int8
+embeddings have a median cosine of only 0.888 to float32 (lowest 0.55) while STSB Spearman hardly moves:
+an index mixing int8 queries with float32 documents would be broken.
+
+The fix is the decomposition of LLM.int8() (Dettmers et al., 2022, arXiv 2208.07339) done in the graph: for
+each such MatMul, the channels whose calibrated range is more than ``ratio`` times the median channel range
+are zeroed in the quantised product's input and computed in float32 by a small side product with their
+rows of the weight (``X W = (X * keep) W + X[:, out] W[out, :]``). The float32 graph after the split gives
+the same output (a rewrite, not an approximation); only its int8 version changes. The calibration needs a
+few sentences of any kind (:data:`CALIBRATION_TEXTS`, written for this; the channels are the same for other
+text: these 16 sentences and 512 STSB training sentences gave the same STSB validation figures). Figures
+and the choice of :data:`OUTLIER_RATIO`: docs/BENCHMARKS.md, "int8 with the outlier channels in float32".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+#: Sentences the outlier channels are calibrated on (any text works: the outliers sit on the special tokens
+#: and on a few fixed channels). Varied on purpose: lengths, punctuation, digits, a question, a fragment.
+CALIBRATION_TEXTS: tuple[str, ...] = (
+    "The cat sat on the mat.",
+    "How do I reset my password?",
+    "Stock markets fell sharply on Monday after the report.",
+    "A man is playing a guitar on stage.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "I can't believe it's already December!",
+    "The committee will meet again next week to discuss the budget, the schedule and the new hires.",
+    "Two dogs run through a field.",
+    "Please send me the invoice by Friday.",
+    "What is the capital of Australia?",
+    'She said, "that is not what I meant."',
+    "Error 404: page not found",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "He quickly ran home; it was raining.",
+    "ok",
+    "Version 2.3.1 fixes 12 bugs and adds support for three new file formats.",
+)
+
+#: A channel is an outlier when its calibrated range is more than this many times the median channel's.
+#: Chosen on STSB validation (benchmarks/bench_int8_outliers.py, docs/BENCHMARKS.md): at 24,
+#: all-mpnet-base-v2's int8 embeddings go from a median cosine of 0.888 to float32 to 0.990 (8: 0.997, at
+#: more float32 side products) while all-MiniLM-L6-v2, whose largest channels stay below 23x the median
+#: (plain int8 already 0.993), is left as ONNX Runtime quantises it: at 8 it gained 0.004 of median cosine
+#: and lost ~13% of its int8 speed to the extra operators.
+OUTLIER_RATIO = 24.0
+#: Graph metadata key recording how many channels of how many MatMul inputs were split.
+OUTLIERS_KEY = "matryoshka2d.int8_outliers"
+_PREFIX = "m2d_outliers"
+
+
+def calibration_feeds(
+    model, input_names: Sequence[str], texts: Sequence[str] = CALIBRATION_TEXTS
+) -> list[dict]:
+    """One padded batch of ``texts`` as the graph's int64 inputs, tokenised by ``model`` (anything with
+    :meth:`~matryoshka2d.encoder.Encoder.tokenize`: lower-casing and truncation as for encoding)."""
+    encoded = model.tokenize(list(texts), padding=True)
+    return [{name: np.asarray(encoded[name], dtype=np.int64) for name in input_names}]
+
+
+def _weight_matmuls(graph) -> dict[str, list]:
+    """MatMul nodes with a 2-D constant weight, grouped by their input tensor (computed in the graph: a
+    graph input cannot be measured as an extra output, and a transformer has none of those)."""
+    weights = {t.name for t in graph.graph.initializer if len(t.dims) == 2}
+    constant = {t.name for t in graph.graph.initializer} | {i.name for i in graph.graph.input}
+    groups: dict[str, list] = {}
+    for node in graph.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights and node.input[0] not in constant:
+            groups.setdefault(node.input[0], []).append(node)
+    return groups
+
+
+def channel_ranges(
+    path: str | Path, inputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict:
+    """Largest absolute value per channel (last axis) of the tensors ``inputs`` of the graph at ``path``
+    over the calibration ``feeds``: ``{tensor: float32 array}``. The graph is run by ONNX Runtime with those
+    tensors as extra outputs (a copy is written beside ``path``)."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    graph = onnx.load(str(path))
+    del graph.graph.output[:]
+    for name in inputs:
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = path.with_name(path.stem + ".calibration.onnx")
+    onnx.save(graph, str(probe), save_as_external_data=True, location=probe.name + "_data")
+    del graph
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+    ranges: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(inputs, session.run(list(inputs), dict(feed))):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(0)
+            ranges[name] = peak if name not in ranges else np.maximum(ranges[name], peak)
+    return ranges
+
+
+def outlier_channels(ranges: np.ndarray, ratio: float = OUTLIER_RATIO) -> np.ndarray:
+    """Indices of the channels whose range passes ``ratio`` x the median range, largest first; at most a
+    32nd of the channels (past that the tensor is not "a few outliers" and is left to the quantiser)."""
+    floor = ratio * float(np.median(ranges))
+    order = np.argsort(-ranges, kind="stable")
+    picked = order[ranges[order] > floor]
+    return picked[: max(1, ranges.shape[0] // 32)]
+
+
+def split_outlier_channels(
+    source: str | Path,
+    path: str | Path,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    ratio: float = OUTLIER_RATIO,
+) -> list[str]:
+    """Write to ``path`` the float32 graph ``source`` with the outlier input channels of its weight MatMuls
+    moved to float32 side products (module docstring); same outputs as ``source``.
+
+    Args:
+        source: a float32 ``.onnx`` file (its data file beside it).
+        path: where to write the rewritten graph (weights in ``<path>_data``; a private folder: no atomic
+            rename, the caller's temporary folder is expected).
+        feeds: calibration batches (:func:`calibration_feeds`).
+        ratio: :data:`OUTLIER_RATIO`.
+
+    Returns:
+        The names of the nodes added, which must stay in float32 (``nodes_to_exclude`` of the quantiser).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    source, path = Path(source), Path(path)
+    graph = onnx.load(str(source))
+    groups = _weight_matmuls(graph)
+    ranges = channel_ranges(source, list(groups), feeds)
+    weights = {t.name: t for t in graph.graph.initializer}
+    split = {x: channels for x in groups if len(channels := outlier_channels(ranges[x], ratio))}
+    added: list[str] = []
+    before: dict[int, list] = {}  # id of the first consumer -> nodes to insert before it
+    after: dict[int, list] = {}  # id of a MatMul -> nodes to insert after it
+    for g, (x, channels) in enumerate(split.items()):
+        base = f"{_PREFIX}/{g}"
+        keep = np.ones(ranges[x].shape[0], dtype=np.float32)
+        keep[channels] = 0.0
+        graph.graph.initializer.extend(
+            [
+                numpy_helper.from_array(keep, f"{base}/keep"),
+                numpy_helper.from_array(channels.astype(np.int64), f"{base}/channels"),
+            ]
+        )
+        head = [
+            helper.make_node("Mul", [x, f"{base}/keep"], [f"{base}/main_input"], name=f"{base}/mask"),
+            helper.make_node(
+                "Gather", [x, f"{base}/channels"], [f"{base}/outlier_input"], axis=-1, name=f"{base}/gather"
+            ),
+        ]
+        before[id(groups[x][0])] = head
+        added += [n.name for n in head]
+        for j, node in enumerate(groups[x]):
+            rows = numpy_helper.to_array(weights[node.input[1]])[channels]
+            graph.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(rows), f"{base}/weight_{j}")
+            )
+            out = node.output[0]
+            node.input[0], node.output[0] = f"{base}/main_input", f"{out}/{_PREFIX}_main"
+            tail = [
+                helper.make_node(
+                    "MatMul",
+                    [f"{base}/outlier_input", f"{base}/weight_{j}"],
+                    [f"{out}/{_PREFIX}_side"],
+                    name=f"{base}/side_{j}",
+                ),
+                helper.make_node(
+                    "Add", [node.output[0], f"{out}/{_PREFIX}_side"], [out], name=f"{base}/add_{j}"
+                ),
+            ]
+            after[id(node)] = tail
+            added += [n.name for n in tail]
+    nodes = []
+    for node in graph.graph.node:  # topological order kept: the new nodes sit beside the MatMuls they serve
+        nodes += before.get(id(node), []) + [node] + after.get(id(node), [])
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    record = {"ratio": ratio, "tensors": len(split), "channels": int(sum(len(c) for c in split.values()))}
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = OUTLIERS_KEY, json.dumps(record)
+    onnx.save(graph, str(path), save_as_external_data=True, location=path.name + "_data")
+    return added
