@@ -33,7 +33,7 @@ from common import machine, minilm_path, mpnet_path, stsb_sentences  # noqa: E40
 from matryoshka2d.backends.onnx import OnnxEncoder  # noqa: E402
 from matryoshka2d.data import data_dir, load_sts  # noqa: E402
 from matryoshka2d.encoder import sort_longest_first  # noqa: E402
-from matryoshka2d.export.int8_outliers import calibration_feeds  # noqa: E402
+from matryoshka2d.export.int8_outliers import OUTLIER_RATIO, calibration_feeds  # noqa: E402
 from matryoshka2d.export.onnx import exit_output_name, extract_exits, quantize_int8  # noqa: E402
 from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.pooling import pool_numpy  # noqa: E402
@@ -62,7 +62,9 @@ def main() -> None:
         "--test", action="store_true", help="also the STSB test split (once, after the choice)"
     )
     parser.add_argument(
-        "--ratios", default="8", help="outlier ratios to compare with plain int8 (the backend's default: 8)"
+        "--ratios",
+        default=f"{OUTLIER_RATIO:g}",
+        help=f"outlier ratios to compare with plain int8 (the backend's: {OUTLIER_RATIO:g})",
     )
     parser.add_argument("--out", default=None, help="default benchmarks/results/int8-outliers-MODEL.json")
     args = parser.parse_args()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.encoder import Encoder, sort_longest_first
-from matryoshka2d.export.int8_outliers import calibration_feeds
+from matryoshka2d.export.int8_outliers import calibration_feeds, read_outlier_record
 from matryoshka2d.export.onnx import (
     copy_graph,
     exit_output_name,
@@ -44,7 +44,9 @@ from matryoshka2d.pooling import pool_numpy
 from matryoshka2d.validation import check_positive_int
 
 #: Bump when the cached graphs change meaning (new exporter settings), so old caches are not reused.
-CACHE_VERSION = "3"  # 2: weights in a data file the cut graphs share; 3: int8 keeps outlier channels float32
+#: 2: weights in a data file the cut graphs share; 3: int8 keeps outlier channels float32; 4: their side
+#: products join after the bias (ONNX Runtime fuses MatMul + bias again)
+CACHE_VERSION = "4"
 
 
 def onnx_cache_dir() -> Path:
@@ -74,7 +76,8 @@ class OnnxEncoder(Encoder):
 
     Built from a model folder (anything :meth:`EmbeddingModel.load` reads): the tokenizer, pooling,
     ``max_seq_length`` and dim come from the folder. The graph of all layers is the folder's own
-    ``onnx/model.onnx`` (or ``onnx/model_qint8_<preset>.onnx`` for int8) when ``m2d export`` wrote it,
+    ``onnx/model.onnx`` (or ``onnx/model_qint8_<preset>.onnx`` for int8) when ``m2d export`` wrote it
+    (an int8 file written before int8 kept its outlier channels in float32 is quantised again instead),
     else it is exported from the torch weights once and cached. Safe to call from many threads at once
     (``InferenceSession.run`` is thread-safe; graphs are built once, under a lock, and written atomically).
 
@@ -128,6 +131,8 @@ class OnnxEncoder(Encoder):
         self._folder = folder
         shipped_fp32 = self._shipped(folder / "onnx" / "model.onnx")
         shipped_int8 = self._shipped(folder / "onnx" / int8_file_name(self.preset)) if quantize else None
+        if shipped_int8 is not None and read_outlier_record(shipped_int8) is None:
+            shipped_int8 = None  # exported before int8 kept its outlier channels float32: quantised again
         self._fp32_graph = shipped_fp32  # None: exported from the torch weights into the cache on first use
         self._int8_graph = shipped_int8
         if shipped_fp32 or shipped_int8:

@@ -22,10 +22,14 @@ and the choice of :data:`OUTLIER_RATIO`: docs/BENCHMARKS.md, "int8 with the outl
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from matryoshka2d.errors import InvalidInputError
 
 #: Sentences the outlier channels are calibrated on (any text works: the outliers sit on the special tokens
 #: and on a few fixed channels). Varied on purpose: lengths, punctuation, digits, a question, a fragment.
@@ -53,7 +57,7 @@ CALIBRATION_TEXTS: tuple[str, ...] = (
 #: all-mpnet-base-v2's int8 embeddings go from a median cosine of 0.888 to float32 to 0.990 (8: 0.997, at
 #: more float32 side products) while all-MiniLM-L6-v2, whose largest channels stay below 23x the median
 #: (plain int8 already 0.993), is left as ONNX Runtime quantises it: at 8 it gained 0.004 of median cosine
-#: and lost ~13% of its int8 speed to the extra operators.
+#: and lost ~8-10% of its int8 speed to the extra operators.
 OUTLIER_RATIO = 24.0
 #: Graph metadata key recording how many channels of how many MatMul inputs were split.
 OUTLIERS_KEY = "matryoshka2d.int8_outliers"
@@ -69,6 +73,16 @@ def calibration_feeds(
     return [{name: np.asarray(encoded[name], dtype=np.int64) for name in input_names}]
 
 
+def read_outlier_record(path: str | Path) -> dict | None:
+    """What :func:`split_outlier_channels` recorded in the graph at ``path`` (``ratio``, ``tensors``,
+    ``channels``), or None for a graph quantised without it."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    entry = next((e.value for e in graph.metadata_props if e.key == OUTLIERS_KEY), None)
+    return None if entry is None else json.loads(entry)
+
+
 def _weight_matmuls(graph) -> dict[str, list]:
     """MatMul nodes with a 2-D constant weight, grouped by their input tensor (computed in the graph: a
     graph input cannot be measured as an extra output, and a transformer has none of those)."""
@@ -81,26 +95,31 @@ def _weight_matmuls(graph) -> dict[str, list]:
     return groups
 
 
-def channel_ranges(
-    path: str | Path, inputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
-) -> dict:
+def _channel_ranges(
+    path: Path, inputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Largest absolute value per channel (last axis) of the tensors ``inputs`` of the graph at ``path``
-    over the calibration ``feeds``: ``{tensor: float32 array}``. The graph is run by ONNX Runtime with those
-    tensors as extra outputs (a copy is written beside ``path``)."""
+    over the calibration ``feeds``: ``{tensor: float32 array}``.
+
+    ONNX Runtime runs a copy of the graph whose outputs are those tensors, written beside ``path`` so that
+    it refers to ``path``'s data file instead of holding the weights again, and removed afterwards.
+    """
     import onnx
     import onnxruntime as ort
 
-    path = Path(path)
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(path), load_external_data=False)
     del graph.graph.output[:]
     for name in inputs:
         graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    probe = path.with_name(path.stem + ".calibration.onnx")
-    onnx.save(graph, str(probe), save_as_external_data=True, location=probe.name + "_data")
-    del graph
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+    probe = path.with_name(f".{path.stem}.m2d-calibration-{os.getpid()}-{threading.get_ident()}.onnx")
+    try:
+        onnx.save(graph, str(probe))
+        del graph
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+    finally:
+        probe.unlink(missing_ok=True)  # the session has read it
     ranges: dict[str, np.ndarray] = {}
     for feed in feeds:
         for name, value in zip(inputs, session.run(list(inputs), dict(feed))):
@@ -110,12 +129,26 @@ def channel_ranges(
 
 
 def outlier_channels(ranges: np.ndarray, ratio: float = OUTLIER_RATIO) -> np.ndarray:
-    """Indices of the channels whose range passes ``ratio`` x the median range, largest first; at most a
-    32nd of the channels (past that the tensor is not "a few outliers" and is left to the quantiser)."""
-    floor = ratio * float(np.median(ranges))
+    """Indices of the channels whose range passes ``ratio`` x the median range, largest first, at most a
+    32nd of the channels (the largest: a bound on the float32 work). None where the median range is 0
+    (mostly inactive channels, as after a ReLU: nothing to compare with)."""
+    median = float(np.median(ranges))
+    if median <= 0:
+        return np.zeros(0, dtype=np.int64)
     order = np.argsort(-ranges, kind="stable")
-    picked = order[ranges[order] > floor]
+    picked = order[ranges[order] > ratio * median]
     return picked[: max(1, ranges.shape[0] // 32)]
+
+
+def _bias_add(matmul, consumers: dict[str, list], initializers: set[str]):
+    """The Add of a constant that is the only consumer of ``matmul``'s output (its bias), else None."""
+    (output,) = matmul.output
+    users = consumers.get(output, [])
+    if len(users) == 1 and users[0].op_type == "Add":
+        other = [name for name in users[0].input if name != output]
+        if len(other) == 1 and other[0] in initializers:
+            return users[0]
+    return None
 
 
 def split_outlier_channels(
@@ -129,8 +162,9 @@ def split_outlier_channels(
 
     Args:
         source: a float32 ``.onnx`` file (its data file beside it).
-        path: where to write the rewritten graph (weights in ``<path>_data``; a private folder: no atomic
-            rename, the caller's temporary folder is expected).
+        path: where to write the rewritten graph (weights in ``<path>_data``; not atomically: a private
+            folder is expected, as :func:`~matryoshka2d.export.onnx.quantize_int8` gives it). A copy of
+            ``source`` without its weights is written beside ``source`` while calibrating, then removed.
         feeds: calibration batches (:func:`calibration_feeds`).
         ratio: :data:`OUTLIER_RATIO`.
 
@@ -141,14 +175,22 @@ def split_outlier_channels(
     from onnx import helper, numpy_helper
 
     source, path = Path(source), Path(path)
-    graph = onnx.load(str(source))
+    if not ratio > 0:
+        raise InvalidInputError(f"the outlier ratio must be a positive number, got {ratio!r}")
+    groups = _weight_matmuls(onnx.load(str(source), load_external_data=False))
+    ranges = _channel_ranges(source, list(groups), feeds) if groups else {}
+    graph = onnx.load(str(source))  # with its weights, after the measurement
     groups = _weight_matmuls(graph)
-    ranges = channel_ranges(source, list(groups), feeds)
     weights = {t.name: t for t in graph.graph.initializer}
     split = {x: channels for x in groups if len(channels := outlier_channels(ranges[x], ratio))}
     added: list[str] = []
     before: dict[int, list] = {}  # id of the first consumer -> nodes to insert before it
-    after: dict[int, list] = {}  # id of a MatMul -> nodes to insert after it
+    after: dict[int, list] = {}  # id of a MatMul (or of its bias Add) -> nodes to insert after it
+    initializers = set(weights)
+    consumers: dict[str, list] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     for g, (x, channels) in enumerate(split.items()):
         base = f"{_PREFIX}/{g}"
         keep = np.ones(ranges[x].shape[0], dtype=np.float32)
@@ -172,8 +214,12 @@ def split_outlier_channels(
             graph.graph.initializer.append(
                 numpy_helper.from_array(np.ascontiguousarray(rows), f"{base}/weight_{j}")
             )
-            out = node.output[0]
-            node.input[0], node.output[0] = f"{base}/main_input", f"{out}/{_PREFIX}_main"
+            node.input[0] = f"{base}/main_input"
+            # The side product joins after the bias Add where there is one, so that ONNX Runtime still fuses
+            # MatMul + bias into one quantised operator.
+            anchor = _bias_add(node, consumers, initializers) or node
+            out = anchor.output[0]
+            anchor.output[0] = f"{out}/{_PREFIX}_main"
             tail = [
                 helper.make_node(
                     "MatMul",
@@ -182,10 +228,10 @@ def split_outlier_channels(
                     name=f"{base}/side_{j}",
                 ),
                 helper.make_node(
-                    "Add", [node.output[0], f"{out}/{_PREFIX}_side"], [out], name=f"{base}/add_{j}"
+                    "Add", [anchor.output[0], f"{out}/{_PREFIX}_side"], [out], name=f"{base}/add_{j}"
                 ),
             ]
-            after[id(node)] = tail
+            after[id(anchor)] = tail
             added += [n.name for n in tail]
     nodes = []
     for node in graph.graph.node:  # topological order kept: the new nodes sit beside the MatMuls they serve

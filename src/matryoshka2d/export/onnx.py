@@ -442,11 +442,9 @@ def quantize_int8(
         tmp = Path(folder) / path.name
         to_quantize, float32_nodes, record = linked / source.name, [], []
         if calibration is not None:
-            split = Path(folder) / "split" / source.name
-            split.parent.mkdir()
-            float32_nodes = split_outlier_channels(
-                to_quantize, split, calibration, outlier_ratio or OUTLIER_RATIO
-            )
+            split = linked / f"split-{source.name}"
+            ratio = OUTLIER_RATIO if outlier_ratio is None else outlier_ratio
+            float32_nodes = split_outlier_channels(to_quantize, split, calibration, ratio)
             to_quantize = split
             record = [
                 e
