@@ -177,3 +177,16 @@ def test_the_backend_quantises_again_an_int8_export_made_without_the_split(
     encoder = OnnxEncoder(out, quantize="int8")
     encoder.encode(SENTENCES[:2])
     assert read_outlier_record(encoder.cache / int8_file_name(encoder.preset))["tensors"] > 0
+
+
+def test_cli_export_says_how_many_channels_stay_float32(outlier_model_dir, tiny_model_dir, tmp_path, capsys):
+    from matryoshka2d.cli import main
+
+    argv = ["export", "--format", "onnx", "--quantize", "int8"]
+    assert main([*argv, str(outlier_model_dir), "--out", str(tmp_path / "a")]) == 0
+    record = read_outlier_record(tmp_path / "a" / "onnx" / int8_file_name())
+    assert f"{record['channels']} outlier activation channels of {record['tensors']} MatMul inputs" in (
+        capsys.readouterr().out
+    )
+    assert main([*argv, str(tiny_model_dir), "--out", str(tmp_path / "b")]) == 0
+    assert "outlier" not in capsys.readouterr().out  # nothing split: nothing said

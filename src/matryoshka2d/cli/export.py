@@ -48,10 +48,18 @@ def cmd_export(args: argparse.Namespace) -> int:
             if name and external_data_path(out / name).is_file():  # past 2 GiB: ONNX external data
                 print(f"  weights of {name} in {name}_data beside it: keep the two files together")
         if onnx.get("int8_file"):
+            from matryoshka2d.export.int8_outliers import read_outlier_record
+
             print(
                 f"int8: {onnx['int8_file']} (model_kwargs={{'file_name': '{onnx['int8_file']}'}}, "
                 f"preset {onnx['int8_preset']})"
             )
+            split = read_outlier_record(out / onnx["int8_file"]) or {}
+            if split.get("channels"):
+                print(
+                    f"  {split['channels']} outlier activation channels of {split['tensors']} MatMul inputs "
+                    f"kept float32 (past {split['ratio']:g}x the median channel)"
+                )
     return 0
 
 
