@@ -28,11 +28,10 @@ import onnxruntime as ort
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, minilm_path, mpnet_path, stsb_sentences  # noqa: E402
+from common import machine, minilm_path, mpnet_path, sorted_feeds, stsb_sentences  # noqa: E402
 
 from matryoshka2d.backends.onnx import OnnxEncoder  # noqa: E402
 from matryoshka2d.data import data_dir, load_sts  # noqa: E402
-from matryoshka2d.encoder import sort_longest_first  # noqa: E402
 from matryoshka2d.export.int8_outliers import OUTLIER_RATIO, calibration_feeds  # noqa: E402
 from matryoshka2d.export.onnx import exit_output_name, extract_exits, quantize_int8  # noqa: E402
 from matryoshka2d.persistence import atomic_write  # noqa: E402
@@ -40,17 +39,6 @@ from matryoshka2d.pooling import pool_numpy  # noqa: E402
 from matryoshka2d.truncation import truncate_dims  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def sorted_feeds(encoder: OnnxEncoder, texts: list[str]) -> tuple[list[int], list[dict[str, np.ndarray]]]:
-    """The backend's padded int64 batches of 32, longest texts first, and that order of the texts."""
-    encoded = encoder.tokenize(texts, padding=False)
-    order = list(sort_longest_first(encoded["input_ids"]))
-    feeds = []
-    for start in range(0, len(texts), 32):
-        padded = encoder.pad(encoded, order[start : start + 32])
-        feeds.append({name: np.asarray(padded[name], dtype=np.int64) for name in encoder.input_names})
-    return order, feeds
 
 
 def main() -> None:
@@ -81,7 +69,7 @@ def main() -> None:
         with fp32._cache_lock():
             full = fp32._full_graph()
         feeds = calibration_feeds(fp32, fp32.input_names)
-        sessions = {}
+        sessions = {("float32", k): fp32.session(k) for k in counts}
         for label, ratio in zip(labels, [None] + ratios):
             stem = label.replace(" ", "-")
             graph = quantize_int8(
@@ -97,7 +85,6 @@ def main() -> None:
                 sessions[(label, k)] = ort.InferenceSession(
                     str(cut), options, providers=["CPUExecutionProvider"]
                 )
-                sessions[("float32", k)] = fp32.session(k)
 
         def embed(label: str, k: int, order: list[int], feeds: list[dict]) -> np.ndarray:
             session, out = sessions[(label, k)], exit_output_name(k)

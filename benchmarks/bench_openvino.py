@@ -29,27 +29,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, minilm_path, mpnet_path, stsb_sentences  # noqa: E402
+from common import machine, minilm_path, mpnet_path, sorted_feeds, stsb_sentences  # noqa: E402
 
 from matryoshka2d.backends.onnx import OnnxEncoder  # noqa: E402
-from matryoshka2d.encoder import sort_longest_first  # noqa: E402
 from matryoshka2d.export.onnx import exit_output_name  # noqa: E402
 from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.pooling import pool_numpy  # noqa: E402
 from matryoshka2d.truncation import truncate_dims  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def batches(encoder: OnnxEncoder, texts: list[str], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The padded int64 feeds the backend would run, longest texts first."""
-    encoded = encoder.tokenize(texts, padding=False)
-    order = sort_longest_first(encoded["input_ids"])
-    feeds = []
-    for start in range(0, len(texts), batch_size):
-        padded = encoder.pad(encoded, order[start : start + batch_size])
-        feeds.append({name: np.asarray(padded[name], dtype=np.int64) for name in encoder.input_names})
-    return feeds
 
 
 def runners(model: Path, threads: int) -> tuple[dict, OnnxEncoder, list[int]]:
@@ -104,7 +92,7 @@ def main() -> None:
 
     run, encoder, layer_counts = runners(model, args.threads)
     full = layer_counts[0]
-    feeds = batches(encoder, texts, args.batch_size)
+    _, feeds = sorted_feeds(encoder, texts, args.batch_size)
     reference = {k: [run[("onnxruntime float32", k)](f) for f in feeds] for k in layer_counts}
 
     def pooled(hidden: np.ndarray, feed: dict) -> np.ndarray:

@@ -80,7 +80,7 @@ def test_the_split_graph_computes_what_its_source_does(outlier_model, tmp_path):
     sharing it) included; the float32 graph must still compute exactly what its source does."""
     source = export_onnx(outlier_model, tmp_path / "model.onnx")
     feeds = calibration_feeds(outlier_model, graph_input_names(outlier_model))
-    added = split_outlier_channels(source, tmp_path / "split.onnx", feeds, ratio=1.2)
+    added, _ = split_outlier_channels(source, tmp_path / "split.onnx", feeds, ratio=1.2)
     assert any(name.endswith("/side_2") for name in added), "no input shared by three MatMuls was split"
     record = read_outlier_record(tmp_path / "split.onnx")
     assert record["ratio"] == 1.2 and record["tensors"] > 4
@@ -101,7 +101,7 @@ def test_a_graph_without_weight_matmuls_is_written_unchanged(tmp_path):
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
     onnx.save(helper.make_model(graph), str(tmp_path / "relu.onnx"))
     feeds = [{"x": np.ones((2, 3), dtype=np.float32)}]
-    assert split_outlier_channels(tmp_path / "relu.onnx", tmp_path / "out.onnx", feeds) == []
+    assert split_outlier_channels(tmp_path / "relu.onnx", tmp_path / "out.onnx", feeds)[0] == []
     assert read_outlier_record(tmp_path / "out.onnx") == {"ratio": OUTLIER_RATIO, "tensors": 0, "channels": 0}
 
 

@@ -34,6 +34,7 @@ from matryoshka2d.export.onnx import (
     external_data_complete,
     external_data_path,
     extract_exits,
+    graph_input_names,
     int8_file_name,
     int8_preset,
     quantize_int8,
@@ -149,11 +150,7 @@ class OnnxEncoder(Encoder):
         self.cache = Path(cache_dir or onnx_cache_dir()) / f"{name}-{_fingerprint(key_files)}"
         # The torch weights are kept only until the graph of all layers exists (reloaded if ever needed).
         self._torch_model = model if shipped_fp32 is None else None
-        self.input_names = ["input_ids", "attention_mask"]
-        if "token_type_ids" in getattr(self.tokenizer, "model_input_names", []) and (
-            "token_type_ids" in model._input_names
-        ):
-            self.input_names.append("token_type_ids")
+        self.input_names = graph_input_names(model)
 
     # ------------------------------------------------------------------ Encoder interface
     @property

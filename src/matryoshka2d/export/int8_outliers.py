@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,18 +96,18 @@ def _weight_matmuls(graph) -> dict[str, list]:
 
 
 def _channel_ranges(
-    path: Path, inputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+    path: Path, graph, inputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """Largest absolute value per channel (last axis) of the tensors ``inputs`` of the graph at ``path``
     over the calibration ``feeds``: ``{tensor: float32 array}``.
 
-    ONNX Runtime runs a copy of the graph whose outputs are those tensors, written beside ``path`` so that
-    it refers to ``path``'s data file instead of holding the weights again, and removed afterwards.
+    ``graph`` is that graph loaded without its weights; its outputs are replaced by those tensors (it is
+    used up) and ONNX Runtime runs it, written beside ``path`` so that it refers to ``path``'s data file
+    instead of holding the weights again, and removed afterwards.
     """
     import onnx
     import onnxruntime as ort
 
-    graph = onnx.load(str(path), load_external_data=False)
     del graph.graph.output[:]
     for name in inputs:
         graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
@@ -140,7 +140,7 @@ def outlier_channels(ranges: np.ndarray, ratio: float = OUTLIER_RATIO) -> np.nda
     return picked[: max(1, ranges.shape[0] // 32)]
 
 
-def _bias_add(matmul, consumers: dict[str, list], initializers: set[str]):
+def _bias_add(matmul, consumers: dict[str, list], initializers: Container[str]):
     """The Add of a constant that is the only consumer of ``matmul``'s output (its bias), else None."""
     (output,) = matmul.output
     users = consumers.get(output, [])
@@ -156,7 +156,7 @@ def split_outlier_channels(
     path: str | Path,
     feeds: Sequence[Mapping[str, np.ndarray]],
     ratio: float = OUTLIER_RATIO,
-) -> list[str]:
+) -> tuple[list[str], dict]:
     """Write to ``path`` the float32 graph ``source`` with the outlier input channels of its weight MatMuls
     moved to float32 side products (module docstring); same outputs as ``source``.
 
@@ -169,7 +169,8 @@ def split_outlier_channels(
         ratio: :data:`OUTLIER_RATIO`.
 
     Returns:
-        The names of the nodes added, which must stay in float32 (``nodes_to_exclude`` of the quantiser).
+        The names of the nodes added, which must stay in float32 (``nodes_to_exclude`` of the quantiser),
+        and what was split (``ratio``, ``tensors``, ``channels``: also in the graph's metadata).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -177,8 +178,9 @@ def split_outlier_channels(
     source, path = Path(source), Path(path)
     if not ratio > 0:
         raise InvalidInputError(f"the outlier ratio must be a positive number, got {ratio!r}")
-    groups = _weight_matmuls(onnx.load(str(source), load_external_data=False))
-    ranges = _channel_ranges(source, list(groups), feeds) if groups else {}
+    header = onnx.load(str(source), load_external_data=False)
+    groups = _weight_matmuls(header)
+    ranges = _channel_ranges(source, header, list(groups), feeds) if groups else {}
     graph = onnx.load(str(source))  # with its weights, after the measurement
     groups = _weight_matmuls(graph)
     weights = {t.name: t for t in graph.graph.initializer}
@@ -186,7 +188,6 @@ def split_outlier_channels(
     added: list[str] = []
     before: dict[int, list] = {}  # id of the first consumer -> nodes to insert before it
     after: dict[int, list] = {}  # id of a MatMul (or of its bias Add) -> nodes to insert after it
-    initializers = set(weights)
     consumers: dict[str, list] = {}
     for node in graph.graph.node:
         for name in node.input:
@@ -217,7 +218,7 @@ def split_outlier_channels(
             node.input[0] = f"{base}/main_input"
             # The side product joins after the bias Add where there is one, so that ONNX Runtime still fuses
             # MatMul + bias into one quantised operator.
-            anchor = _bias_add(node, consumers, initializers) or node
+            anchor = _bias_add(node, consumers, weights) or node
             out = anchor.output[0]
             anchor.output[0] = f"{out}/{_PREFIX}_main"
             tail = [
@@ -242,4 +243,4 @@ def split_outlier_channels(
     entry = graph.metadata_props.add()
     entry.key, entry.value = OUTLIERS_KEY, json.dumps(record)
     onnx.save(graph, str(path), save_as_external_data=True, location=path.name + "_data")
-    return added
+    return added, record

@@ -440,17 +440,13 @@ def quantize_int8(
         for name in (source.name, *files):
             shutil.copyfile(source.parent / name, linked / name)
         tmp = Path(folder) / path.name
-        to_quantize, float32_nodes, record = linked / source.name, [], []
+        to_quantize, float32_nodes = linked / source.name, []
         if calibration is not None:
             split = linked / f"split-{source.name}"
             ratio = OUTLIER_RATIO if outlier_ratio is None else outlier_ratio
-            float32_nodes = split_outlier_channels(to_quantize, split, calibration, ratio)
+            float32_nodes, record = split_outlier_channels(to_quantize, split, calibration, ratio)
+            metadata.append((OUTLIERS_KEY, json.dumps(record)))
             to_quantize = split
-            record = [
-                e
-                for e in onnx.load(str(split), load_external_data=False).metadata_props
-                if e.key == OUTLIERS_KEY
-            ]
         warnings.simplefilter("ignore")
         root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
         try:
@@ -467,7 +463,7 @@ def quantize_int8(
             root.removeFilter(hint)
         graph = onnx.load(str(tmp))
         present = {e.key for e in graph.metadata_props}
-        for key, value in metadata + [(e.key, e.value) for e in record]:  # keep the exits
+        for key, value in metadata:  # keep the exits (and what was split)
             if key not in present:
                 entry = graph.metadata_props.add()
                 entry.key, entry.value = key, value
