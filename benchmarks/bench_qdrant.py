@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import make_corpus, unique_sentences  # noqa: E402
-from common import machine, minilm_path  # noqa: E402
+from common import machine, minilm_path, save_npy  # noqa: E402
 
 from matryoshka2d.search import QdrantIndex, SearchIndex  # noqa: E402
 
@@ -81,10 +81,7 @@ def real_embeddings(count: int, batch_size: int) -> np.ndarray:
     t = time.perf_counter()
     emb = model.encode(sentences, batch_size=batch_size, show_progress=True).astype(np.float32)
     print(f"encoded {len(sentences)} sentences in {time.perf_counter() - t:.1f}s", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, path)
+    save_npy(path, emb)
     return emb
 
 

@@ -45,8 +45,10 @@ from pathlib import Path  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+from common import save_npy  # noqa: E402
 
 from matryoshka2d.data import data_dir, read_rows  # noqa: E402
+from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.search.index import SearchIndex  # noqa: E402
 
 K = 10
@@ -100,12 +102,11 @@ def sentence_embeddings(model_path: str, batch_size: int) -> np.ndarray:
         print(f"encoded in {time.perf_counter() - start:.0f} s", flush=True)
         cached.update((text, len(emb) + i) for i, text in enumerate(missing))
         emb = np.concatenate([emb, new]) if len(emb) else new
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE / "minilm-sentences.tmp.npy"
-        np.save(tmp, emb)
-        os.replace(tmp, vectors_path)
+        # The vectors first: a run killed between the two writes leaves the old list of sentences, which
+        # names a prefix of the new rows.
+        save_npy(vectors_path, emb)
         meta = {"model": model_path, "sentences": sorted(cached, key=cached.get)}
-        index_path.write_text(json.dumps(meta), encoding="utf-8")
+        atomic_write(index_path, json.dumps(meta), "cached sentence list", overwrite=True)
     return emb[[cached[t] for t in sentences]]
 
 

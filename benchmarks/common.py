@@ -106,10 +106,28 @@ def machine() -> str:
     )
 
 
+def save_npy(path: Path, array) -> None:
+    """Cache ``array`` as a ``.npy`` file, replaced whole (a killed run leaves the previous file or none)."""
+    import io
+
+    import numpy as np
+
+    from matryoshka2d.persistence import atomic_write
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write(path, buffer.getvalue(), "cached embeddings", overwrite=True)
+
+
 def header(title: str) -> None:
     git = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    if git and dirty:
+        git += " + uncommitted changes"  # the figures are not those of that commit alone
     print(f"# {title}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git or '?'}")

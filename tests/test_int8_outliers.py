@@ -190,3 +190,36 @@ def test_cli_export_says_how_many_channels_stay_float32(outlier_model_dir, tiny_
     )
     assert main([*argv, str(tiny_model_dir), "--out", str(tmp_path / "b")]) == 0
     assert "outlier" not in capsys.readouterr().out  # nothing split: nothing said
+
+
+def test_every_onnx_runtime_session_of_the_int8_backend_uses_its_threads(
+    outlier_model_dir, tmp_path, monkeypatch
+):
+    """threads=1 (e.g. one process per core) holds for the calibration run of the quantisation too."""
+    from matryoshka2d.backends.onnx import OnnxEncoder
+
+    threads, real = [], ort.InferenceSession
+
+    def spy(path, options=None, *args, **kwargs):
+        threads.append(options.intra_op_num_threads if options is not None else None)
+        return real(path, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    encoder = OnnxEncoder(outlier_model_dir, quantize="int8", threads=1)
+    encoder.encode(SENTENCES[:2], layers=2)
+    assert read_outlier_record(encoder.cache / int8_file_name(encoder.preset))["tensors"] > 0
+    assert len(threads) >= 2 and set(threads) == {1}  # the calibration run and the 2-layer graph
+
+
+def test_a_shipped_int8_graph_is_read_once_to_check_it(outlier_model, tmp_path, monkeypatch):
+    """Its exits and its outlier record come from one load (an int8 graph under 2 GiB holds its weights)."""
+    from matryoshka2d.backends import onnx as backend
+
+    out = export_model(outlier_model, tmp_path / "export", format="onnx", quantize="int8")
+    loads, real = [], backend.load_graph_header
+    monkeypatch.setattr(backend, "load_graph_header", lambda path: loads.append(path) or real(path))
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    encoder = backend.OnnxEncoder(out, quantize="int8")
+    assert sorted(p.name for p in loads) == sorted(["model.onnx", int8_file_name(encoder.preset)])
+    assert encoder._int8_graph == out / "onnx" / int8_file_name(encoder.preset)

@@ -37,6 +37,7 @@ from matryoshka2d.export.onnx import (
     graph_input_names,
     int8_file_name,
     int8_preset,
+    load_graph_header,
     quantize_int8,
     read_exits,
     require_onnx,
@@ -131,9 +132,9 @@ class OnnxEncoder(Encoder):
 
         self._folder = folder
         shipped_fp32 = self._shipped(folder / "onnx" / "model.onnx")
-        shipped_int8 = self._shipped(folder / "onnx" / int8_file_name(self.preset)) if quantize else None
-        if shipped_int8 is not None and read_outlier_record(shipped_int8) is None:
-            shipped_int8 = None  # exported before int8 kept its outlier channels float32: quantised again
+        shipped_int8 = (
+            self._shipped(folder / "onnx" / int8_file_name(self.preset), int8=True) if quantize else None
+        )
         self._fp32_graph = shipped_fp32  # None: exported from the torch weights into the cache on first use
         self._int8_graph = shipped_int8
         if shipped_fp32 or shipped_int8:
@@ -238,10 +239,19 @@ class OnnxEncoder(Encoder):
                     )
             return self._sessions[layers]
 
-    def _shipped(self, path: Path) -> Path | None:
-        """``path`` if it is a graph of all layers written by ``m2d export`` (with its exits), else None."""
-        exits = read_exits(path) if path.is_file() else None
-        return path if exits and max(exits) == self.num_layers else None
+    def _shipped(self, path: Path, int8: bool = False) -> Path | None:
+        """``path`` if it is a graph of all layers written by ``m2d export`` (with its exits), else None.
+
+        With ``int8``, also None for an int8 graph exported before int8 kept its outlier activation
+        channels in float32 (it is quantised again instead).
+        """
+        if not path.is_file():
+            return None
+        header = load_graph_header(path)  # once: an int8 graph of < 2 GiB holds its weights
+        exits = read_exits(header)
+        if not exits or max(exits) != self.num_layers:
+            return None
+        return None if int8 and read_outlier_record(header) is None else path
 
     @contextlib.contextmanager
     def _cache_lock(self) -> Iterator[None]:
@@ -271,7 +281,12 @@ class OnnxEncoder(Encoder):
                 else:
                     feeds = calibration_feeds(self, self.input_names)
                     quantize_int8(
-                        self._fp32_full_graph(), full, self.preset, external=True, calibration=feeds
+                        self._fp32_full_graph(),
+                        full,
+                        self.preset,
+                        external=True,
+                        calibration=feeds,
+                        threads=self.threads,
                     )
         self._torch_model = None  # free the weights: every later graph is cut from the cached ones
         return full

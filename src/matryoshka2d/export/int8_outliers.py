@@ -73,12 +73,12 @@ def calibration_feeds(
     return [{name: np.asarray(encoded[name], dtype=np.int64) for name in input_names}]
 
 
-def read_outlier_record(path: str | Path) -> dict | None:
-    """What :func:`split_outlier_channels` recorded in the graph at ``path`` (``ratio``, ``tensors``,
-    ``channels``), or None for a graph quantised without it."""
-    import onnx
+def read_outlier_record(source) -> dict | None:
+    """What :func:`split_outlier_channels` recorded in a graph (``ratio``, ``tensors``, ``channels``), or
+    None for a graph quantised without it. ``source``: the graph's path, or the graph already loaded."""
+    from matryoshka2d.export.onnx import load_graph_header
 
-    graph = onnx.load(str(path), load_external_data=False)
+    graph = load_graph_header(source) if isinstance(source, (str, os.PathLike)) else source
     entry = next((e.value for e in graph.metadata_props if e.key == OUTLIERS_KEY), None)
     return None if entry is None else json.loads(entry)
 
@@ -96,14 +96,19 @@ def _weight_matmuls(graph) -> dict[str, list]:
 
 
 def _channel_ranges(
-    path: Path, graph, inputs: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+    path: Path,
+    graph,
+    inputs: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Largest absolute value per channel (last axis) of the tensors ``inputs`` of the graph at ``path``
     over the calibration ``feeds``: ``{tensor: float32 array}``.
 
     ``graph`` is that graph loaded without its weights; its outputs are replaced by those tensors (it is
     used up) and ONNX Runtime runs it, written beside ``path`` so that it refers to ``path``'s data file
-    instead of holding the weights again, and removed afterwards.
+    instead of holding the weights again, and removed afterwards. ``threads``: ONNX Runtime intra-op
+    threads (default: its own choice).
     """
     import onnx
     import onnxruntime as ort
@@ -117,6 +122,8 @@ def _channel_ranges(
         del graph
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
     finally:
         probe.unlink(missing_ok=True)  # the session has read it
@@ -156,6 +163,7 @@ def split_outlier_channels(
     path: str | Path,
     feeds: Sequence[Mapping[str, np.ndarray]],
     ratio: float = OUTLIER_RATIO,
+    threads: int | None = None,
 ) -> tuple[list[str], dict]:
     """Write to ``path`` the float32 graph ``source`` with the outlier input channels of its weight MatMuls
     moved to float32 side products (module docstring); same outputs as ``source``.
@@ -167,6 +175,7 @@ def split_outlier_channels(
             ``source`` without its weights is written beside ``source`` while calibrating, then removed.
         feeds: calibration batches (:func:`calibration_feeds`).
         ratio: :data:`OUTLIER_RATIO`.
+        threads: ONNX Runtime intra-op threads for the calibration run (default: its own choice).
 
     Returns:
         The names of the nodes added, which must stay in float32 (``nodes_to_exclude`` of the quantiser),
@@ -180,7 +189,7 @@ def split_outlier_channels(
         raise InvalidInputError(f"the outlier ratio must be a positive number, got {ratio!r}")
     header = onnx.load(str(source), load_external_data=False)
     groups = _weight_matmuls(header)
-    ranges = _channel_ranges(source, header, list(groups), feeds) if groups else {}
+    ranges = _channel_ranges(source, header, list(groups), feeds, threads) if groups else {}
     graph = onnx.load(str(source))  # with its weights, after the measurement
     groups = _weight_matmuls(graph)
     weights = {t.name: t for t in graph.graph.initializer}

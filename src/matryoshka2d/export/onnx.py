@@ -317,11 +317,20 @@ def _exits_of(graph) -> dict[int, str] | None:
     return None
 
 
-def read_exits(path: str | os.PathLike) -> dict[int, str] | None:
-    """``{layer count: tensor name}`` recorded by :func:`export_onnx`, or None for another ONNX file."""
+def read_exits(source) -> dict[int, str] | None:
+    """``{layer count: tensor name}`` recorded by :func:`export_onnx`, or None for another ONNX file.
+
+    ``source``: the file's path, or the graph already loaded (``onnx.ModelProto``; e.g. by
+    :func:`load_graph_header`, to read several records with one load).
+    """
+    return _exits_of(load_graph_header(source) if isinstance(source, (str, os.PathLike)) else source)
+
+
+def load_graph_header(path: str | os.PathLike):
+    """The ``onnx.ModelProto`` at ``path`` without the weights kept in a data file beside it."""
     import onnx
 
-    return _exits_of(onnx.load(str(path), load_external_data=False))
+    return onnx.load(str(path), load_external_data=False)
 
 
 def exit_output_name(layers: int) -> str:
@@ -385,6 +394,7 @@ def quantize_int8(
     external: bool | None = None,
     calibration: Sequence[Mapping[str, Any]] | None = None,
     outlier_ratio: float | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Dynamic int8 quantisation of an ONNX graph with ONNX Runtime (weights int8, activations on the fly).
 
@@ -410,6 +420,7 @@ def quantize_int8(
             quantisation, what sentence-transformers does).
         outlier_ratio: a channel is kept in float32 past this multiple of the median channel's range
             (default :data:`~matryoshka2d.export.int8_outliers.OUTLIER_RATIO`).
+        threads: ONNX Runtime intra-op threads for the calibration run (default: its own choice).
     """
     require_onnx()
     import onnx
@@ -444,7 +455,7 @@ def quantize_int8(
         if calibration is not None:
             split = linked / f"split-{source.name}"
             ratio = OUTLIER_RATIO if outlier_ratio is None else outlier_ratio
-            float32_nodes, record = split_outlier_channels(to_quantize, split, calibration, ratio)
+            float32_nodes, record = split_outlier_channels(to_quantize, split, calibration, ratio, threads)
             metadata.append((OUTLIERS_KEY, json.dumps(record)))
             to_quantize = split
         warnings.simplefilter("ignore")
