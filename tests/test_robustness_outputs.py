@@ -443,3 +443,27 @@ def test_atomic_directory_marks_its_kind(tmp_path):
         (tmp / "state.json").write_text("{}")
     marker = json.loads((tmp_path / "x" / OUTPUT_MARKER).read_text())
     assert marker["kind"] == "checkpoint" and marker["written_by"] == "matryoshka2d"
+
+
+def test_a_save_killed_between_its_two_renames_loses_nothing(tmp_path):
+    """atomic_directory moves the previous folder into .NAME.old-<pid>-* before renaming the new one into
+    place; killed in between, NAME is missing and the previous folder is the only copy: it is put back,
+    so the next save without overwrite is refused instead of deleting it as a stale temporary."""
+    dead_pid = 2**22 + 4321  # above Linux's pid_max: certainly not running
+    with atomic_directory(tmp_path / "idx", "search-index") as tmp:
+        (tmp / "vectors").write_text("the only copy")
+    aside = tmp_path / f".idx.old-{dead_pid}-abcd1234"
+    aside.mkdir()
+    os.replace(tmp_path / "idx", aside / "idx")  # the state the kill left
+    (tmp_path / f".idx.tmp-{dead_pid}-efgh5678").mkdir()  # the new folder, never renamed into place
+
+    with pytest.raises(OutputPathError, match="already holds a search-index"):
+        check_output_folder(tmp_path / "idx", "search-index")
+    assert (tmp_path / "idx" / "vectors").read_text() == "the only copy"
+    with pytest.raises(OutputPathError, match="already holds a search-index"):
+        with atomic_directory(tmp_path / "idx", "search-index"):
+            pass
+    with atomic_directory(tmp_path / "idx", "search-index", overwrite=True) as tmp:
+        (tmp / "vectors").write_text("new")
+    assert (tmp_path / "idx" / "vectors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

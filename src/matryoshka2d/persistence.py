@@ -230,6 +230,7 @@ def check_output_folder(
         raise OutputPathError(
             f"{path} is a symbolic link (to {real}): matryoshka2d does not replace links; give the real path"
         )
+    _put_back_moved_aside(path)  # a save killed between its renames: the previous output is checked
     if not path.exists():
         return path
     if not path.is_dir():
@@ -348,24 +349,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale(entry: Path, prefix: str) -> bool:
+    """Whether ``entry`` is ``prefix`` + a temporary suffix made by a process no longer running."""
+    if not entry.name.startswith(prefix):
+        return False
+    match = _TEMP_SUFFIX.fullmatch(entry.name[len(prefix) :])
+    if match is None:
+        return False
+    pid = int(match.group(1)) if match.group(1) else None
+    return pid is None or (pid != os.getpid() and not _pid_alive(pid))
+
+
+def _put_back_moved_aside(path: Path) -> None:
+    """If ``path`` is missing because a save was killed between its two renames (:func:`atomic_directory`
+    moves the previous folder into ``.NAME.old-*`` just before the new one takes its place), move that
+    previous folder back: it is the only copy, and without it the next save would need no overwrite."""
+    if os.path.lexists(path) or not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        if _stale(entry, f".{path.name}.old-") and (entry / path.name).is_dir():
+            os.replace(entry / path.name, path)
+            return
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Delete what killed saves of ``path`` left beside it: ``.NAME.tmp-*`` and ``.NAME.old-*`` for that exact
-    NAME, unless the process that made them is still running. Returns what was removed."""
+    NAME, unless the process that made them is still running. Returns what was removed.
+
+    A save killed between its two renames (:func:`atomic_directory`: the previous ``path`` moved aside into
+    ``.NAME.old-*``, the new one not yet in its place) left no ``path`` at all: that previous folder is
+    put back first, not deleted (it is the only copy).
+    """
     path = Path(path)
     if not path.parent.is_dir():
         return []
+    _put_back_moved_aside(path)
     removed = []
     for entry in path.parent.iterdir():
         for tag in (".tmp-", ".old-"):
-            prefix = f".{path.name}{tag}"
-            if not entry.name.startswith(prefix):
+            # not one of a save in progress (this process's are cleaned by their own handler)
+            if not _stale(entry, f".{path.name}{tag}"):
                 continue
-            match = _TEMP_SUFFIX.fullmatch(entry.name[len(prefix) :])
-            if match is None:
-                continue
-            pid = int(match.group(1)) if match.group(1) else None
-            if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
-                continue  # a save in progress (this process's are cleaned by their own handler)
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
