@@ -220,7 +220,38 @@ def test_output_folders_that_must_not_be_written_are_refused(tiny_model_dir, cor
     with pytest.raises(CorpusOutputError, match="not an embed-corpus manifest"):
         run(tiny_model_dir, corpus, other)
     assert (busy / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]  # not even a lock file left in it
     assert corpus.read_text(encoding="utf-8").count("\n") == 230
+
+
+def test_out_inside_the_model_folder_is_refused(tiny_model_dir, corpus):
+    """The shards would change the model's fingerprint: the job could never be resumed."""
+    with pytest.raises(CorpusOutputError, match="inside \\(or holds\\) the model folder"):
+        run(tiny_model_dir, corpus, tiny_model_dir / "emb")
+    assert not (tiny_model_dir / "emb").exists()
+
+
+def test_a_recursive_glob_does_not_read_the_jobs_own_shards(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts(20)}), data / "a" / "x.parquet")
+    pattern = str(data / "**" / "*.parquet")
+    first = run(tiny_model_dir, pattern, data / "emb", max_shards=1, shard_rows=5)
+    assert not first.complete and list((data / "emb").rglob("*.parquet"))  # shards now match the glob
+    second = run(tiny_model_dir, pattern, data / "emb", shard_rows=5)  # the same job: resumed, not refused
+    assert second.complete and second.rows == 20 and second.skipped_shards == 1
+
+
+def test_a_run_killed_while_writing_its_first_manifest_resumes(tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").touch()
+    (out / ".manifest.json.tmp-j39n3cbm").write_text('{"half', encoding="utf-8")  # what the kill left
+    result = run(tiny_model_dir, corpus, out)
+    assert result.complete and not list_temporaries(out)
 
 
 def test_a_second_job_on_the_same_folder_is_refused_while_one_runs(tiny_model_dir, corpus, tmp_path):

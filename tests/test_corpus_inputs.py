@@ -35,7 +35,8 @@ def write_formats(tmp_path, texts):
     ids = [f"doc-{i}" for i in range(len(texts))]
     files = {}
     files["txt"] = tmp_path / "c.txt"
-    files["txt"].write_text("\ufeff" + "\n\n".join(texts) + "\r\n", encoding="utf-8")  # BOM, blanks, CRLF
+    # a BOM, CRLF line ends, blank lines at the end
+    files["txt"].write_text("\ufeff" + "\r\n".join(texts) + "\r\n\r\n  \n", encoding="utf-8")
     files["jsonl"] = tmp_path / "c.jsonl"
     files["jsonl"].write_text(
         "\n".join(json.dumps({"id": i, "body": t, "n": 1}) for i, t in zip(ids, texts)) + "\n\n",
@@ -186,3 +187,40 @@ def test_a_file_changed_after_planning_is_detected_when_reading(tmp_path):
     path.write_text("\n".join(corpus_texts(5)) + "\n", encoding="utf-8")
     with pytest.raises(DataFileError, match="the file changed"):
         read_shard(plan, plan.shards[2])
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_a_blank_line_before_the_last_text_is_refused_with_its_line(tmp_path, fmt):
+    """Skipping it would make row i (and its default id) another line than i; m2d encode refuses it too."""
+    lines = ["first", "", "third"] if fmt == "txt" else ['{"text": "first"}', "  ", '{"text": "third"}']
+    path = tmp_path / f"c.{fmt}"
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"c\.(txt|jsonl), line 2: blank line before the last text"):
+        plan_corpus([path], shard_rows=10)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_quote_that_never_closes_is_an_error_not_one_field_holding_the_rest(tmp_path, fmt):
+    sep = "," if fmt == "csv" else "\t"
+    path = tmp_path / f"c.{fmt}"
+    path.write_text(f'id{sep}text\n1{sep}x\n2{sep}"a dog sat\n3{sep}x\n4{sep}x\n')
+    with pytest.raises(DataFileError, match=r"line 3: malformed .*unexpected end of data"):
+        plan_corpus([path], text_column="text", shard_rows=10)
+    ok = tmp_path / f"ok.{fmt}"  # a quoted field may hold a line break
+    ok.write_text(f'id{sep}text\n1{sep}"two\nlines"\n2{sep}x\n')
+    plan = plan_corpus([ok], text_column="text", shard_rows=10)
+    assert read_shard(plan, plan.shards[0])[0] == ["two\nlines", "x"]
+
+
+def test_an_input_that_changes_while_the_job_runs_stops_it(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"text {i}\n" for i in range(6)), encoding="utf-8")
+    plan = plan_corpus([path], shard_rows=2)
+    assert read_shard(plan, plan.shards[1])[0] == ["text 2", "text 3"]
+    path.write_text("an inserted line\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(DataFileError, match="the file changed while the job ran"):
+        read_shard(plan, plan.shards[1])  # its cursor would land inside a line
+    path.write_text("".join(f"TEXT {i}\n" for i in range(6)), encoding="utf-8")  # same size, other texts
+    read_shard(plan, plan.shards[1])  # the size check alone cannot tell ...
+    with pytest.raises(DataFileError, match="other contents"):
+        plan.inputs[0].check_unchanged(hash_it=True)  # ... the hash before "complete" does

@@ -49,6 +49,25 @@ class InputFile:
     def format(self) -> str:
         return Path(self.path).suffix.lower()[1:]
 
+    def check_unchanged(self, hash_it: bool = False) -> None:
+        """Raise if the file is no longer the one planned: another size (a line added or removed shifts
+        every later shard's cursor into the middle of a line) or, with ``hash_it``, other contents.
+
+        Raises:
+            DataFileError: naming the file.
+        """
+        path = Path(self.path)
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise DataFileError(f"{path}: cannot read it any more ({e})") from e
+        if size != self.size or (hash_it and _file_sha256(path) != self.sha256):
+            raise DataFileError(
+                f"{path}: the file changed while the job ran ({self.size} bytes when planned, {size} now"
+                f"{'' if size != self.size else ', other contents'}); its rows no longer match the plan: "
+                "run the job again on a new --out (or delete this one) once the file stays unchanged"
+            )
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -87,9 +106,13 @@ class CorpusPlan:
         return sum(f.rows for f in self.inputs)
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
+def expand_inputs(patterns: list[str], skip: str | os.PathLike | None = None) -> list[Path]:
     """The input files named by ``patterns``, in order: a file, a glob (``**`` recurses; matches sorted by
     name) or a folder (its data files, sorted by name). A file named twice is read once.
+
+    ``skip``: a folder whose files a glob or a folder pattern does not match (the job's own output
+    folder: ``corpus/**/*.parquet`` with ``--out corpus/emb`` must not read back its own shards, which
+    exist only from the first run on). A file named explicitly is kept (and refused by the caller).
 
     Raises:
         DataFileError: a pattern that matches nothing, a missing file, or a file of an unsupported type.
@@ -98,14 +121,18 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES)
+            matches = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES and not _inside(p, skip)
+            )
             if not matches:
                 raise DataFileError(
                     f"--input {pattern}: the folder holds no {'/'.join(CORPUS_SUFFIXES)} files"
                 )
         elif _GLOB_CHARS & set(pattern):
             matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
-            matches = [p for p in matches if p.is_file()]
+            matches = [p for p in matches if p.is_file() and not _inside(p, skip)]
             if not matches:
                 raise DataFileError(f"--input {pattern}: no file matches this pattern")
         elif path.is_file():
@@ -124,6 +151,12 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
         if f not in unique:
             unique.append(f)
     return unique
+
+
+def _inside(path: Path, folder: str | os.PathLike | None) -> bool:
+    if folder is None:
+        return False
+    return Path(folder).resolve() in path.resolve().parents
 
 
 # ---------------------------------------------------------------------------------------------- lines
@@ -197,14 +230,20 @@ def _csv_records(
                 n += 1
             yield text
 
-    reader = csv.reader(raw_lines(), delimiter=delimiter)
+    # strict: a quote that never closes is an error at the end of the file, not one last field that
+    # swallowed every line after it
+    reader = csv.reader(raw_lines(), delimiter=delimiter, strict=True)
     record_start, record_line = start, line_no or 0
     try:
         for fields in reader:
             yield record_start, record_line, fields
             record_start, record_line = offset, (n or 0)
     except csv.Error as e:
-        raise DataFileError(f"{path}, line {n}: malformed {path.suffix[1:]} ({e})") from None
+        where = f"line {record_line}" if line_no is not None else f"the record at byte {record_start}"
+        raise DataFileError(
+            f"{path}, {where}: malformed {path.suffix[1:]} ({e}); a field that starts with a quote must end "
+            'with one (it may hold line breaks), and a quote inside it is written ""'
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -311,19 +350,33 @@ def plan_corpus(
     return CorpusPlan(inputs, text_column, id_column, shard_rows, planner.shards)
 
 
+def _text_lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, int, str]]:
+    """:func:`_lines` from the start without the blank lines at the end of the file; a blank line before
+    the last text is refused (skipping it would make row i, and its default id, another line than i, as
+    ``m2d encode`` refuses it too)."""
+    blank = None
+    for offset, n, text in _lines(f, path, 0, 1):
+        if not text.strip():
+            blank = blank or n
+            continue
+        if blank is not None:
+            raise DataFileError(
+                f"{path}, line {blank}: blank line before the last text (row i must be line i: its id is "
+                "its row number); remove the blank lines"
+            )
+        yield offset, n, text
+
+
 def _txt_cursors(f: BinaryIO, path: Path) -> Iterator[int]:
-    for offset, _, text in _lines(f, path, 0, 1):
-        if text.strip():
-            yield offset
+    for offset, _, _ in _text_lines(f, path):
+        yield offset
 
 
 def _plan_jsonl(f, path, i, planner, text_column, id_column) -> tuple[int, str | None]:
     state = {"text": text_column}
 
     def cursors() -> Iterator[int]:
-        for offset, n, text in _lines(f, path, 0, 1):
-            if not text.strip():
-                continue
+        for offset, n, text in _text_lines(f, path):
             row = _json_row(text, path, n)
             if state["text"] is None:
                 if not row:
@@ -425,6 +478,7 @@ def read_shard(plan: CorpusPlan, shard: ShardSpec) -> tuple[list[str], list[str]
         DataFileError: the file no longer holds the rows the plan recorded (it changed since planning).
     """
     source = plan.inputs[shard.input]
+    source.check_unchanged()
     path = Path(source.path)
     suffix = path.suffix.lower()
     texts: list[str] = []

@@ -191,11 +191,12 @@ def embed_corpus(
         workers = check_positive_int(workers, "workers")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    files = expand_inputs([str(p) for p in inputs])
     out = Path(out)
+    files = expand_inputs([str(p) for p in inputs], skip=out)
     _refuse_input_as_output(out, files)
 
     model_path = resolve_model_path(model)
+    _refuse_model_as_output(out, model_path)
     loaded = EmbeddingModel.load(model_path)
     ks, ds = loaded._layer_list(_int_list(layers, "layers")), loaded._dim_list(_int_list(dims, "dims"))
     model_info = {"name": str(model), "num_layers": loaded.num_layers, "dim": loaded.dim}
@@ -235,8 +236,9 @@ def embed_corpus(
         **plan_to_json(plan),
     }
 
+    check_output_folder(out, job, job_id)  # before locked() creates anything in a folder it refuses
     with locked(out):
-        check_output_folder(out, job, job_id)
+        check_output_folder(out, job, job_id)  # again: another job may have started meanwhile
         remove_stale_temporaries(out)
         if not (out / MANIFEST).exists():
             write_manifest(out, manifest)
@@ -281,6 +283,8 @@ def embed_corpus(
                 records[shard.index] = record
         complete = len(records) == len(plan.shards)
         if complete:
+            for source in plan.inputs:  # one more read: an edit that kept the size is caught too
+                source.check_unchanged(hash_it=True)
             manifest["status"] = "complete"
             manifest["shards"] = [{**s.to_dict(), "files": records[s.index]["files"]} for s in plan.shards]
             write_manifest(out, manifest)
@@ -297,6 +301,17 @@ def embed_corpus(
         engine=engine,
         manifest=manifest,
     )
+
+
+def _refuse_model_as_output(out: Path, model_path: Path) -> None:
+    """Refuse an ``out`` inside the model folder (the shards would change the model's fingerprint, so the
+    job could never be resumed) or holding it."""
+    model, resolved = model_path.resolve(), out.resolve()
+    if model == resolved or model in resolved.parents or resolved in model.parents:
+        raise CorpusOutputError(
+            f"--out {out} is inside (or holds) the model folder {model_path}: choose an output folder "
+            "outside the model"
+        )
 
 
 def _refuse_input_as_output(out: Path, files: list[Path]) -> None:

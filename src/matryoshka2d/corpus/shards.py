@@ -240,7 +240,13 @@ def check_output_folder(out: Path, job: dict, job_id: str) -> dict | None:
         raise CorpusOutputError(f"--out {out} is a file: give a folder")
     if not out.exists() or not (out / MANIFEST).exists():
         if out.exists():
-            others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+            # the lock, and what a run killed while writing its first manifest left (write_manifest's
+            # temporary file, removed once the job is accepted), are this job's own
+            others = sorted(
+                p.name
+                for p in out.iterdir()
+                if p.name != LOCK_FILE and not (p.is_file() and p.name.startswith(f".{MANIFEST}.tmp-"))
+            )
             if others:
                 raise CorpusOutputError(
                     f"--out {out} is not empty and has no {MANIFEST} (it holds {others[:3]}); "
