@@ -467,3 +467,56 @@ def test_model_fingerprint_is_recorded_and_checked(tiny_model_dirs, tmp_path):
         assert q.fingerprint is not None
         with pytest.raises(ModelMismatchError):
             q.search_texts(other, ["a cat"])
+
+
+def test_cli_building_the_same_corpus_again_replaces_its_points(tiny_model_dir, tmp_path, capsys):
+    """Without --id-column the ids are the row numbers: a re-run (or a run after an interrupted one) upserts
+    the same points instead of adding every document a second time."""
+    from conftest import SENTENCES
+
+    from matryoshka2d.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    build = ["index", "build", str(tiny_model_dir), "--corpus", str(corpus), "--shortlist-dim", "8"]
+    qdrant = ["--backend", "qdrant", "--qdrant-edge", str(tmp_path / "edge")]
+    assert main([*build, *qdrant]) == 0
+    assert main([*build, *qdrant]) == 0
+    assert "now 12 points, 12 before" in capsys.readouterr().out
+    with QdrantIndex.open(edge_path=str(tmp_path / "edge")) as q:
+        assert len(q) == 12
+
+
+def test_an_embed_corpus_output_of_another_model_is_refused(tiny_model_dirs, tmp_path, capsys):
+    from conftest import SENTENCES
+
+    from matryoshka2d.cli import main
+    from matryoshka2d.corpus import embed_corpus
+    from matryoshka2d.search.fingerprint import ModelMismatchError
+
+    bert, mpnet = tiny_model_dirs["bert"], tiny_model_dirs["mpnet"]  # same dim (32), other weights
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    out = {}
+    for name, folder in (("bert", bert), ("mpnet", mpnet)):
+        out[name] = tmp_path / f"emb-{name}"
+        embed_corpus(folder, corpus, out[name], layers=[2, 4], shard_rows=5, show_progress=False)
+    kw = {"edge_path": str(tmp_path / "edge"), "shortlist_dim": 8, "show_progress": False}
+    with QdrantIndex.from_corpus(out["bert"], "c", layers=4, **kw) as q:
+        assert q.fingerprint is not None  # recorded from the output's manifest
+        with pytest.raises(ModelMismatchError, match="another model than the one of collection 'c'"):
+            q.upload_corpus(out["mpnet"], layers=4)
+    with pytest.raises(ModelMismatchError, match="was built with another model"):
+        QdrantIndex.from_corpus(out["mpnet"], "c", layers=4, **kw)
+    with pytest.raises(InvalidInputError, match="holds embeddings of 4 layers, not 2"):
+        QdrantIndex.from_corpus(out["bert"], "c", layers=2, **kw)
+    with QdrantIndex.open("c", edge_path=str(tmp_path / "edge")) as q:
+        assert len(q) == 12  # nothing of the refused uploads got in
+
+    qdrant = ["--backend", "qdrant", "--qdrant-edge", str(tmp_path / "edge2")]
+    # MODEL is checked against the model that made the vectors
+    assert main(["index", "build", str(mpnet), "--corpus", str(out["bert"]), *qdrant]) == 2
+    assert "is not the model" in capsys.readouterr().err
+    assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), "--column", "x", *qdrant]) == 2
+    assert "--column: not for an embed-corpus output" in capsys.readouterr().err
+    assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), *qdrant]) == 0

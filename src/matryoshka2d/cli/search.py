@@ -330,10 +330,23 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
     place = qdrant_place(args)
     collection = args.collection or DEFAULT_COLLECTION
     if (Path(args.corpus) / "manifest.json").is_file():  # an embed-corpus output: upload its vectors
+        not_for_vectors = (
+            ("--column", args.column),
+            ("--id-column", args.id_column),
+            ("--no-texts", args.no_texts),
+        )
+        unused = [flag for flag, value in not_for_vectors if value]
+        if unused:
+            raise InvalidInputError(
+                f"{', '.join(unused)}: not for an embed-corpus output (its shards hold ids and vectors, no "
+                "texts); leave them out"
+            )
+        model = load_runtime(args, model_reference(args.model))  # checked against the vectors' model
         with QdrantIndex.from_corpus(
             args.corpus,
             collection,
             layers=args.layers,
+            check_model=model,
             shortlist_dim=args.shortlist_dim,
             index=args.index,
             quantization=args.quantization,
@@ -346,6 +359,10 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
             )
         return 0
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
+    if ids is None:
+        # Row numbers, as for a faiss index: building the same corpus again replaces its points (an
+        # interrupted build is finished by running it again) instead of adding them a second time.
+        ids = [str(i) for i in range(len(texts))]
     model = load_runtime(args, model_reference(args.model))
     with QdrantIndex.create(
         collection,

@@ -200,6 +200,11 @@ def embed_corpus(
     loaded = EmbeddingModel.load(model_path)
     ks, ds = loaded._layer_list(_int_list(layers, "layers")), loaded._dim_list(_int_list(dims, "dims"))
     model_info = {"name": str(model), "num_layers": loaded.num_layers, "dim": loaded.dim}
+    from matryoshka2d.search.fingerprint import ModelFingerprint
+
+    # The model's embeddings of a few probe sentences at each layer count written: what a search index
+    # or Qdrant collection the vectors are uploaded into checks other models against.
+    fingerprints = {str(k): ModelFingerprint.of(loaded, k).to_json() for k in ks}
 
     started = time.perf_counter()
     plan = plan_corpus(files, text_column=text_column, id_column=id_column, shard_rows=shard_rows)
@@ -233,6 +238,7 @@ def embed_corpus(
         "id_type": "string" if plan.id_column is not None else "int64",
         "embedding": "float32, L2-normalised after truncation to dim",
         "cells": cells,
+        "model_fingerprints": fingerprints,
         **plan_to_json(plan),
     }
 

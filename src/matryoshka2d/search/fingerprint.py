@@ -166,6 +166,15 @@ class ModelFingerprint:
             "min_cosine": MIN_PROBE_COSINE,
         }
 
+    def to_json(self) -> dict:
+        """:meth:`manifest` with the embeddings as lists (one JSON object; :meth:`from_json` reads it)."""
+        return {**self.manifest(), "embeddings": self.embeddings.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelFingerprint:
+        """The fingerprint :meth:`to_json` wrote; ValueError/TypeError/KeyError if malformed."""
+        return cls.from_manifest(data, np.asarray(data["embeddings"], dtype=np.float32))
+
     @classmethod
     def from_manifest(cls, data: dict, embeddings: np.ndarray) -> ModelFingerprint:
         """A fingerprint from :meth:`manifest` and its embeddings; ValueError/TypeError if malformed."""

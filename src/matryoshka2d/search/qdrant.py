@@ -629,6 +629,12 @@ class QdrantIndex:
                 exists = False
             if exists:
                 stored = self._check_existing(expected_dim=dim, expected_shortlist=shortlist)
+                if layers is not None and stored.get("layers") not in (None, layers):
+                    raise InvalidInputError(
+                        f"{backend.name} collection {collection!r} holds embeddings of "
+                        f"{stored['layers']} layers, not {layers}: vectors of two layer counts do not "
+                        "compare; use its layer count, another collection name, or recreate it"
+                    )
                 self.model = self.model or stored.get("model")
                 self.layers = self.layers if self.layers is not None else stored.get("layers")
                 stored_fingerprint = self._stored_fingerprint(stored)
@@ -747,18 +753,26 @@ class QdrantIndex:
         layers: int | None = None,
         batch_size: int = 256,
         show_progress: bool | None = True,
+        check_model: object | None = None,
         **create_options,
     ) -> QdrantIndex:
         """A collection holding an ``m2d embed-corpus`` output (see :meth:`upload_corpus`).
 
         The model name, layer count and full dim come from the folder's manifest: the cell of the model's
-        full dim at ``layers`` (default: the deepest layer count written).
+        full dim at ``layers`` (default: the deepest layer count written). So does the model's fingerprint
+        at that layer count (:class:`~matryoshka2d.search.fingerprint.ModelFingerprint`; outputs written
+        before embed-corpus recorded it have none, and only the dim is checked): an existing collection
+        built with another model is refused, and a new one records it, as :meth:`create` with
+        ``fingerprint``.
 
         Args:
             folder: a finished ``embed-corpus`` output folder.
             collection: collection name.
             layers: which layer count's vectors to upload.
             batch_size, show_progress: see :meth:`upload`.
+            check_model: the model the caller expects made the vectors (an encoder): refused
+                (:class:`~matryoshka2d.search.fingerprint.ModelMismatchError`) if the folder records
+                another one; recorded as the collection's model fingerprint if the folder records none.
             **create_options: the place (``url``/``path``/``edge_path``/``client``) and :meth:`create`
                 options (``shortlist_dim``, ``index``, ``quantization``, ...).
         """
@@ -775,11 +789,23 @@ class QdrantIndex:
                 f"{folder}: the embed-corpus output has no cell of the model's full dim ({dim!r}); "
                 "run embed-corpus with --dims including the model's dim"
             )
-        options = {
-            "dim": dim,
-            "model": model.get("name"),
-            "layers": layers if layers is not None else deepest,
-        }
+        layers = layers if layers is not None else deepest
+        options = {"dim": dim, "model": model.get("name"), "layers": layers}
+        recorded = (manifest.get("model_fingerprints") or {}).get(str(layers))
+        if recorded is not None:
+            try:
+                options["fingerprint"] = ModelFingerprint.from_json(recorded)
+            except (KeyError, TypeError, ValueError) as e:
+                raise InvalidInputError(
+                    f"{folder}: malformed model fingerprint in its manifest ({e})"
+                ) from None
+        if check_model is not None:
+            if "fingerprint" in options:
+                options["fingerprint"].check(
+                    check_model, model.get("name"), f"the embed-corpus output {folder}"
+                )
+            else:
+                options["fingerprint"] = ModelFingerprint.of(check_model, layers)
         options.update(create_options)
         self = cls.create(collection, **options)
         try:
@@ -847,9 +873,7 @@ class QdrantIndex:
             "dim": self.dim,
             "normalized": True,
             "shortlist": asdict(self.shortlist),
-            "model_fingerprint": None
-            if self.fingerprint is None
-            else {**self.fingerprint.manifest(), "embeddings": self.fingerprint.embeddings.tolist()},
+            "model_fingerprint": None if self.fingerprint is None else self.fingerprint.to_json(),
         }
 
     def _stored_fingerprint(self, stored: dict) -> ModelFingerprint | None:
@@ -857,7 +881,7 @@ class QdrantIndex:
         if data is None:
             return None
         try:
-            return ModelFingerprint.from_manifest(data, np.asarray(data["embeddings"], dtype=np.float32))
+            return ModelFingerprint.from_json(data)
         except (KeyError, TypeError, ValueError) as e:
             raise QdrantBackendError(
                 f"{self._backend.name} collection {self.collection!r}: malformed model fingerprint in its "
@@ -1087,6 +1111,21 @@ class QdrantIndex:
                 f"{folder} holds the cells (layers, dim) {cells}; collection {self.collection!r} needs "
                 f"{self.dim}-dim vectors" + (f" of {wanted} layers" if wanted is not None else "")
             )
+        recorded = (manifest.get("model_fingerprints") or {}).get(str(wanted))
+        if recorded is not None and self.fingerprint is not None:
+            try:
+                theirs = ModelFingerprint.from_json(recorded)
+            except (KeyError, TypeError, ValueError) as e:
+                raise InvalidInputError(
+                    f"{folder}: malformed model fingerprint in its manifest ({e})"
+                ) from None
+            same_probe = theirs.texts == self.fingerprint.texts  # else nothing to compare
+            if same_probe and self.fingerprint.agreement(theirs.embeddings) < MIN_PROBE_COSINE:
+                raise ModelMismatchError(
+                    f"{folder} was encoded by {theirs.model!r}, another model than the one of collection "
+                    f"{self.collection!r} ({self.model!r}): their embeddings of the same probe sentences "
+                    "differ; upload it into another collection"
+                )
         total = 0
         from tqdm.auto import tqdm
 
