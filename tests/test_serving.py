@@ -273,6 +273,34 @@ def test_lone_surrogate_message_names_the_item(server):
     assert "input[1] is not valid Unicode" in post(server, body).json()["error"]["message"]
 
 
+def test_lone_surrogates_elsewhere_get_errors_in_openai_shape(server):
+    """A model name or a field name holding one: a 404 / 400 in OpenAI's JSON shape (the error message
+    quoting the name used to fail to encode: a plain-text 500, not counted in the metrics)."""
+    response = post(server, b'{"model": "x\\ud800", "input": "a cat"}')
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert "x\ud800" in response.json()["error"]["message"]
+    response = post(server, b'{"model": "tiny", "input": "a cat", "\\ud800": 1}')
+    assert response.status_code == 400
+    assert "field name of the request is not valid Unicode" in response.json()["error"]["message"]
+    assert post(server, GOOD).status_code == 200
+
+
+def test_null_means_the_default_for_every_optional_field(server, client, offline):
+    """The openai client sends "encoding_format": null when passed None."""
+    response = client.embeddings.create(model=NAME, input=SENTENCES[:2], encoding_format=None)
+    assert np.abs(as_array(response) - offline.encode(SENTENCES[:2])).max() <= 1e-5
+    body = {"model": NAME, "input": SENTENCES[:2], "truncate": None, "dimensions": None, "layers": None}
+    assert post(server, body).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "  ", "clé", "two words"])
+def test_an_api_key_that_could_never_be_sent_right_is_refused_at_startup(key):
+    from matryoshka2d.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="API key must be a non-empty string of printable ASCII"):
+        ServeConfig(model_name="m", api_key=key)
+
+
 def test_unexpected_error_is_a_500_in_openai_shape_and_counted(model_dir):
     class BrokenTokenizer(GatedModel):
         broken = False  # after loading (the server warms up with a forward pass)

@@ -578,8 +578,10 @@ class EmbeddingModel(nn.Module, Encoder):
     def pad(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int]
     ) -> dict[str, torch.Tensor]:
-        """:meth:`Encoder.pad <matryoshka2d.encoder.Encoder.pad>` as torch tensors (thread-safe)."""
-        return {key: torch.from_numpy(array) for key, array in super().pad(encoded, rows).items()}
+        """:meth:`Encoder.pad <matryoshka2d.encoder.Encoder.pad>` as torch tensors on the model's device
+        (what :meth:`forward` takes; thread-safe)."""
+        device = self.device
+        return {key: torch.from_numpy(array).to(device) for key, array in super().pad(encoded, rows).items()}
 
     def forward(
         self, features: dict[str, torch.Tensor], layers: Iterable[int] | None = None
@@ -631,12 +633,10 @@ class EmbeddingModel(nn.Module, Encoder):
         encoded = self.tokenize(texts, padding=False)
         order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
-        device = self.device
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
-                features = {key: value.to(device) for key, value in self.pad(encoded, idx).items()}
-                for k, emb in self.forward(features, layers).items():
+                for k, emb in self.forward(self.pad(encoded, idx), layers).items():
                     out[k][idx] = emb.float().cpu().numpy()
         return out
 

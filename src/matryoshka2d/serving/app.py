@@ -77,6 +77,16 @@ class ServeConfig:
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def __post_init__(self) -> None:
+        key = self.api_key
+        # An empty key (e.g. --api-key "$KEY" with KEY unset) matched a bare "Authorization: Bearer"; a
+        # non-ASCII one could never match (HTTP headers arrive as latin-1 bytes).
+        if key is not None and (not key.strip() or not key.isascii() or not key.isprintable() or " " in key):
+            raise InvalidInputError(
+                "the API key must be a non-empty string of printable ASCII characters without spaces "
+                f"(got {'an empty string' if not key.strip() else 'another string'})"
+            )
+
 
 class EmbeddingRequest(BaseModel):
     """The body of ``POST /v1/embeddings``: OpenAI's fields plus ``layers`` and ``truncate``."""
@@ -86,10 +96,12 @@ class EmbeddingRequest(BaseModel):
     model: str
     input: str | list[Any]
     dimensions: int | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    # null means the default, as for the other optional fields (the openai client sends
+    # "encoding_format": null when it is passed None)
+    encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
     layers: int | None = None
-    truncate: bool = True
+    truncate: bool | None = None
 
 
 class ApiError(Exception):
@@ -108,9 +120,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        # ASCII JSON: a message quoting a request value holding a lone surrogate (JSON allows "\ud800")
+        # cannot be encoded as UTF-8; escaped, it is still the error answer instead of a plain-text 500
+        return Response(
+            json.dumps(body), status_code=self.status, headers=self.headers, media_type="application/json"
+        )
 
 
 def _validation_error(errors: list[dict]) -> ApiError:
@@ -121,6 +137,8 @@ def _validation_error(errors: list[dict]) -> ApiError:
     kind = error.get("type", "")
     if kind == "json_invalid":
         return ApiError(400, f"could not parse the JSON body of the request: {error.get('msg')}")
+    if kind == "string_unicode" and param is None:  # a field name with a lone surrogate
+        return ApiError(400, "a field name of the request is not valid Unicode (a lone surrogate)")
     if kind == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if kind == "missing":
@@ -354,7 +372,8 @@ class EmbeddingServer:
         if not engine.has_room(len(texts)):
             raise _queue_full(f"the server is busy ({engine.queued_texts} texts queued): retry later")
         try:
-            prepared = await run_in_threadpool(engine.prepare, texts, req.truncate)
+            truncate = True if req.truncate is None else req.truncate
+            prepared = await run_in_threadpool(engine.prepare, texts, truncate)
         except InputTooLongError as e:
             raise ApiError(400, str(e), param="input", code="context_length_exceeded") from None
         try:
@@ -370,7 +389,7 @@ class EmbeddingServer:
         self.metrics.prompt_tokens.inc(tokens)
         self.metrics.embeddings.labels(layers=str(layers)).inc(len(texts))
         return Response(
-            _embedding_body(result, req.encoding_format, self.config.model_name, tokens),
+            _embedding_body(result, req.encoding_format or "float", self.config.model_name, tokens),
             media_type="application/json",
         )
 
@@ -462,11 +481,11 @@ def create_app(
     metrics = server.metrics
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _on_validation(request: Request, exc: RequestValidationError) -> Response:
         return _validation_error(list(exc.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return ApiError(
             exc.status_code,
