@@ -739,3 +739,11 @@ def test_distillation_switches():
 def test_distillation_option_errors(make, match):
     with pytest.raises(InvalidInputError, match=match):
         make()
+
+
+def test_a_schedule_with_the_embedding_layer_of_a_one_layer_model():
+    """Layer 0 in the schedule while the prior layers (1..n-1) are none: it used to divide by zero."""
+    loss = Matryoshka2dLoss(MultipleNegativesRankingLoss(), schedule=[(0, 8), (1, 8)])
+    loss.layers_for_step(1)
+    outputs = [{0: torch.randn(4, 8), 1: torch.randn(4, 8)} for _ in range(2)]
+    assert torch.isfinite(loss(outputs))

@@ -110,6 +110,14 @@ def test_checkpoint_dir_inside_output_dir_is_refused(workdir, tmp_path):
         Trainer(config(workdir, tmp_path / "o", checkpoint_dir=str(workdir))).train()
 
 
+def test_output_dir_inside_checkpoint_dir_is_refused_before_training(workdir, tmp_path):
+    """It used to train to the end, be refused by the final save, and remove the checkpoints it made."""
+    trainer = Trainer(config(workdir, tmp_path / "ck" / "final", checkpoint_dir=str(tmp_path / "ck")))
+    with pytest.raises(OutputPathError, match="output_dir .* is inside checkpoint_dir"):
+        trainer.train()
+    assert getattr(trainer, "step", 0) == 0 and not (tmp_path / "ck").exists()
+
+
 def test_config_file_is_an_input(workdir, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -269,6 +277,12 @@ def truncate(path, keep=40):
     path.write_bytes(path.read_bytes()[:keep])
 
 
+def edit_state(checkpoint, **entries):
+    """A trainer_state.json that is still valid JSON but holds damaged entries."""
+    file = checkpoint / "trainer_state.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **entries}))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -278,6 +292,10 @@ def truncate(path, keep=40):
         (lambda c: (c / "rng_state.pt").unlink(), r"rng_state.pt is missing"),
         (lambda c: truncate(c / "trainer_state.json"), r"trainer_state.json is not valid JSON"),
         (lambda c: (c / "trainer_state.json").write_text('{"step": "six"}'), r"'step' is 'six'"),
+        (lambda c: edit_state(c, log_history=[{"step": 2}]), r"'log_history' holds"),
+        (lambda c: edit_state(c, layer_counts={"a": 1}), r"'layer_counts' is"),
+        (lambda c: edit_state(c, tasks={"epoch": "x", "position": 0, "streams": []}), r"'tasks' is"),
+        (lambda c: edit_state(c, loss_windows=[["x"]]), r"'loss_windows' is"),
         (lambda c: truncate(c / "model" / "model.safetensors"), r"model"),
     ],
 )
@@ -360,3 +378,27 @@ def test_config_types_are_checked(workdir, tmp_path):
     with pytest.raises(InvalidInputError, match="option 'batch_size' must be an integer, got True"):
         Trainer(cfg)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_settings_that_would_train_nothing_or_crash_inside_torch_are_refused(workdir, tmp_path):
+    with pytest.raises(InvalidInputError, match="batch_size 1: MultipleNegativesRankingLoss compares"):
+        Trainer(config(workdir, tmp_path / "a", batch_size=1, columns=["anchor", "positive"])).train()
+    with pytest.raises(
+        InvalidInputError, match="max_seq_length=1000 is out of range: .* position embeddings"
+    ):
+        Trainer(config(workdir, tmp_path / "b", max_seq_length=1000)).train()
+    with pytest.raises(InvalidInputError, match="'seed'"):
+        config(workdir, tmp_path / "c", seed=2**32)
+    with pytest.raises(InvalidInputError, match="schedule.*pairs"):
+        config(workdir, tmp_path / "d", schedule=5)
+    with pytest.raises(InvalidInputError, match="give 'dims' once"):
+        Trainer(config(workdir, tmp_path / "e", dims=[16], wrapper_args={"dims": [32, 8]})).train()
+    with pytest.raises(InvalidInputError, match="'label_column': the loss .* takes no labels"):
+        Trainer(config(workdir, tmp_path / "f", label_column="score")).train()
+    assert not any((tmp_path / name).exists() for name in "abcdef")
+
+
+def test_a_resume_with_nothing_left_to_do_names_its_checkpoint(workdir, three_checkpoints):
+    out, found = three_checkpoints  # stopped at step 6
+    result = Trainer(config(workdir, out, steps=8, stop_at=4, resume="latest")).train()
+    assert result.output_dir is None and result.step == 6 and result.checkpoint == found[-1]

@@ -363,6 +363,8 @@ class EmbeddingLoss(nn.Module):
 
     needs_labels: bool = False
     in_batch_negatives: bool = False
+    #: Whether the loss ranks the pairs of a batch against each other (a batch of one pair gives 0).
+    ranks_pairs: bool = False
     #: Whether this loss compares examples across processes (see :func:`gather_columns`).
     gather_across_devices: bool = False
 
@@ -476,6 +478,7 @@ class CoSENTLoss(EmbeddingLoss):
     """
 
     needs_labels = True
+    ranks_pairs = True
 
     def __init__(self, scale: float = 20.0, gather_across_devices: bool = False) -> None:
         super().__init__()
@@ -586,6 +589,7 @@ class _LayerDimLoss(nn.Module):
         self.base = base
         self.needs_labels = base.needs_labels
         self.in_batch_negatives = base.in_batch_negatives
+        self.ranks_pairs = base.ranks_pairs
         self.dims: list[int] = []  # dims to train; empty = the full size only
         self.weights: list[float] = []  # one per dim
         self.n_dims_per_step = -1
@@ -865,7 +869,8 @@ class AdaptiveLayerLoss(_LayerDimLoss):
     def distillation_weight(self, k: int, num_layers: int) -> float:
         """``kl_div_weight * dw(k)``: the scheme's weight of ``k`` over its mean on the prior layers."""
         scheme = LAYER_WEIGHTINGS[self.distillation_weighting]
-        prior = self.prior_layers(num_layers)
+        # a schedule may name a layer outside them (layer 0 of a 1-layer model): then its own weight
+        prior = self.prior_layers(num_layers) or [k]
         return self.kl_div_weight * scheme(k) * len(prior) / sum(scheme(j) for j in prior)
 
     def prior_layers(self, num_layers: int) -> list[int]:

@@ -243,7 +243,39 @@ def read_state(path: Path) -> dict:
     ):
         if key in state and not isinstance(state[key], kind):
             raise CorruptCheckpointError(f"{file}: {key!r} is not a JSON {kind.__name__}")
+    # What resuming reads from it: checked here, so that a damaged entry is one line naming the file
+    # (and "resume latest" falls back to an older checkpoint), not a traceback while resuming.
+    for entry in state.get("log_history", []):
+        if not (isinstance(entry, dict) and is_int(entry.get("step")) and _is_number(entry.get("loss"))):
+            raise CorruptCheckpointError(f"{file}: 'log_history' holds {entry!r:.80}, not a logged step")
+    if not all(isinstance(entry, dict) for entry in state.get("eval_history", [])):
+        raise CorruptCheckpointError(f"{file}: 'eval_history' holds something else than evaluations")
+    for key in ("layer_counts", "task_batches"):
+        counts = state.get(key, {})
+        if not isinstance(counts, dict) or not all(
+            isinstance(k, str) and k.isdigit() and is_int(v) for k, v in counts.items()
+        ):
+            raise CorruptCheckpointError(f"{file}: {key!r} is {counts!r:.80}, expected counts by number")
+    tasks = state.get("tasks")
+    if tasks is not None:
+        streams = tasks.get("streams") if isinstance(tasks, dict) else None
+        if not isinstance(streams, list) or not all(
+            isinstance(s, dict) and all(is_int(s.get(k)) for k in ("epoch", "position"))
+            for s in [tasks, *streams]
+        ):
+            raise CorruptCheckpointError(
+                f"{file}: 'tasks' is {tasks!r:.80}, expected the tasks' data positions"
+            )
+    windows = state.get("loss_windows")
+    if windows is not None and not (
+        isinstance(windows, list) and all(isinstance(w, list) and all(map(_is_number, w)) for w in windows)
+    ):
+        raise CorruptCheckpointError(f"{file}: 'loss_windows' is {windows!r:.80}, expected lists of losses")
     return state
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _load_tensor_file(file: Path, map_location: Any = None, weights_only: bool = True) -> Any:

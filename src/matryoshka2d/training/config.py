@@ -200,6 +200,7 @@ class TrainConfig:
             raise InvalidInputError("option 'train_data' is required: give at least one file or dataset id")
         optional = ("steps", "stop_at", "max_rows", "max_seq_length", "save_total_limit", "warmup_steps")
         minimum = {"save_steps": 0, "eval_steps": 0, "seed": 0, "warmup_steps": 0}
+        maximum = {"seed": 2**32 - 1}  # numpy's seed range
         for name in (
             "batch_size",
             "gradient_accumulation_steps",
@@ -212,7 +213,7 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             if value is not None or name not in optional:
-                check_int(value, f"option {name!r}", minimum=minimum.get(name, 1))
+                check_int(value, f"option {name!r}", minimum=minimum.get(name, 1), maximum=maximum.get(name))
         for name in ("learning_rate", "epochs"):
             if not check_real(getattr(self, name), f"option {name!r}") > 0:
                 raise InvalidInputError(f"option {name!r} must be > 0, got {getattr(self, name)}")
@@ -361,6 +362,8 @@ def parse_option(spec: dataclasses.Field, value: Any) -> Any:
     if kind == "int_list":
         return [to_int(v) for v in split(value)]
     if kind == "pairs":
+        if not isinstance(value, (str, list, tuple)):
+            raise fail("(layers, dim) pairs like 2:32,4:64 or [[2, 32], [4, 64]]")
         pairs = []
         for item in split(value) if isinstance(value, str) else value:
             parts = item.split(":") if isinstance(item, str) else item

@@ -98,6 +98,10 @@ def build_loss(config: TrainConfig, model: EmbeddingModel) -> nn.Module:
                 "give either 'dims' or 'schedule': a schedule fixes the (layers, dim) pairs"
             )
         kwargs["schedule"] = [tuple(pair) for pair in config.schedule]
+    elif "dims" in accepted and "dims" in kwargs and config.dims is not None:
+        raise InvalidInputError(
+            "give 'dims' once: as the option or in wrapper_args, not both (they differ or repeat each other)"
+        )
     elif "dims" in accepted and "dims" not in kwargs:
         kwargs["dims"] = list(config.dims) if config.dims is not None else default_dims(model.dim)
     elif config.dims is not None and "dims" not in accepted:

@@ -93,6 +93,11 @@ def check_run_paths(config: TrainConfig, checkpoint_dir: Path) -> None:
             f"checkpoint_dir {checkpoint_dir} is inside output_dir {config.output_dir}: saving the final "
             "model would delete the checkpoints; choose a checkpoint_dir outside it"
         )
+    if checkpoints in output.parents:  # refused by the final save otherwise: after all the training
+        raise OutputPathError(
+            f"output_dir {config.output_dir} is inside checkpoint_dir {checkpoint_dir}: the final model "
+            "may not be written among the checkpoints; choose an output_dir outside it"
+        )
     check_output_folder(
         checkpoint_dir,
         CHECKPOINTS_KIND,

@@ -87,6 +87,7 @@ from matryoshka2d.training.run_guard import (
     prepare_checkpoint_dir,
     run_inputs,
 )
+from matryoshka2d.validation import check_int
 
 __all__ = [
     "TrainConfig",
@@ -111,6 +112,13 @@ def _checked_loss(loss: nn.Module, model: EmbeddingModel) -> bool:
 
 def _load_data(cfg: TrainConfig, needs_labels: bool) -> TrainingData:
     """The training rows described by the data options of ``cfg`` (``train_data``, ``columns``, ...)."""
+    if not needs_labels:  # they would be dropped without a word
+        given = [name for name in ("label_column", "label_range") if getattr(cfg, name) is not None]
+        if given:
+            raise InvalidInputError(
+                f"option {given[0]!r}: the loss {cfg.loss} takes no labels (CoSENTLoss, AnglELoss and "
+                "CosineSimilarityLoss do); leave it out or choose one of those"
+            )
     return load_training_data(
         cfg.train_data, cfg.columns, cfg.label_column, needs_labels, cfg.label_range, cfg.max_rows
     )
@@ -333,7 +341,10 @@ class Trainer:
         for path in candidates:
             try:
                 self._check_same_run(path, read_state(path))
-                return load_checkpoint(path, self.device, self.accelerator.num_processes)
+                # Read onto the CPU: the optimizer moves its state to its parameters' device when it
+                # loads it, and a process of a multi-process CPU run is on "cpu:N", a location
+                # torch.load cannot map to.
+                return load_checkpoint(path, "cpu", self.accelerator.num_processes)
             except CorruptCheckpointError as e:
                 if not latest:
                     raise CorruptCheckpointError(f"resume: {e}") from None
@@ -408,7 +419,13 @@ class Trainer:
                 )
                 model.set_exit_rotations({})
         if cfg.max_seq_length is not None:
-            model.max_seq_length = cfg.max_seq_length
+            model.max_seq_length = check_int(
+                cfg.max_seq_length,
+                "max_seq_length",
+                minimum=1,
+                maximum=model.max_positions,
+                what=f"{cfg.model} has {model.max_positions} position embeddings: 1..{model.max_positions}",
+            )
         # The HF pooler head is never used for embeddings: freeze it so DDP sees no parameter without grad.
         for name, param in model.transformer.named_parameters():
             if name.startswith("pooler."):
@@ -496,6 +513,20 @@ class Trainer:
                 f"{type(loss).__name__} needs (anchor, positive[, negative]) rows, "
                 f"got one column {data.columns}"
             )
+        # A loss that compares the rows of a batch has nothing to learn from a batch of one: its value is
+        # exactly 0 (MultipleNegativesRankingLoss without a negative column: one candidate per anchor).
+        base = getattr(loss, "base", loss)
+        gathered = getattr(base, "gather_across_devices", False)
+        rows = self.config.batch_size * (self.accelerator.num_processes if gathered else 1)
+        compares = getattr(loss, "ranks_pairs", False) or (
+            getattr(loss, "in_batch_negatives", False) and len(data.columns) == 2
+        )
+        if compares and rows < 2:
+            raise InvalidInputError(
+                f"batch_size {self.config.batch_size}: {type(base).__name__} compares the rows of a batch "
+                "with each other, so a batch of one row gives a loss of 0 (nothing is trained); use "
+                "batch_size 2 or more"
+            )
 
     def _eval_grid_axes(
         self, model: EmbeddingModel, trained_dims: list[int] | None
@@ -520,6 +551,8 @@ class Trainer:
         self.eval_history.extend(state.get("eval_history", []))
         self.layer_counts = Counter({int(k): v for k, v in state.get("layer_counts", {}).items()})
         self.last_loss = self.log_history[-1]["loss"] if self.log_history else None
+        windows = state.get("loss_windows")  # absent in checkpoints written before it was saved
+        self.window = list(windows[self.accelerator.process_index]) if windows else []
         self.optimizer.load_state_dict(resumed.optimizer)
         self.scheduler.load_state_dict(resumed.scheduler)
         if self.accelerator.scaler is not None and resumed.scaler is not None:
@@ -531,6 +564,7 @@ class Trainer:
             sampler = state["sampler"]
             self.mixer.load_state_dict({**sampler, "seed": self.mixer.seed, "streams": [sampler]})
         set_rng_state(resumed.rngs[self.accelerator.process_index])
+        self.last_checkpoint = resumed.path  # what to resume from if this run stops before its next one
         self._say(f"resumed from {resumed.path} at step {self.step}")
 
     def _announce(self) -> None:
@@ -636,7 +670,8 @@ class Trainer:
     def _after_step(self) -> None:
         """Log the loss (every ``log_steps``), evaluate (``eval_steps``), checkpoint (``save_steps``)."""
         cfg, step = self.config, self.step
-        if step % cfg.log_steps == 0 or step == self.stop_at:
+        # Not at stop_at (before the end): the resumed run's log must be the uninterrupted run's.
+        if step % cfg.log_steps == 0 or step == self.total_steps:
             window = torch.tensor(sum(self.window) / len(self.window), device=self.device)
             mean = self.accelerator.reduce(window, "mean").item()
             self.last_loss = mean
@@ -687,6 +722,7 @@ class Trainer:
 
         accelerator, cfg = self.accelerator, self.config
         rngs = gather_object([rng_state()])  # every process's random state, in rank order
+        windows = gather_object([self.window])  # and its step losses not logged yet
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if accelerator.is_main_process:
             state = {
@@ -701,6 +737,7 @@ class Trainer:
                 "log_history": self.log_history,
                 "eval_history": self.eval_history,
                 "layer_counts": {str(k): v for k, v in sorted(self.layer_counts.items())},
+                "loss_windows": windows,
             }
             save_checkpoint(
                 path,
