@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,56 @@ def test_damaged_cache_is_rebuilt(tiny_model_dir, tmp_path, tiny_model):
         assert data.stat().st_size > 1000 and not again.graph_path(3).exists(), damage
         assert not leftover.exists()
         again.warm_up([3])
+
+
+def test_a_damaged_cut_graph_or_graph_of_all_layers_is_built_again(tiny_model_dir, tmp_path, tiny_model):
+    """A cached graph ONNX Runtime cannot parse (a disk error, an edit) was a traceback on every run."""
+    OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache").warm_up([2])
+    expected = tiny_model.encode(SENTENCES, layers=2)
+    again = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+    (again.cache / "layers-2.onnx").write_bytes(b"not a graph")
+    with pytest.warns(UserWarning, match="cannot be loaded .* building it again"):
+        np.testing.assert_allclose(again.encode(SENTENCES, layers=2), expected, atol=1e-5)
+    again = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache")
+    (again.cache / "model.onnx").write_bytes(
+        b"not a graph"
+    )  # rebuilt with its cut graphs, as a lost data file
+    np.testing.assert_allclose(again.encode(SENTENCES, layers=2), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["graph", "data"])
+def test_a_damaged_graph_in_the_model_folder_is_one_clear_error(tiny_model, tmp_path, monkeypatch, damage):
+    import matryoshka2d.export.onnx as onnx_export
+    from matryoshka2d.errors import ModelLoadError
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)  # weights in model.onnx_data
+    out = export_model(tiny_model, tmp_path / "big", format="onnx")
+    file = out / "onnx" / ("model.onnx" if damage == "graph" else "model.onnx_data")
+    file.write_bytes(file.read_bytes()[:100])
+    message = "not a readable ONNX graph" if damage == "graph" else "onnx_data is missing or cut short"
+    with pytest.raises(ModelLoadError, match=message):
+        OnnxEncoder(out, cache_dir=tmp_path / "cache")
+
+
+def test_calibration_pads_like_encoding(tiny_model_dir, tmp_path):
+    """A tokenizer without a pad token cannot pad itself: int8 calibration used to ask it to (a traceback
+    from transformers), where encoding pads the rows itself."""
+
+    model = EmbeddingModel.load(tiny_model_dir)
+    model.tokenizer.pad_token = None
+    int8 = OnnxEncoder(model.save(tmp_path / "nopad"), quantize="int8", cache_dir=tmp_path / "cache")
+    assert int8.tokenizer.pad_token is None
+    assert (int8.encode(SENTENCES, layers=2) * model.encode(SENTENCES, layers=2)).sum(1).min() > 0.95
+
+
+def test_two_encoders_of_different_caches_build_at_once(tiny_model_dir, tmp_path, tiny_model):
+    """torch's TorchScript exporter keeps process-wide state: two exports at once used to fail
+    (GLOBALS.in_onnx_export must be True)."""
+    encoders = [OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / f"cache{i}") for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda e: e.encode(SENTENCES, layers=2), encoders))
+    for got in results:
+        np.testing.assert_allclose(got, tiny_model.encode(SENTENCES, layers=2), atol=1e-5)
 
 
 def test_int8_from_a_warm_cache_frees_the_torch_weights(tiny_model_dir, tmp_path):

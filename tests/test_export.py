@@ -69,6 +69,25 @@ def test_torch_export_loads_in_sentence_transformers(tiny_model, tmp_path):
     assert np.abs(theirs - tiny_model.encode(SENTENCES, layers=3, dim=8)).max() <= 1e-5
 
 
+def test_export_onnx_leaves_the_callers_model_in_its_mode(tiny_model, tmp_path):
+    """A training loop that exports part-way must go on with dropout (export_onnx set the modules it
+    shares with the model to eval mode)."""
+    from matryoshka2d.export.onnx import export_onnx
+
+    tiny_model.train()
+    export_onnx(tiny_model, tmp_path / "a.onnx", layers=2)
+    assert all(m.training for m in tiny_model.modules())
+    tiny_model.eval()
+    export_onnx(tiny_model, tmp_path / "b.onnx")
+    assert not any(m.training for m in tiny_model.modules())
+
+
+def test_a_torch_export_of_an_onnx_folder_does_not_name_its_graphs(tiny_model, tmp_path):
+    onnx_folder = export_model(tiny_model, tmp_path / "onnx", format="onnx")
+    again = export_model(EmbeddingModel.load(onnx_folder), tmp_path / "torch", layers=2, format="torch")
+    assert "onnx" not in json.loads((again / "matryoshka2d.json").read_text())
+
+
 def test_int8_export_is_close_to_float32(tiny_model, tmp_path):
     out = exported(tmp_path / "small", tiny_model, 3, 16, format="onnx", quantize="int8")
     name = f"onnx/{int8_file_name()}"

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SENTENCES, build_tiny_model
+from conftest import SENTENCES, build_tiny_model, tiny_transformer, write_vocab
 
 from matryoshka2d import EmbeddingModel, ModelLoadError
 from matryoshka2d.errors import OutputPathError
@@ -73,6 +73,28 @@ def test_do_lower_case_round_trips(tmp_path):
     reloaded = EmbeddingModel.load(out)
     assert reloaded.do_lower_case is True
     np.testing.assert_allclose(reloaded.encode(["A CAT"]), reloaded.encode(["a cat"]), atol=1e-6)
+
+
+def test_do_lower_case_keeps_special_tokens_as_sentence_transformers_does(tmp_path):
+    """sentence-transformers 6 lower-cases in the tokenizer's normaliser, after the special tokens are
+    split off; lower-casing the text first turned a literal [MASK] into unknown word pieces."""
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab=str(write_vocab(tmp_path)), model_max_length=48, do_lower_case=False)
+    model = EmbeddingModel(tiny_transformer("bert", len(tokenizer)).eval(), tokenizer, do_lower_case=True)
+    texts = ["the [MASK] sat on the mat", "A CAT [SEP] a dog", "A cat sat on the mat"]
+    tokens = [
+        tokenizer.convert_ids_to_tokens(ids) for ids in model.tokenize(texts, padding=False)["input_ids"]
+    ]
+    assert tokens[0][:3] == ["[CLS]", "the", "[MASK]"] and tokens[1][:5] == [
+        "[CLS]",
+        "a",
+        "cat",
+        "[SEP]",
+        "a",
+    ]
+    out = model.save(tmp_path / "m")
+    np.testing.assert_allclose(st_encode(out, texts), model.encode(texts), atol=1e-5)
 
 
 def test_saved_folder_has_normal_permissions(tiny_model, tmp_path):

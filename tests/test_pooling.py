@@ -23,6 +23,17 @@ def test_padding_is_ignored():
 
 
 @pytest.mark.parametrize("mode", POOLING_MODES)
+def test_left_padding_pools_the_same_as_right_padding(mode):
+    """A tokenizer that pads on the left (Llama-style) gets the same embedding as without padding: cls is
+    the first real token and weightedmean counts positions from it, as in sentence-transformers 6."""
+    row = TOKENS[1:, :2]  # two real tokens
+    left = torch.cat([torch.full((1, 1, 2), 100.0), row], dim=1)
+    alone = pool(row, torch.tensor([[1, 1]]), mode)
+    assert torch.allclose(pool(left, torch.tensor([[0, 1, 1]]), mode), alone)
+    assert np.allclose(pool_numpy(left.numpy(), np.array([[0, 1, 1]]), mode), alone.numpy())
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
 @pytest.mark.parametrize("left_padding", [False, True])
 def test_numpy_pooling_equals_torch_pooling(mode, left_padding):
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
@@ -128,7 +129,7 @@ class Encoder(abc.ABC):
         padded to the longest text, ``padding=False`` plain id lists (to sort by length and pad per batch).
         """
         if self.do_lower_case:
-            texts = [t.lower() for t in texts]
+            texts = lower_case(texts, self.tokenizer)
         with self._tokenizer_lock:
             encoded = self.tokenizer(
                 list(texts),
@@ -312,6 +313,24 @@ class Encoder(abc.ABC):
         parts = [batch[(k, d)] for batch in batches]
         emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return emb[0] if single else emb
+
+
+def lower_case(texts: Sequence[str], tokenizer) -> list[str]:
+    """``texts`` lower-cased for a model with ``do_lower_case``, except the tokenizer's special tokens.
+
+    As sentence-transformers 6 does it (a lower-casing step in the tokenizer's normaliser, which runs after
+    the special tokens are split off): a literal ``[SEP]`` or ``[MASK]`` in a text stays that token
+    instead of becoming ``[sep]`` (unknown word pieces).
+    """
+    specials = sorted(
+        {t for t in getattr(tokenizer, "all_special_tokens", ()) if t and t.lower() != t},
+        key=len,
+        reverse=True,
+    )
+    if not specials:
+        return [t.lower() for t in texts]
+    pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+    return ["".join(p if i % 2 else p.lower() for i, p in enumerate(pattern.split(t))) for t in texts]
 
 
 def sort_longest_first(input_ids: Sequence[Sequence[int]]) -> np.ndarray:

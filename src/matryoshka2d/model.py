@@ -669,7 +669,8 @@ class EmbeddingModel(nn.Module, Encoder):
             exit_rotations={j: r.cpu() for j, r in self.exit_rotations.items() if j <= k},
         )
         model.metadata = {
-            **self.metadata,
+            # "onnx" names graph files of this model's folder, which the new one has only if exported so
+            **{key: value for key, value in self.metadata.items() if key != "onnx"},
             "truncated_from": {"model": self.name_or_path, "num_layers": self.num_layers, "dim": self.dim},
         }
         model.train(self.training)

@@ -56,16 +56,18 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str
     mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
     if mode == "mean":
         return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    if mode == "cls":
-        return token_embeddings[:, 0]
+    if mode == "cls":  # the first real token: position 0 unless the tokenizer pads on the left
+        first = attention_mask.to(torch.int).argmax(1)
+        return token_embeddings[torch.arange(token_embeddings.shape[0], device=first.device), first]
     if mode == "max":
         masked = token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min)
         return masked.max(1).values
     if mode == "mean_sqrt_len_tokens":
         return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9).sqrt()
-    if mode == "weightedmean":
+    if mode == "weightedmean":  # weights 1, 2, ... from the first real token (sentence-transformers 6)
         positions = torch.arange(1, token_embeddings.shape[1] + 1, device=mask.device, dtype=mask.dtype)
-        weights = mask * positions.view(1, -1, 1)
+        first = attention_mask.to(torch.int).argmax(1).to(mask.dtype)
+        weights = mask * (positions.view(1, -1) - first.view(-1, 1)).unsqueeze(-1)
         return (token_embeddings * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
     if mode == "lasttoken":
         # Index of the last real token in each row (works for left and right padding).
@@ -89,13 +91,16 @@ def pool_numpy(token_embeddings: np.ndarray, attention_mask: np.ndarray, mode: s
     if mode == "mean":
         return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
     if mode == "cls":
-        return hidden[:, 0].copy()
+        first = np.asarray(attention_mask).argmax(1)
+        return hidden[np.arange(hidden.shape[0]), first]
     if mode == "max":
         return np.where(mask == 0, np.finfo(np.float32).min, hidden).max(1)
     if mode == "mean_sqrt_len_tokens":
         return (hidden * mask).sum(1) / np.sqrt(np.maximum(mask.sum(1), 1e-9))
     if mode == "weightedmean":
-        weights = mask * np.arange(1, hidden.shape[1] + 1, dtype=np.float32).reshape(1, -1, 1)
+        first = np.asarray(attention_mask).argmax(1).astype(np.float32)
+        positions = np.arange(1, hidden.shape[1] + 1, dtype=np.float32).reshape(1, -1) - first.reshape(-1, 1)
+        weights = mask * positions[..., None]
         return (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
     if mode == "lasttoken":
         last = attention_mask.shape[1] - 1 - np.asarray(attention_mask)[:, ::-1].argmax(1)

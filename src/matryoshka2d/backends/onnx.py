@@ -20,12 +20,14 @@ import hashlib
 import os
 import re
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from matryoshka2d.encoder import Encoder, sort_longest_first
+from matryoshka2d.errors import ModelLoadError
 from matryoshka2d.export.int8_outliers import calibration_feeds, read_outlier_record
 from matryoshka2d.export.onnx import (
     copy_graph,
@@ -230,14 +232,30 @@ class OnnxEncoder(Encoder):
                 # Under the lock until the session has mapped its files: other processes may build (or
                 # rebuild a damaged cache) in the same folder.
                 with self._cache_lock():
-                    full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data is gone
-                    path = self.graph_path(layers)
-                    if not path.is_file():
-                        extract_exits(full, layers, path)
-                    self._sessions[layers] = ort.InferenceSession(
-                        str(path), options, providers=["CPUExecutionProvider"]
-                    )
+                    self._sessions[layers] = self._open(layers, ort, options)
             return self._sessions[layers]
+
+    def _open(self, layers: int, ort, options):
+        """The session of the cached graph of ``layers`` (built if missing). A cached graph that ONNX Runtime
+        cannot load (damaged on disk) is built again once, with the graph of all layers it is cut from."""
+        for attempt in (1, 2):
+            full = self._full_graph()  # first: rebuilt (with its cut graphs) if its data is gone
+            path = self.graph_path(layers)
+            try:
+                if not path.is_file():
+                    extract_exits(full, layers, path)
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if attempt == 2:
+                    raise ModelLoadError(f"cannot load the ONNX graph {path} ({first})") from None
+                warnings.warn(
+                    f"the cached graph {path} cannot be loaded ({first}): building it again", stacklevel=4
+                )
+                for built in (full, external_data_path(full)):  # the cut graphs go with it (_missing)
+                    built.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+        raise AssertionError("unreachable")
 
     def _shipped(self, path: Path, int8: bool = False) -> Path | None:
         """``path`` if it is a graph of all layers written by ``m2d export`` (with its exits), else None.
@@ -247,10 +265,22 @@ class OnnxEncoder(Encoder):
         """
         if not path.is_file():
             return None
-        header = load_graph_header(path)  # once: an int8 graph of < 2 GiB holds its weights
+        try:
+            header = load_graph_header(path)  # once: an int8 graph of < 2 GiB holds its weights
+        except Exception as e:  # not a graph: cut short, overwritten, ...
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(
+                f"{path} is not a readable ONNX graph ({first}): export the model again (m2d export "
+                "--format onnx) or remove that file"
+            ) from None
         exits = read_exits(header)
         if not exits or max(exits) != self.num_layers:
             return None
+        if not external_data_complete(path, header):
+            raise ModelLoadError(
+                f"{path}: its weights file {external_data_path(path).name} is missing or cut short: export "
+                "the model again (m2d export --format onnx) or remove the graph"
+            )
         return None if int8 and read_outlier_record(header) is None else path
 
     @contextlib.contextmanager
@@ -294,8 +324,11 @@ class OnnxEncoder(Encoder):
     def _missing(self, full: Path, quantized: bool) -> bool:
         """Whether the graph of all layers ``full`` (or its data file) must be built; if so, the cut graphs
         that refer to its data are removed too (they are cut again from the new one)."""
-        if full.is_file() and external_data_complete(full):
-            return False
+        try:
+            if full.is_file() and external_data_complete(full):
+                return False
+        except Exception:  # a header that does not parse (damaged on disk): built again
+            pass
         for k in range(1, self.num_layers + 1):
             self.graph_path(k, quantized).unlink(missing_ok=True)
         return True

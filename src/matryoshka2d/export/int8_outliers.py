@@ -67,10 +67,15 @@ _PREFIX = "m2d_outliers"
 def calibration_feeds(
     model, input_names: Sequence[str], texts: Sequence[str] = CALIBRATION_TEXTS
 ) -> list[dict]:
-    """One padded batch of ``texts`` as the graph's int64 inputs, tokenised by ``model`` (anything with
-    :meth:`~matryoshka2d.encoder.Encoder.tokenize`: lower-casing and truncation as for encoding)."""
-    encoded = model.tokenize(list(texts), padding=True)
-    return [{name: np.asarray(encoded[name], dtype=np.int64) for name in input_names}]
+    """One padded batch of ``texts`` as the graph's int64 inputs, tokenised by ``model`` (an
+    :class:`~matryoshka2d.encoder.Encoder`: lower-casing and truncation as for encoding, and padded as
+    encoding pads, by :meth:`~matryoshka2d.encoder.Encoder.pad`: a tokenizer without a pad token, which
+    cannot pad itself, works too)."""
+    from matryoshka2d.encoder import Encoder
+
+    texts = list(texts)
+    padded = Encoder.pad(model, model.tokenize(texts, padding=False), range(len(texts)))  # numpy arrays
+    return [{name: np.asarray(padded[name], dtype=np.int64) for name in input_names}]
 
 
 def read_outlier_record(source) -> dict | None:

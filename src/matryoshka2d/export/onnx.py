@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,13 +114,11 @@ def external_files(graph) -> set[str]:
     return {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
 
 
-def external_data_complete(path: str | os.PathLike) -> bool:
+def external_data_complete(path: str | os.PathLike, graph=None) -> bool:
     """Whether every external weight of the graph at ``path`` lies inside its data file (a data file that is
-    missing, or was cut short by a crash, gives False)."""
-    import onnx
-
+    missing, or was cut short by a crash, gives False). ``graph``: that graph already loaded (its header)."""
     path = Path(path)
-    graph = onnx.load(str(path), load_external_data=False)
+    graph = load_graph_header(path) if graph is None else graph
     sizes: dict[str, int] = {}
     for tensor in graph.graph.initializer:
         info = {e.key: e.value for e in tensor.external_data}
@@ -210,6 +209,13 @@ def copy_graph(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
+#: Held around what changes process-wide state, so that two threads (two ONNX encoders, an export beside a
+#: build) never overlap there: torch's TorchScript exporter keeps global state (two exports at once fail:
+#: "GLOBALS.in_onnx_export must be True"), and ``warnings.catch_warnings`` swaps the process's filter list
+#: (two overlapping blocks can leave "ignore" installed for good).
+_PROCESS_STATE_LOCK = threading.RLock()
+
+
 class _QuantizerHintFilter(logging.Filter):
     """Drops the records ONNX Runtime's quantiser logs on the root logger, and nothing else (changing the
     root logger's level instead would also silence every other thread while a quantisation runs)."""
@@ -274,7 +280,7 @@ def export_onnx(
         raise OnnxExportError(
             f"ONNX export needs a float32 model, got {model.precision}: load it with dtype='float32'"
         )
-    module = _Exits(model.transformer, k, graph_input_names(model)).eval()
+    module = _Exits(model.transformer, k, graph_input_names(model))
     names = module.input_names
     exits = {i: f"hidden_state_{i}" for i in range(1, k)} | {k: LAST_HIDDEN_STATE}
     outputs = [exits[i] for i in range(1, k + 1)]
@@ -282,23 +288,26 @@ def export_onnx(
     path = Path(path)
     # Exported into a folder of its own: past 2 GiB the exporter writes every weight as a file beside
     # the graph; save_graph then writes the graph where it belongs (with one data file if need be).
-    with (
-        _temporary_folder(path) as folder,
-        torch.no_grad(),
-        warnings.catch_warnings(),
-    ):
+    training = {m: m.training for m in module.modules()}  # the caller's model: its modes are put back
+    with _temporary_folder(path) as folder, torch.no_grad():
         tmp = Path(folder) / path.name
-        warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
-        torch.onnx.export(
-            module,
-            tuple(sample[name] for name in names),
-            str(tmp),
-            input_names=names,
-            output_names=outputs,
-            dynamic_axes={name: {0: "batch_size", 1: "sequence_length"} for name in names + outputs},
-            opset_version=OPSET,
-            dynamo=False,  # the TorchScript exporter: no onnxscript needed, stable names for the exits
-        )
+        with _PROCESS_STATE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
+            module.eval()
+            try:
+                torch.onnx.export(
+                    module,
+                    tuple(sample[name] for name in names),
+                    str(tmp),
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_axes={name: {0: "batch_size", 1: "sequence_length"} for name in names + outputs},
+                    opset_version=OPSET,
+                    dynamo=False,  # the TorchScript exporter: no onnxscript needed, stable exit names
+                )
+            finally:
+                for m, mode in training.items():
+                    m.train(mode)
         graph = onnx.load(str(tmp))
         keep = [o for o in graph.graph.output if o.name == LAST_HIDDEN_STATE]
         # The exits stay as named intermediate tensors, typed in value_info (what extract_exits needs).
@@ -439,10 +448,7 @@ def quantize_int8(
     del head
     root = logging.getLogger()
     hint = _QuantizerHintFilter()
-    with (
-        _temporary_folder(path) as folder,
-        warnings.catch_warnings(),
-    ):
+    with _temporary_folder(path) as folder:
         # ONNX Runtime writes a shape-inferred copy of its input beside it: so the input is a copy of the
         # source (and its data files: onnx refuses links to them) in this private folder, not the source,
         # which may be in a read-only model folder (or be quantised by another process at the same time).
@@ -458,20 +464,21 @@ def quantize_int8(
             float32_nodes, record = split_outlier_channels(to_quantize, split, calibration, ratio, threads)
             metadata.append((OUTLIERS_KEY, json.dumps(record)))
             to_quantize = split
-        warnings.simplefilter("ignore")
-        root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
-        try:
-            quantize_dynamic(
-                str(to_quantize),
-                str(tmp),
-                per_channel=True,
-                reduce_range=INT8_PRESETS[preset],
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=float32_nodes,
-                use_external_data_format=big,
-            )
-        finally:
-            root.removeFilter(hint)
+        with _PROCESS_STATE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
+            try:
+                quantize_dynamic(
+                    str(to_quantize),
+                    str(tmp),
+                    per_channel=True,
+                    reduce_range=INT8_PRESETS[preset],
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=float32_nodes,
+                    use_external_data_format=big,
+                )
+            finally:
+                root.removeFilter(hint)
         graph = onnx.load(str(tmp))
         present = {e.key for e in graph.metadata_props}
         for key, value in metadata:  # keep the exits (and what was split)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from matryoshka2d.encoder import lower_case
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 from matryoshka2d.truncation import truncate_dims
 from matryoshka2d.validation import check_positive_int
@@ -221,7 +222,7 @@ class BatchingEngine:
             if self._length_tokenizer is None:
                 self._length_tokenizer = copy.deepcopy(self.model.tokenizer)
             if getattr(self.model, "do_lower_case", False):
-                text = text.lower()
+                (text,) = lower_case([text], self._length_tokenizer)
             ids = self._length_tokenizer(text, truncation=False, verbose=False)["input_ids"]
         return len(ids)
 
