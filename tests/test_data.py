@@ -64,11 +64,29 @@ def test_parquet(tmp_path):
             "row 1: column 'score' is 'high', not a number",
         ),
         ("sentence1\tsentence2\tscore\na\tb\t2\nc\td\t2\n", "every score is 2.0"),
+        ("sentence1\tsentence2\tscore\na\tb\t2\n  \td\t3\n", "row 2: column 'sentence1' is only whitespace"),
+        ("sentence1\tsentence2\tscore\na\t\t2\nc\td\t3\n", "row 1: column 'sentence2' is empty"),
     ],
 )
 def test_bad_sts_files(tmp_path, content, message):
     with pytest.raises(DataFileError, match=message):
         load_sts(write(tmp_path / "bad.tsv", content))
+
+
+def test_json_booleans_are_not_scores(tmp_path):
+    rows = [
+        {"sentence1": "a", "sentence2": "b", "score": True},
+        {"sentence1": "c", "sentence2": "d", "score": 2},
+    ]
+    path = write(tmp_path / "s.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataFileError, match="row 1: column 'score' is True, not a number"):
+        load_sts(path)
+
+
+def test_a_tsv_field_past_the_csv_modules_default_limit(tmp_path):
+    long = "word " * 40_000  # 200,000 characters: csv's default limit is 131,072
+    texts = read_texts(write(tmp_path / "big.tsv", f"text\n{long}\nshort\n"))
+    assert texts == [long, "short"]
 
 
 def test_missing_file_and_unknown_type(tmp_path):
@@ -105,13 +123,8 @@ def test_not_utf8_files_name_the_file_and_line(tmp_path):
 
 
 def test_malformed_csv_gives_data_file_error(tmp_path):
-    import csv
-
-    big = "x" * (csv.field_size_limit() + 1)
-    with pytest.raises(
-        DataFileError, match=r"big.csv, line 2: malformed csv \(field larger than field limit"
-    ):
-        read_rows(write(tmp_path / "big.csv", f"text\n{big}\n"))
+    with pytest.raises(DataFileError, match=r"bad.csv, line 2: malformed csv \(',' expected after"):
+        read_rows(write(tmp_path / "bad.csv", 'id,text\n1,"a"b\n'))
     with pytest.raises(DataFileError, match=r"short.csv, line 3: 1 field\(s\), but the header has 2"):
         read_rows(write(tmp_path / "short.csv", "id,text\n1,a\nb\n"))
     with pytest.raises(DataFileError, match=r"long.tsv, line 2: 3 field\(s\), but the header has 2"):

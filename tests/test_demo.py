@@ -70,3 +70,26 @@ def test_demo_end_to_end_and_cached_rerun(tiny_model_dir, tmp_path, capsys):
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert again["models"] == results["models"]
     assert "grids in float32" in again["setup"]["speed"]
+
+
+def test_training_time_of_a_resumed_run_is_the_whole_runs(tmp_path, monkeypatch):
+    """A demo run interrupted and resumed used to record only the resumed part's seconds."""
+    import types
+
+    import matryoshka2d.training.trainer as trainer_module
+    from matryoshka2d.demo import experiment
+
+    class FakeTrainer:
+        def __init__(self, config):
+            self.checkpoint_dir = tmp_path / "ck"
+
+        def train(self):
+            experiment.time.sleep(0.05)
+            return types.SimpleNamespace(step=8)
+
+    (tmp_path / "ck" / "checkpoint-6").mkdir(parents=True)
+    (tmp_path / "ck" / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    monkeypatch.setattr(trainer_module, "Trainer", FakeTrainer)
+    _, seconds = experiment.train({}, "base", tmp_path / "data", tmp_path / "work")
+    timing = json.loads(next((tmp_path / "work").glob("*.train.json")).read_text())
+    assert timing["resumed_at_step"] == 6 and seconds == timing["training_time_s"] >= 4 * 0.05

@@ -53,6 +53,11 @@ def test_defaults_and_result_helpers(tiny_model, sts_file):
     assert result.table().splitlines()[0].split()[-1] == "32"
 
 
+def test_numpy_arrays_of_layers_and_dims(tiny_model, sts_file):
+    result = evaluate_sts(tiny_model, sts_file, layers=np.array([1, 2]), dims=np.array([16, 8]))
+    assert result.layers == [1, 2] and result.dims == [16, 8]
+
+
 def test_bad_grid(tiny_model, sts_file):
     with pytest.raises(InvalidLayersError, match="out of range"):
         evaluate_sts(tiny_model, sts_file, layers=[1, 9])

@@ -53,6 +53,25 @@ def test_metric_input_errors():
         retrieval_metrics(x, x, [[0]])
     with pytest.raises(InvalidInputError, match="recall_at must be positive integers"):
         retrieval_metrics(x, x, [[0], [1]], recall_at=(0,))
+    # a position outside the corpus used to mark a document of the next query as relevant
+    for relevant in ([[0], [-1]], [[2], [0]], [[0], []]):
+        with pytest.raises(InvalidInputError, match=r"relevant\[\d\] must be a non-empty list of corpus"):
+            retrieval_metrics(x, x, relevant)
+
+
+@pytest.mark.parametrize("num_docs", [5, 50, 1000])
+def test_equal_scores_rank_in_corpus_order_whatever_the_corpus_size(num_docs):
+    """Every document the same: the first relevant one by position wins, in the small-corpus path (a full
+    sort) and in the partition path alike (it used to depend on argpartition's internals)."""
+    corpus = np.ones((num_docs, 4), dtype=np.float32)
+    query = np.ones((1, 4), dtype=np.float32)
+    assert retrieval_metrics(query, corpus, [[0]], recall_at=(1,))["recall@1"] == 1.0
+    last = retrieval_metrics(query, corpus, [[num_docs - 1]], recall_at=(1, num_docs))
+    assert last["recall@1"] == 0.0 and last[f"recall@{num_docs}"] == 1.0
+    # ties across the cut after the first 10 (depth 10 < num_docs: the partition path): positions 0-9 kept
+    if num_docs > 10:
+        assert retrieval_metrics(query, corpus, [[9]], recall_at=(10,))["recall@10"] == 1.0
+        assert retrieval_metrics(query, corpus, [[10]], recall_at=(10,))["recall@10"] == 0.0
 
 
 @pytest.fixture
@@ -69,6 +88,18 @@ def snli_file(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join("\t".join(r) for r in rows) + "\n", encoding="utf-8")
     return path
+
+
+def test_a_querys_own_text_in_the_corpus_is_left_out_of_its_ranking(tiny_model):
+    """An STS sentence1 that is also another pair's sentence2 is the same embedding: rank 1 for any model,
+    judged a miss (12 of the 309 STS Benchmark test queries), unless it is relevant."""
+    texts = ["A man is cutting an onion.", "A man slices an onion.", "A dog runs.", "A cat sleeps."]
+    data = RetrievalData(queries=[texts[0]], corpus=[texts[0], texts[2], texts[1], texts[3]], relevant=[[2]])
+    alone = RetrievalData(queries=[texts[0]], corpus=[texts[2], texts[1], texts[3]], relevant=[[1]])
+    with_copy, without = (evaluate_retrieval(tiny_model, d, recall_at=(1, 3)) for d in (data, alone))
+    assert with_copy.metrics == without.metrics
+    relevant_copy = RetrievalData(queries=[texts[0]], corpus=[texts[0], texts[1]], relevant=[[0]])
+    assert evaluate_retrieval(tiny_model, relevant_copy, recall_at=(1,)).metrics["recall@1"][-1][0] == 1.0
 
 
 def test_snli_retrieval_set(snli_file):
@@ -92,6 +123,12 @@ def test_snli_retrieval_errors(snli_file, tmp_path):
     bad.write_text("premise\thypothesis\nA\tB\n")
     with pytest.raises(DataFileError, match="missing column\\(s\\) \\['label'\\]"):
         load_snli_retrieval(bad)
+    ragged = tmp_path / "ragged.jsonl"  # the second row has no label: named, not a KeyError
+    ragged.write_text(
+        '{"premise": "A", "hypothesis": "B", "label": "entailment"}\n{"premise": "C", "hypothesis": "D"}\n'
+    )
+    with pytest.raises(DataFileError, match="row 2: no 'label'"):
+        load_snli_retrieval(ragged)
     with pytest.raises(InvalidInputError, match="has no relevant document"):
         RetrievalData(queries=["q"], corpus=["d"], relevant=[[]])
     with pytest.raises(InvalidInputError, match="outside the corpus"):

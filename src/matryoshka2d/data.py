@@ -23,6 +23,15 @@ from pathlib import Path
 
 from matryoshka2d.errors import DataFileError
 
+
+def allow_long_csv_fields() -> None:
+    """Lift Python's csv limit of 131,072 characters a field ("field larger than field limit"): a long
+    document in a tsv/csv file is as valid as in a jsonl one. For the process (the limit is global)."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+
+
+allow_long_csv_fields()
+
 #: Where the shared evaluation data lives unless ``M2D_DATA_DIR`` says otherwise.
 DEFAULT_DATA_DIR = Path("../shared/data")
 
@@ -225,13 +234,23 @@ def require_columns(rows: list[dict[str, object]], columns: list[str], path: str
 
 
 def text_column(rows: list[dict[str, object]], column: str, path: str | os.PathLike) -> list[str]:
-    """The values of one column as non-empty strings."""
+    """The values of one column as strings that are not empty or only whitespace (such a text is no
+    sentence to embed, train on or score).
+
+    Raises:
+        DataFileError: naming the file, the row (1 = the first data row) and the column.
+    """
     require_columns(rows, [column], path)
     out = []
     for n, row in enumerate(rows, 1):
         value = row.get(column)
         if not isinstance(value, str):
             raise DataFileError(f"{path}, row {n}: column {column!r} is {value!r}, expected text")
+        if not value.strip():
+            what = "empty" if not value else "only whitespace"
+            raise DataFileError(
+                f"{path}, row {n}: column {column!r} is {what}; remove the row or fill in the text"
+            )
         out.append(value)
     return out
 
@@ -243,6 +262,8 @@ def score_column(rows: list[dict[str, object]], column: str, path: str | os.Path
     for n, row in enumerate(rows, 1):
         value = row.get(column)
         try:
+            if isinstance(value, bool):  # JSON true/false: not a score
+                raise TypeError
             score = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise DataFileError(f"{path}, row {n}: column {column!r} is {value!r}, not a number") from None

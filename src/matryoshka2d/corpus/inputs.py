@@ -11,8 +11,9 @@ is unchanged) and records where each shard starts: a byte offset for text format
 Parquet. Reading a shard seeks to that position and reads only its rows, so any worker can read any
 shard without reading what comes before it.
 
-Formats: ``.txt`` (one text a line; blank lines skipped; no id column), ``.jsonl`` (one JSON object a
-line; blank lines skipped), ``.csv`` / ``.tsv`` (a header row, standard CSV quoting), ``.parquet``.
+Formats: ``.txt`` (one text a line; no id column), ``.jsonl`` (one JSON object a line): blank lines at
+the end are ignored, one before the last text is refused (row i is line i); ``.csv`` / ``.tsv`` (a header
+row, standard CSV quoting, fields of any length), ``.parquet``.
 Lines end with ``\\n`` (a trailing ``\\r`` is dropped); a leading UTF-8 byte-order mark is ignored.
 """
 
@@ -28,11 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from matryoshka2d.data import allow_long_csv_fields
 from matryoshka2d.errors import DataFileError
 
 #: File suffixes ``embed-corpus`` reads.
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv", ".parquet")
 _GLOB_CHARS = set("*?[")
+allow_long_csv_fields()  # a long document in a csv/tsv corpus is as valid as in a jsonl one
 _HASH_BLOCK = 1 << 20
 
 

@@ -212,6 +212,7 @@ def train(
 
     Returns the model folder and the training time in seconds.
     """
+    from matryoshka2d.training.checkpoints import checkpoint_step, list_checkpoints
     from matryoshka2d.training.trainer import TrainConfig, Trainer
 
     settings = training_settings(overrides, base_model, data_root, common)
@@ -224,11 +225,23 @@ def train(
     config = TrainConfig.from_dict(
         {**settings, "output_dir": str(output), "resume": "latest", "overwrite": True}
     )
+    trainer = Trainer(config)
+    done = list_checkpoints(trainer.checkpoint_dir)  # a run interrupted before: resumed from its last one
+    resumed_at = checkpoint_step(done[-1]) if done else 0
     start = time.perf_counter()
-    Trainer(config).train()
+    result = trainer.train()
     seconds = time.perf_counter() - start
-    atomic_write(timing, json.dumps({"training_time_s": seconds}), "training time", overwrite=True)
-    return output, seconds
+    record: dict = {"training_time_s": seconds}
+    if resumed_at >= result.step:  # it had finished: nothing ran here, its time is unknown
+        record = {"training_time_s": None, "resumed_at_step": resumed_at}
+    elif resumed_at:
+        # Only the steps after the checkpoint ran here: the time of the whole run at this run's pace.
+        record = {
+            "training_time_s": seconds * result.step / (result.step - resumed_at),
+            "resumed_at_step": resumed_at,
+        }
+    atomic_write(timing, json.dumps(record), "training time", overwrite=True)
+    return output, record["training_time_s"]
 
 
 def run_demo(
@@ -285,6 +298,8 @@ def run_demo(
         if key == "rotated":
             source = {"rotated": source, **ROTATION}
         settings = {"model": source, "dims": dims, "speed_texts": len(texts)}
+        if overrides is None:  # (trained rows name their data in their training settings)
+            settings["data"] = str(data_root)
         if speed_dtype_name != "float32":  # (float32 results keep the key they had before speed_dtype)
             settings["speed_dtype"] = speed_dtype_name
         cached = work / f"{cache_key(key, settings)}.json"
@@ -299,7 +314,7 @@ def run_demo(
             folder, seconds = train(overrides, base_model, data_root, work, common)
         if key == "rotated":  # (c)'s training time plus the fit
             folder, fit_seconds = rotate(folder, data_root, work)
-            seconds += fit_seconds
+            seconds = None if seconds is None else seconds + fit_seconds
         entry = {
             "label": label,
             "training_time_s": seconds,

@@ -234,8 +234,11 @@ def resolve_grid(encoder: GridEncoder, layers: Sequence[int] | None, dims: Seque
     if dims is not None and len(dims) == 0:
         raise InvalidDimError("dims is empty: request at least one embedding size")
     num_layers, full = encoder.num_layers, encoder.dim
-    layers = sorted({check_layers(k, num_layers) for k in (layers or range(1, num_layers + 1))})
-    dims = sorted({check_dim(d, full) for d in (dims or [full])}, reverse=True)
+    # "is None", not "or": a numpy array has no truth value
+    layers = sorted(
+        {check_layers(k, num_layers) for k in (range(1, num_layers + 1) if layers is None else layers)}
+    )
+    dims = sorted({check_dim(d, full) for d in ([full] if dims is None else dims)}, reverse=True)
     return layers, dims
 
 

