@@ -19,7 +19,11 @@ fp32 STSB grid difference (layers 1-6 x dims 384-32) of all-MiniLM-L6-v2 and of 
 in ``--demo-work``, and the cost of the whole grid per backend.
 
     flock /tmp/m2d-heavy.lock python benchmarks/bench_backends.py [--repeats 3] [--threads 2]
-        [--batch-size 32] [--st-onnx-python /path/to/other/env/bin/python]
+        [--batch-size 32] [--st-onnx-python /path/to/other/env/bin/python] [--st-spinning off|on]
+        [--speed-only] [--out results.json]
+
+Each round runs the cells in a new random order (seeded by the round). sentence-transformers' ONNX
+sessions get the thread setting ours has (spinning off; ``--st-spinning on`` for ONNX Runtime's default).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -67,6 +72,10 @@ def _load_variant(variant: str, job: dict, threads: int):
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
+            # The setting our ONNX backend uses (pooling follows each run; spinning threads take the cores
+            # from it): without it the comparison would favour ours by that setting alone.
+            if job["st_spinning"] == "off":
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             kwargs = {"session_options": options}
             if variant == "st-onnx-int8":
                 kwargs["file_name"] = job["st_int8_file"]
@@ -181,6 +190,15 @@ def main() -> None:
     parser.add_argument("--demo-work", default=str(HERE.parent / "runs" / "demo"))
     parser.add_argument("--limit", type=int, help="only the first N sentences (a quick check of the script)")
     parser.add_argument(
+        "--st-spinning",
+        choices=("off", "on"),
+        default="off",
+        help="ONNX Runtime thread spinning in sentence-transformers' ONNX sessions: off (default) is what "
+        "our ONNX backend uses; on is ONNX Runtime's (and sentence-transformers') default",
+    )
+    parser.add_argument("--speed-only", action="store_true", help="skip the export sizes and the grids")
+    parser.add_argument("--out", help="also write the throughput table as JSON here")
+    parser.add_argument(
         "--model",
         choices=("minilm", "mpnet"),
         default="minilm",
@@ -223,6 +241,7 @@ def main() -> None:
         "scores": [float(sts.scores[i]) for i in kept],
         "batch_size": args.batch_size,
         "layers": [n],
+        "st_spinning": args.st_spinning,
     }
     variants: list[tuple[str, str, list[int]]] = [
         ("st-fp32", sys.executable, [n]),
@@ -244,7 +263,8 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
     quality: dict[tuple[str, int], float] = {}
     for r in range(args.repeats):
-        for name, k in cells[r % len(cells) :] + cells[: r % len(cells)]:  # rotate the order each round
+        # a new random order each round: no cell always runs first, or always right after another one
+        for name, k in random.Random(r).sample(cells, len(cells)):
             result = workers[name].run(k)
             times[(name, k)].append(result["seconds"])
             quality[(name, k)] = result["spearman"]
@@ -271,7 +291,21 @@ def main() -> None:
         f"{quality[ours_full] - quality[('m2d-fp32', n)]:+.2f} Spearman vs our fp32"
     )
 
-    if not args.limit and args.model == "minilm":
+    if args.out:
+        from matryoshka2d.persistence import atomic_write
+
+        rows = [
+            {"variant": name, "layers": k, "seconds": times[(name, k)], "sentences_per_s": speed[(name, k)],
+             "spearman": quality[(name, k)]}
+            for name, k in cells
+        ]  # fmt: skip
+        settings = {key: getattr(args, key) for key in ("model", "repeats", "threads", "batch_size", "limit")}
+        result = {
+            "settings": {**settings, "st_spinning": args.st_spinning, "sentences": len(texts)},
+            "rows": rows,
+        }
+        atomic_write(args.out, json.dumps(result, indent=1) + "\n", "benchmark results", overwrite=True)
+    if not args.limit and not args.speed_only and args.model == "minilm":
         sizes()
         grids(args.demo_work)
 

@@ -1,6 +1,7 @@
 """Encode throughput, matryoshka2d vs sentence-transformers, at full size and at fewer layers.
 
-Both sides run in this one process, alternating, on the same model, texts, threads and batch size.
+Both sides run in this one process, taking turns in a new random order each round, on the same model,
+texts, threads and batch size (every model and layer count warmed up first).
 sentence-transformers runs fewer layers after the manual surgery of the 2DMSE seed text
 (``model[0].auto_model.encoder.layer = layer[:k]``); matryoshka2d uses ``encode(layers=k)`` on one
 loaded model. Both compute in ``--dtype`` (default ``auto``: bfloat16 on a CPU with native bf16, as
@@ -8,11 +9,15 @@ loaded model. Both compute in ``--dtype`` (default ``auto``: bfloat16 on a CPU w
 
     python benchmarks/bench_encode.py [--repeats 3] [--threads 2] [--batch-size 32] [--mpnet-texts 1000]
         [--dtype auto|float32|bfloat16]
+
+The tables in docs/BENCHMARKS.md say which dtype they ran in (the first ones: float32, with
+``--dtype float32`` before ``auto`` was the default).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 
 import torch
 from common import header, median, minilm_path, mpnet_path, stsb_sentences, timed
@@ -38,18 +43,19 @@ def bench_model(
     ours = EmbeddingModel.load(path, dtype=dtype)
     n_layers = ours.num_layers
     st = {k: st_with_layers(path, None if k == n_layers else k, ours.dtype) for k in layer_counts}
-    # Warm up both sides (first-call allocations, tokenizer caches).
-    ours.encode(texts[:64], batch_size=batch_size)
-    st[n_layers].encode(texts[:64], batch_size=batch_size)
-    times: dict[tuple[str, int], list[float]] = {}
-    for _ in range(repeats):
-        for k in layer_counts:
-            times.setdefault(("st", k), []).append(
-                timed(lambda k=k: st[k].encode(texts, batch_size=batch_size, normalize_embeddings=True))
-            )
-            times.setdefault(("m2d", k), []).append(
-                timed(lambda k=k: ours.encode(texts, layers=k, batch_size=batch_size))
-            )
+    # Warm up every model and layer count (first-call allocations, tokenizer caches).
+    for k in layer_counts:
+        ours.encode(texts[:64], layers=k, batch_size=batch_size)
+        st[k].encode(texts[:64], batch_size=batch_size)
+    jobs = {
+        **{("st", k): lambda k=k: st[k].encode(texts, batch_size=batch_size, normalize_embeddings=True)
+           for k in layer_counts},
+        **{("m2d", k): lambda k=k: ours.encode(texts, layers=k, batch_size=batch_size) for k in layer_counts},
+    }  # fmt: skip
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in jobs}
+    for r in range(repeats):
+        for key in random.Random(r).sample(list(jobs), len(jobs)):  # a new order each round
+            times[key].append(timed(jobs[key]))
     rate = {key: len(texts) / median(v) for key, v in times.items()}
     print(
         f"\n## {name}: {len(texts)} STSB test sentences, batch {batch_size}, median of {repeats} runs, "
