@@ -3,17 +3,18 @@
 all-MiniLM-L6-v2, 2 CPU threads per server, STS Benchmark test sentences, requests of 1..32 texts (fixed
 seed), closed-loop clients at concurrency 1, 8 and 32. Measured, in this order:
 
-1. offline ``model.encode`` of the same requests in this process (the latency floor for concurrency 1);
-2. ``m2d serve`` (torch float32, batch mode ``grouped``), ``m2d serve --backend onnx`` and ``m2d serve
+1. ``m2d serve`` (torch float32, batch mode ``grouped``), ``m2d serve --backend onnx`` and ``m2d serve
    --dtype bfloat16`` at layers 6, 3, 1, plus a mixed-layer load (layers 1/3/6 per request) at
    concurrency 32 in batch mode ``shared``;
-3. ``m2d serve --batch-mode grouped`` on the same mixed-layer load (which batch mode is faster);
-4. Infinity, torch engine; 5. Infinity, optimum (ONNX) engine: both from the separate virtualenv made by
+2. ``m2d serve --batch-mode grouped`` on the same mixed-layer load (which batch mode is faster);
+3. Infinity, torch engine; 4. Infinity, optimum (ONNX) engine: both from the separate virtualenv made by
    ``benchmarks/infinity/setup.sh`` (skipped with a note if it is missing);
+5. offline ``model.encode`` of exactly the requests ``m2d serve`` completed in its concurrency-1 window,
+   in this process (the latency floor for concurrency 1: the same requests on both sides);
 6. optionally (``--overload-seconds N``) an overload of ``m2d serve``: 256 connections sending 32 texts
    each as fast as they can; RSS of the server before, at peak and after, and the status counts.
 
-With ``--rounds N`` the servers are measured N times in turn (steps 2-5, each server started afresh every
+With ``--rounds N`` the servers are measured N times in turn (steps 1-4, each server started afresh every
 round) and every ratio uses the median of the rounds: one run of a few seconds per cell moved the
 comparison with Infinity by +-15%.
 
@@ -67,8 +68,14 @@ THREADS = 2
 
 # ---------------------------------------------------------------- the request mix
 def make_requests(sentences: list[str], count: int, seed: int = 0) -> list[list[str]]:
-    """``count`` requests of 1..32 consecutive STSB sentences (sizes uniform, fixed seed)."""
+    """``count`` requests of 1..32 STSB sentences (sizes uniform, fixed seed).
+
+    The sentences are shuffled first (seeded): the STSB file comes in blocks by source whose sentences
+    differ in length by ~2x, and a run covers a slice of the requests that depends on the server's speed,
+    so without the shuffle a faster server would be measured on other sentence lengths.
+    """
     rng = random.Random(seed)
+    sentences = rng.sample(sentences, len(sentences))
     requests, position = [], 0
     for _ in range(count):
         size = rng.randint(1, 32)
@@ -135,13 +142,19 @@ class RunResult:
     p99_ms: float
     errors: dict
     round: int = 0
+    #: At concurrency 1: which requests (indices into the request list) completed in the window, so that
+    #: the offline reference times exactly those (each run starts at request 0; the window's slice
+    #: depends on the server's speed).
+    window_requests: list[int] | None = None
 
 
 async def _load(
     port: int, bodies: list[tuple[bytes, int]], concurrency: int, warmup: float, duration: float
-) -> tuple[list[float], int, int, dict]:
-    """Closed-loop clients for warmup + duration seconds; latencies of requests completed in the window."""
+) -> tuple[list[float], int, int, dict, list[int]]:
+    """Closed-loop clients for warmup + duration seconds; latencies (and request indices) of the requests
+    completed in the window."""
     latencies: list[float] = []
+    completed: list[int] = []
     counts = {"requests": 0, "texts": 0}
     errors: dict[str, int] = {}
     next_index = 0
@@ -153,7 +166,8 @@ async def _load(
         connection = Connection("127.0.0.1", port)
         try:
             while (now := time.perf_counter()) < window_end:
-                body, texts = bodies[next_index % len(bodies)]
+                index = next_index % len(bodies)
+                body, texts = bodies[index]
                 next_index += 1
                 try:
                     status, payload = await connection.post("/v1/embeddings", body)
@@ -167,13 +181,14 @@ async def _load(
                     errors[str(status)] = errors.get(str(status), 0) + 1
                 elif window_start <= done <= window_end:  # completed in the measured window
                     latencies.append(done - now)
+                    completed.append(index)
                     counts["requests"] += 1
                     counts["texts"] += texts
         finally:
             await connection.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, counts["requests"], counts["texts"], errors
+    return latencies, counts["requests"], counts["texts"], errors, completed
 
 
 def run_load(
@@ -193,7 +208,9 @@ def run_load(
         if layers is not None:
             body["layers"] = rng.choice(layers)
         bodies.append((json.dumps(body).encode(), len(texts)))
-    latencies, n_requests, n_texts, errors = asyncio.run(_load(port, bodies, concurrency, warmup, duration))
+    latencies, n_requests, n_texts, errors, completed = asyncio.run(
+        _load(port, bodies, concurrency, warmup, duration)
+    )
     latencies.sort()
     result = RunResult(
         server=server,
@@ -208,6 +225,7 @@ def run_load(
         if latencies
         else float("nan"),
         errors=errors,
+        window_requests=completed if concurrency == 1 else None,
     )
     print(
         f"  {server:<16} layers {label:<6} c={concurrency:<3} {result.sentences_per_s:7.1f} sent/s  "
@@ -331,7 +349,8 @@ def infinity_server(engine: str, extra: list[str] | None = None) -> Server | Non
 
 # ---------------------------------------------------------------- offline reference
 def offline_latency(requests: list[list[str]], layers: int, count: int) -> float:
-    """Median seconds of ``model.encode`` per request, same requests, same threads, in this process."""
+    """Median seconds of ``model.encode`` per request over the first ``count`` of ``requests`` (pass the
+    requests a server completed to compare like with like), same threads, in this process."""
     import torch
 
     from matryoshka2d import EmbeddingModel
@@ -570,13 +589,6 @@ def main() -> None:
         write_json(Path(args.out), report)
         return
 
-    print("offline encode (same requests, this process):", flush=True)
-    report["offline_p50_ms"] = {}
-    for k in (6, 3, 1):
-        p50 = 1000 * offline_latency(requests, k, 60)
-        report["offline_p50_ms"][str(k)] = p50
-        print(f"  layers {k}: p50 {p50:.1f} ms per request", flush=True)
-
     def measure(
         server: Server, label: str, layer_sets: list[tuple[str, list[int] | None]], levels_, round_: int
     ) -> None:
@@ -604,6 +616,21 @@ def main() -> None:
                 server = infinity_server(engine)
                 if server is not None:
                     measure(server, f"infinity-{engine}", [("6", None)], levels, round_)
+    # The offline reference of the c=1 latency: model.encode of exactly the requests the server completed
+    # in its c=1 window (the first round's; capped at 120), here in this process.
+    report["offline_p50_ms"] = {}
+    if 1 in levels:
+        print("offline encode (the requests the server completed at c=1, this process):", flush=True)
+        for k in ("6", "3", "1"):
+            single = next(
+                (r for r in results if r.server == "m2d serve" and r.layers == k and r.concurrency == 1), None
+            )
+            if single is None or not single.window_requests:
+                continue
+            chosen = [requests[i] for i in single.window_requests[:120]]
+            p50 = 1000 * offline_latency(chosen, int(k), len(chosen))
+            report["offline_p50_ms"][k] = p50
+            print(f"  layers {k}: p50 {p50:.1f} ms per request over {len(chosen)} requests", flush=True)
     report["runs"] = [asdict(r) for r in results]
     if args.overload_seconds > 0:
         print("overload:", flush=True)
@@ -651,8 +678,8 @@ def main() -> None:
                 )
     for k in ("6", "3", "1"):
         single = get("m2d serve", k, 1)
-        if single and 1 in levels:
-            ratios[f"m2d c=1 p50 / offline encode p50, layers {k}"] = (
+        if single and k in report["offline_p50_ms"]:
+            ratios[f"m2d c=1 p50 / offline encode p50 (the same requests), layers {k}"] = (
                 single.p50_ms / report["offline_p50_ms"][k]
             )
     shared, grouped = get("m2d shared", "1/3/6", 32), get("m2d grouped", "1/3/6", 32)
