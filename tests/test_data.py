@@ -73,6 +73,14 @@ def test_bad_sts_files(tmp_path, content, message):
         load_sts(write(tmp_path / "bad.tsv", content))
 
 
+def test_sts_data_of_unequal_lengths_is_refused_at_once():
+    from matryoshka2d.data import StsData
+    from matryoshka2d.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="as many sentence1, sentence2 and scores, got 1, 2 and 1"):
+        StsData(["a"], ["b", "c"], [1.0])
+
+
 def test_json_booleans_are_not_scores(tmp_path):
     rows = [
         {"sentence1": "a", "sentence2": "b", "score": True},

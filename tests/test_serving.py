@@ -250,6 +250,7 @@ def test_api_key(server):
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+    assert httpx.get(server.url + "/openapi.json").status_code == 404  # nothing without the key
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.embeddings.create(model=NAME, input="a cat")
@@ -737,6 +738,21 @@ def test_onnx_backend_serves_its_own_offline_values(model_dir, offline, tmp_path
 
 
 # ---------------------------------------------------------------- CLI
+def test_cli_serve_refuses_a_port_in_use_before_loading(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
 def test_cli_serve_missing_model_is_one_line_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "matryoshka2d.cli", "serve", str(tmp_path / "missing")],

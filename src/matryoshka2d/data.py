@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from matryoshka2d.errors import DataFileError
+from matryoshka2d.errors import DataFileError, InvalidInputError
 
 
 def allow_long_csv_fields() -> None:
@@ -280,6 +280,14 @@ class StsData:
     sentence1: list[str]
     sentence2: list[str]
     scores: list[float]
+
+    def __post_init__(self) -> None:
+        lengths = (len(self.sentence1), len(self.sentence2), len(self.scores))
+        if len(set(lengths)) != 1:  # checked here, before the slow encoding of an evaluation
+            raise InvalidInputError(
+                f"StsData needs as many sentence1, sentence2 and scores, got {lengths[0]}, {lengths[1]} "
+                f"and {lengths[2]}"
+            )
 
     def __len__(self) -> int:
         return len(self.scores)

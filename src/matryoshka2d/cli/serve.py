@@ -12,7 +12,7 @@ from matryoshka2d.cli.common import int_list, model_parent, positive_int, runtim
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from matryoshka2d.serving import ServeConfig, create_app, make_server
-        from matryoshka2d.serving.runner import run_until_signal
+        from matryoshka2d.serving.runner import check_port_free, run_until_signal
     except ImportError as e:  # the serve extra is missing
         from matryoshka2d.errors import Matryoshka2dError
 
@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_mode=args.batch_mode,
         api_key=args.api_key,
     )
+    check_port_free(args.host, args.port)  # before the model loads
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     failed: list[BaseException] = []
 

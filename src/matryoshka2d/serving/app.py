@@ -476,7 +476,14 @@ def create_app(
         yield
         await run_in_threadpool(server.shutdown)
 
-    app = FastAPI(title="matryoshka2d embeddings", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="matryoshka2d embeddings",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        # the schema is no secret, but a server behind an API key answers nothing to a client without it
+        openapi_url=None if config.api_key is not None else "/openapi.json",
+    )
     app.state.server = server
     metrics = server.metrics
 

@@ -26,6 +26,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before the model loads, a ``host:port`` that cannot be listened on (in use, or not an
+    address of this machine): uvicorn would say so only once the server starts, with exit status 3.
+
+    Raises:
+        InvalidInputError: naming the address and the reason.
+    """
+    from matryoshka2d.errors import InvalidInputError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise InvalidInputError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host"
+        ) from None
+
+
 def make_server(
     app: FastAPI,
     host: str = "127.0.0.1",
