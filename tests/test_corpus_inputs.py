@@ -197,6 +197,10 @@ def test_a_blank_line_before_the_last_text_is_refused_with_its_line(tmp_path, fm
     path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
     with pytest.raises(DataFileError, match=r"c\.(txt|jsonl), line 2: blank line before the last text"):
         plan_corpus([path], shard_rows=10)
+    if fmt == "jsonl":  # rows with ids of their own: blank lines are skipped, as before
+        path.write_text('{"id": "a", "text": "one"}\n\n{"id": "b", "text": "two"}\n', encoding="utf-8")
+        plan = plan_corpus([path], id_column="id", shard_rows=10)
+        assert read_shard(plan, plan.shards[0]) == (["one", "two"], ["a", "b"])
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv"])

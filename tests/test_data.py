@@ -73,6 +73,12 @@ def test_bad_sts_files(tmp_path, content, message):
         load_sts(write(tmp_path / "bad.tsv", content))
 
 
+def test_a_corpus_to_encode_may_hold_an_empty_text(tmp_path):
+    """Only training and evaluation data refuse empty texts; a corpus row keeps its place."""
+    texts, ids = read_corpus(write(tmp_path / "c.csv", "text,id\nhello,a\n,b\nbye,c\n"), None, "id")
+    assert texts == ["hello", "", "bye"] and ids == ["a", "b", "c"]
+
+
 def test_sts_data_of_unequal_lengths_is_refused_at_once():
     from matryoshka2d.data import StsData
     from matryoshka2d.errors import InvalidInputError

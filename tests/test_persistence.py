@@ -78,21 +78,18 @@ def test_do_lower_case_round_trips(tmp_path):
 def test_do_lower_case_keeps_special_tokens_as_sentence_transformers_does(tmp_path):
     """sentence-transformers 6 lower-cases in the tokenizer's normaliser, after the special tokens are
     split off; lower-casing the text first turned a literal [MASK] into unknown word pieces."""
+    from tokenizers import AddedToken
     from transformers import BertTokenizerFast
 
     tokenizer = BertTokenizerFast(vocab=str(write_vocab(tmp_path)), model_max_length=48, do_lower_case=False)
+    tokenizer.add_tokens([AddedToken("[ENT]", normalized=False)])  # not normalised: kept as it is too
     model = EmbeddingModel(tiny_transformer("bert", len(tokenizer)).eval(), tokenizer, do_lower_case=True)
-    texts = ["the [MASK] sat on the mat", "A CAT [SEP] a dog", "A cat sat on the mat"]
+    texts = ["the [MASK] sat on the mat", "A CAT [SEP] a dog", "A cat sat on the mat", "a [ENT] CAR"]
     tokens = [
         tokenizer.convert_ids_to_tokens(ids) for ids in model.tokenize(texts, padding=False)["input_ids"]
     ]
-    assert tokens[0][:3] == ["[CLS]", "the", "[MASK]"] and tokens[1][:5] == [
-        "[CLS]",
-        "a",
-        "cat",
-        "[SEP]",
-        "a",
-    ]
+    assert tokens[0][:3] == ["[CLS]", "the", "[MASK]"]
+    assert tokens[1][:5] == ["[CLS]", "a", "cat", "[SEP]", "a"] and tokens[3][1:3] == ["a", "[ENT]"]
     out = model.save(tmp_path / "m")
     np.testing.assert_allclose(st_encode(out, texts), model.encode(texts), atol=1e-5)
 

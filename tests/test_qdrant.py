@@ -482,7 +482,9 @@ def test_cli_building_the_same_corpus_again_replaces_its_points(tiny_model_dir, 
     qdrant = ["--backend", "qdrant", "--qdrant-edge", str(tmp_path / "edge")]
     assert main([*build, *qdrant]) == 0
     assert main([*build, *qdrant]) == 0
-    assert "now 12 points, 12 before" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "now 12 points, 12 before" in captured.out
+    assert "already holds 12 points and the ids are row numbers" in captured.err  # said, not silent
     with QdrantIndex.open(edge_path=str(tmp_path / "edge")) as q:
         assert len(q) == 12
 

@@ -402,3 +402,10 @@ def test_a_resume_with_nothing_left_to_do_names_its_checkpoint(workdir, three_ch
     out, found = three_checkpoints  # stopped at step 6
     result = Trainer(config(workdir, out, steps=8, stop_at=4, resume="latest")).train()
     assert result.output_dir is None and result.step == 6 and result.checkpoint == found[-1]
+
+
+def test_an_early_stop_reports_the_loss_since_the_last_log_entry(workdir, tmp_path):
+    """stop_at no longer writes a log entry (the resumed run's log must be the uninterrupted one's), but the
+    result still says the loss."""
+    result = Trainer(config(workdir, tmp_path / "o", steps=8, stop_at=3, log_steps=10)).train()
+    assert result.output_dir is None and result.loss is not None and result.loss > 0

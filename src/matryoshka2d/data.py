@@ -233,9 +233,12 @@ def require_columns(rows: list[dict[str, object]], columns: list[str], path: str
         raise DataFileError(f"{path}: missing column(s) {missing}; the file has {have}")
 
 
-def text_column(rows: list[dict[str, object]], column: str, path: str | os.PathLike) -> list[str]:
-    """The values of one column as strings that are not empty or only whitespace (such a text is no
-    sentence to embed, train on or score).
+def text_column(
+    rows: list[dict[str, object]], column: str, path: str | os.PathLike, non_empty: bool = False
+) -> list[str]:
+    """The values of one column as strings; with ``non_empty``, none empty or only whitespace (no sentence
+    to train on or score: training and evaluation data; a corpus to encode may hold them, each keeps its
+    row).
 
     Raises:
         DataFileError: naming the file, the row (1 = the first data row) and the column.
@@ -246,7 +249,7 @@ def text_column(rows: list[dict[str, object]], column: str, path: str | os.PathL
         value = row.get(column)
         if not isinstance(value, str):
             raise DataFileError(f"{path}, row {n}: column {column!r} is {value!r}, expected text")
-        if not value.strip():
+        if non_empty and not value.strip():
             what = "empty" if not value else "only whitespace"
             raise DataFileError(
                 f"{path}, row {n}: column {column!r} is {what}; remove the row or fill in the text"
@@ -308,8 +311,8 @@ def load_sts(
     rows = read_rows(path)
     require_columns(rows, [sentence1, sentence2, score], path)
     data = StsData(
-        text_column(rows, sentence1, path),
-        text_column(rows, sentence2, path),
+        text_column(rows, sentence1, path, non_empty=True),
+        text_column(rows, sentence2, path, non_empty=True),
         score_column(rows, score, path),
     )
     if len(set(data.scores)) < 2:

@@ -316,17 +316,17 @@ class Encoder(abc.ABC):
 
 
 def lower_case(texts: Sequence[str], tokenizer) -> list[str]:
-    """``texts`` lower-cased for a model with ``do_lower_case``, except the tokenizer's special tokens.
+    """``texts`` lower-cased for a model with ``do_lower_case``, except the tokenizer's special tokens and
+    the added tokens it does not normalise.
 
     As sentence-transformers 6 does it (a lower-casing step in the tokenizer's normaliser, which runs after
-    the special tokens are split off): a literal ``[SEP]`` or ``[MASK]`` in a text stays that token
-    instead of becoming ``[sep]`` (unknown word pieces).
+    those tokens are split off): a literal ``[SEP]`` or ``[MASK]`` in a text stays that token instead of
+    becoming ``[sep]`` (unknown word pieces).
     """
-    specials = sorted(
-        {t for t in getattr(tokenizer, "all_special_tokens", ()) if t and t.lower() != t},
-        key=len,
-        reverse=True,
-    )
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    kept = {t.content for t in added.values() if not getattr(t, "normalized", True)}
+    kept |= set(getattr(tokenizer, "all_special_tokens", ()))
+    specials = sorted({t for t in kept if t and t.lower() != t}, key=len, reverse=True)
     if not specials:
         return [t.lower() for t in texts]
     pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from matryoshka2d.cli.common import (
     int_list,
@@ -377,6 +378,12 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
         **place,
     ) as index:
         before = len(index)
+        if before and args.id_column is None:
+            print(
+                f"m2d index build: note: collection {collection!r} already holds {before} points and the ids "
+                "are row numbers (no --id-column): documents with the same numbers are replaced, not added",
+                file=sys.stderr,
+            )
         index.upload_texts(model, texts, ids, batch_size=args.batch_size, store_texts=not args.no_texts)
         c = index.shortlist
         print(

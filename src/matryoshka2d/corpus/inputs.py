@@ -353,19 +353,19 @@ def plan_corpus(
     return CorpusPlan(inputs, text_column, id_column, shard_rows, planner.shards)
 
 
-def _text_lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, int, str]]:
+def _text_lines(f: BinaryIO, path: Path, skip_blank: bool = False) -> Iterator[tuple[int, int, str]]:
     """:func:`_lines` from the start without the blank lines at the end of the file; a blank line before
     the last text is refused (skipping it would make row i, and its default id, another line than i, as
-    ``m2d encode`` refuses it too)."""
+    ``m2d encode`` refuses it too), or skipped with ``skip_blank`` (rows with ids of their own)."""
     blank = None
     for offset, n, text in _lines(f, path, 0, 1):
         if not text.strip():
             blank = blank or n
             continue
-        if blank is not None:
+        if blank is not None and not skip_blank:
             raise DataFileError(
-                f"{path}, line {blank}: blank line before the last text (row i must be line i: its id is "
-                "its row number); remove the blank lines"
+                f"{path}, line {blank}: blank line before the last text (row i must be line i: its default "
+                "id is its row number); remove the blank lines, or give the rows ids (--id-column)"
             )
         yield offset, n, text
 
@@ -379,7 +379,7 @@ def _plan_jsonl(f, path, i, planner, text_column, id_column) -> tuple[int, str |
     state = {"text": text_column}
 
     def cursors() -> Iterator[int]:
-        for offset, n, text in _text_lines(f, path):
+        for offset, n, text in _text_lines(f, path, skip_blank=id_column is not None):
             row = _json_row(text, path, n)
             if state["text"] is None:
                 if not row:

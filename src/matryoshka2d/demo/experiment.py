@@ -234,10 +234,11 @@ def train(
     record: dict = {"training_time_s": seconds}
     if resumed_at >= result.step:  # it had finished: nothing ran here, its time is unknown
         record = {"training_time_s": None, "resumed_at_step": resumed_at}
-    elif resumed_at:
-        # Only the steps after the checkpoint ran here: the time of the whole run at this run's pace.
+    elif resumed_at and result.steps_per_second:
+        # Only the steps after the checkpoint ran here: the earlier steps at this run's training pace
+        # (steps per second of training alone: loading, evaluation and saving are counted once).
         record = {
-            "training_time_s": seconds * result.step / (result.step - resumed_at),
+            "training_time_s": seconds + resumed_at / result.steps_per_second,
             "resumed_at_step": resumed_at,
         }
     atomic_write(timing, json.dumps(record), "training time", overwrite=True)

@@ -124,7 +124,8 @@ def load_snli_retrieval(
             f"{path}: no premise has a hypothesis labelled {sorted(wanted)} "
             f"(labels found: {sorted(set(labels))[:10]})"
         )
-    premises, hypotheses = text_column(rows, "premise", path), text_column(rows, "hypothesis", path)
+    premises = text_column(rows, "premise", path, non_empty=True)
+    hypotheses = text_column(rows, "hypothesis", path, non_empty=True)
     return pairs_to_retrieval(premises, hypotheses, [label in wanted for label in labels])
 
 

@@ -288,11 +288,13 @@ def export_onnx(
     path = Path(path)
     # Exported into a folder of its own: past 2 GiB the exporter writes every weight as a file beside
     # the graph; save_graph then writes the graph where it belongs (with one data file if need be).
-    training = {m: m.training for m in module.modules()}  # the caller's model: its modes are put back
     with _temporary_folder(path) as folder, torch.no_grad():
         tmp = Path(folder) / path.name
         with _PROCESS_STATE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
+            # the caller's model: its modes are put back (read under the lock: another export of it may
+            # be running)
+            training = {m: m.training for m in module.modules()}
             module.eval()
             try:
                 torch.onnx.export(

@@ -249,7 +249,7 @@ def load_training_data(
                 f"{list(rows[0].keys())}); set label_column"
             )
         require_columns(rows, texts_cols + ([label] if label else []), where)
-        texts = [text_column(rows, c, where) for c in texts_cols]  # no empty or whitespace-only text
+        texts = [text_column(rows, c, where, non_empty=True) for c in texts_cols]
         labels = score_column(rows, label, where) if label else None
         if out is None:
             out = TrainingData(texts_cols, texts, labels, label)

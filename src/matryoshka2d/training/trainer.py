@@ -670,7 +670,11 @@ class Trainer:
     def _after_step(self) -> None:
         """Log the loss (every ``log_steps``), evaluate (``eval_steps``), checkpoint (``save_steps``)."""
         cfg, step = self.config, self.step
-        # Not at stop_at (before the end): the resumed run's log must be the uninterrupted run's.
+        # Not at stop_at (before the end): the resumed run's log must be the uninterrupted run's. The loss
+        # reported for the stop is the mean since the last entry, kept out of the log.
+        if step == self.stop_at < self.total_steps and step % cfg.log_steps and self.window:
+            window = torch.tensor(sum(self.window) / len(self.window), device=self.device)
+            self.last_loss = self.accelerator.reduce(window, "mean").item()
         if step % cfg.log_steps == 0 or step == self.total_steps:
             window = torch.tensor(sum(self.window) / len(self.window), device=self.device)
             mean = self.accelerator.reduce(window, "mean").item()
