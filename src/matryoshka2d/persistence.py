@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -532,20 +533,30 @@ def atomic_write(
     return path
 
 
+#: Held around what changes process-wide state, so that two threads (two ONNX encoders, an export beside a
+#: build, two model loads or saves) never overlap there: torch's TorchScript exporter keeps global state (two
+#: exports at once fail: "GLOBALS.in_onnx_export must be True"), ``warnings.catch_warnings`` swaps the
+#: process's filter list, and transformers' verbosity is global (two overlapping blocks could leave
+#: "ignore" or "error" set for good). Re-entrant.
+PROCESS_STATE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' per-file progress bars and load reports (we show our own progress)."""
+    """Silence transformers' per-file progress bars and load reports (we show our own progress); held
+    under :data:`PROCESS_STATE_LOCK` (the settings are the process's)."""
     from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with PROCESS_STATE_LOCK:
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def write_json(path: Path, data: dict) -> None:

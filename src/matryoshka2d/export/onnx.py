@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import tempfile
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
-from matryoshka2d.persistence import remove_stale_temporaries
+from matryoshka2d.persistence import PROCESS_STATE_LOCK, remove_stale_temporaries
 from matryoshka2d.truncation import check_layers, exit_states, layer_view
 
 #: Key of the graph metadata entry mapping every layer count to the tensor holding its hidden state.
@@ -209,13 +208,6 @@ def copy_graph(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
-#: Held around what changes process-wide state, so that two threads (two ONNX encoders, an export beside a
-#: build) never overlap there: torch's TorchScript exporter keeps global state (two exports at once fail:
-#: "GLOBALS.in_onnx_export must be True"), and ``warnings.catch_warnings`` swaps the process's filter list
-#: (two overlapping blocks can leave "ignore" installed for good).
-_PROCESS_STATE_LOCK = threading.RLock()
-
-
 class _QuantizerHintFilter(logging.Filter):
     """Drops the records ONNX Runtime's quantiser logs on the root logger, and nothing else (changing the
     root logger's level instead would also silence every other thread while a quantisation runs)."""
@@ -290,7 +282,7 @@ def export_onnx(
     # the graph; save_graph then writes the graph where it belongs (with one data file if need be).
     with _temporary_folder(path) as folder, torch.no_grad():
         tmp = Path(folder) / path.name
-        with _PROCESS_STATE_LOCK, warnings.catch_warnings():
+        with PROCESS_STATE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
             # the caller's model: its modes are put back (read under the lock: another export of it may
             # be running)
@@ -466,7 +458,7 @@ def quantize_int8(
             float32_nodes, record = split_outlier_channels(to_quantize, split, calibration, ratio, threads)
             metadata.append((OUTLIERS_KEY, json.dumps(record)))
             to_quantize = split
-        with _PROCESS_STATE_LOCK, warnings.catch_warnings():
+        with PROCESS_STATE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint on the root logger
             try:
