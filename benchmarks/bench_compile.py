@@ -12,6 +12,7 @@ layers) speed-up, and the largest difference between the two copies' embeddings.
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import numpy as np
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N distinct sentences")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", help="also write every round's seconds as JSON here")
     args = parser.parse_args()
     header("compile_for_inference (torch.compile, frozen weights) vs eager torch")
     path = minilm_path() if args.model == "minilm" else mpnet_path()
@@ -49,12 +51,13 @@ def main() -> None:
     )
     models = {"eager": eager, "compiled": compiled}
     times: dict[tuple[str, int], list[float]] = {(name, k): [] for name in models for k in layers}
-    for _ in range(args.repeats):
-        for k in layers:
-            for name, model in models.items():
-                times[(name, k)].append(
-                    timed(lambda m=model, k=k: m.encode(texts, layers=k, batch_size=args.batch_size))
-                )
+    cells = list(times)
+    for r in range(args.repeats):
+        for name, k in random.Random(r).sample(cells, len(cells)):  # a new order each round
+            model = models[name]
+            times[(name, k)].append(
+                timed(lambda m=model, k=k: m.encode(texts, layers=k, batch_size=args.batch_size))
+            )
     rate = {key: len(texts) / median(value) for key, value in times.items()}
     print(
         f"\n{args.model}, {len(texts)} STSB test sentences, {args.dtype}, batch {args.batch_size}, "
@@ -70,6 +73,17 @@ def main() -> None:
         f"| {half} of {n} | | {rate[('eager', half)] / rate[('eager', n)]:.2f}x | "
         f"{rate[('compiled', half)] / rate[('compiled', n)]:.2f}x | |"
     )
+    if args.out:
+        import json
+
+        from matryoshka2d.persistence import atomic_write
+
+        result = {
+            "model": args.model, "texts": len(texts), "dtype": args.dtype, "batch_size": args.batch_size,
+            "compile_seconds": {str(k): v for k, v in compile_s.items()}, "max_difference": worst,
+            "seconds": {f"{name}@{k}": v for (name, k), v in times.items()},
+        }  # fmt: skip
+        atomic_write(args.out, json.dumps(result, indent=1) + "\n", "benchmark results", overwrite=True)
 
 
 if __name__ == "__main__":
