@@ -231,25 +231,17 @@ def test_hub_id_downloads_only_the_pytorch_files(tiny_model_dir, monkeypatch):
 def test_loads_and_saves_from_many_threads_leave_the_process_settings_alone(tiny_model_dir, tmp_path):
     """transformers' verbosity and the warnings filters are the process's: saves and loads that change
     them for a while run under one lock, so overlapping ones cannot leave them changed."""
-    import threading
     import warnings
+    from concurrent.futures import ThreadPoolExecutor
 
     from transformers.utils import logging as hf_logging
 
     verbosity, filters = hf_logging.get_verbosity(), list(warnings.filters)
-    errors = []
 
     def work(i):
-        try:
-            for j in range(3):
-                EmbeddingModel.load(tiny_model_dir).save(tmp_path / f"m{i}-{j}")
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for j in range(3):
+            EmbeddingModel.load(tiny_model_dir).save(tmp_path / f"m{i}-{j}")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))  # re-raises a worker's error
     assert hf_logging.get_verbosity() == verbosity and list(warnings.filters) == filters
