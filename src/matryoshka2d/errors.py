@@ -34,3 +34,10 @@ class DataFileError(Matryoshka2dError):
 class OutputPathError(Matryoshka2dError):
     """An output path that may not be written: it holds something that is not a previous output of the
     same kind, a previous output without ``overwrite``, an input of the command, or the current folder."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of ``error``'s message, or its type's name when it has none: what a one-line
+    error of ours quotes from a library's (often multi-line) exception."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -30,7 +30,7 @@ from matryoshka2d.encoder import (  # noqa: F401 - check_texts, EmbeddingBatch, 
     pad_rows,
     sort_longest_first,
 )
-from matryoshka2d.errors import InvalidInputError, InvalidLayersError, ModelLoadError
+from matryoshka2d.errors import InvalidInputError, InvalidLayersError, ModelLoadError, first_line
 from matryoshka2d.persistence import (
     FolderSpec,
     atomic_directory,
@@ -163,7 +163,7 @@ def _compiled_runner(view: nn.Module, layers: int) -> Callable:
         try:
             return compiled(**kwargs)
         except BackendCompilerFailed as e:  # e.g. a C++ toolchain that cannot build the kernels
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise InvalidInputError(
                 f"torch.compile could not build the graph of {layers} layers ({first}); "
                 "run without compiling (no --compile)"
@@ -302,9 +302,8 @@ class EmbeddingModel(nn.Module, Encoder):
                 transformer = AutoModel.from_pretrained(spec.transformer_dir, dtype=torch_dtype)
                 tokenizer = AutoTokenizer.from_pretrained(spec.transformer_dir)
         except Exception as e:  # OSError, ValueError, SafetensorError, ...: a folder we cannot read
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(
-                f"cannot load the transformer in {spec.transformer_dir}: {first_line}"
+                f"cannot load the transformer in {spec.transformer_dir}: {first_line(e)}"
             ) from None
         vocab_size = getattr(transformer.config, "vocab_size", None)
         if vocab_size and len(tokenizer) < vocab_size // 2:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka2d.encoder import Encoder, sort_longest_first
-from matryoshka2d.errors import ModelLoadError
+from matryoshka2d.errors import ModelLoadError, first_line
 from matryoshka2d.export.int8_outliers import calibration_feeds, read_outlier_record
 from matryoshka2d.export.onnx import (
     copy_graph,
@@ -246,7 +246,7 @@ class OnnxEncoder(Encoder):
                     extract_exits(full, layers, path)
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                first = first_line(e)
                 if attempt == 2:
                     raise ModelLoadError(f"cannot load the ONNX graph {path} ({first})") from None
                 warnings.warn(
@@ -268,7 +268,7 @@ class OnnxEncoder(Encoder):
         try:
             header = load_graph_header(path)  # once: an int8 graph of < 2 GiB holds its weights
         except Exception as e:  # not a graph: cut short, overwritten, ...
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise ModelLoadError(
                 f"{path} is not a readable ONNX graph ({first}): export the model again (m2d export "
                 "--format onnx) or remove that file"

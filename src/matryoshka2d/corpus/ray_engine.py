@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from matryoshka2d.corpus.inputs import ShardSpec
-from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
+from matryoshka2d.errors import InvalidInputError, Matryoshka2dError, first_line
 
 #: Environment variables the workers get from the driver when set there (offline hub, tokenizers).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "M2D_DATA_DIR")
@@ -137,7 +137,7 @@ def run_on_ray(
             )
         except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, a bad address
             where = f"at --ray-address {address}" if address else "locally"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise InvalidInputError(f"cannot start or join Ray {where}: {first}") from None
         started_here = True
     try:

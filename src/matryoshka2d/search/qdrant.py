@@ -62,7 +62,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, Matryoshka2dError
+from matryoshka2d.errors import (
+    DataFileError,
+    InvalidDimError,
+    InvalidInputError,
+    Matryoshka2dError,
+    first_line,
+)
 from matryoshka2d.search.fingerprint import MIN_PROBE_COSINE, ModelFingerprint, ModelMismatchError
 from matryoshka2d.search.index import (
     DEFAULT_SHORTLIST_DIM,
@@ -1216,7 +1222,7 @@ class QdrantIndex:
                     if delay is not None:
                         self._sleep(delay)
                         continue
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 tries = f" after {attempt} attempts" if attempt > 1 else ""
                 raise QdrantBackendError(
                     f"{self._backend.name} collection {self._backend.collection!r}: {what} failed{tries}: "

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
+from matryoshka2d.errors import InvalidInputError, Matryoshka2dError, first_line
 from matryoshka2d.persistence import atomic_directory
 from matryoshka2d.validation import is_int
 
@@ -284,7 +284,7 @@ def _load_tensor_file(file: Path, map_location: Any = None, weights_only: bool =
     try:
         return torch.load(file, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # truncated zip, unpickling errors, ...: one line naming the file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise CorruptCheckpointError(f"{file} is corrupt or truncated ({first})") from None
 
 
@@ -329,6 +329,6 @@ def load_checkpoint(path: Path, map_location: Any = None, num_processes: int = 1
     except Matryoshka2dError as e:
         raise CorruptCheckpointError(f"{path / 'model'}: {e}") from None
     except Exception as e:  # a truncated safetensors file and the like
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise CorruptCheckpointError(f"{path / 'model'} is corrupt or truncated ({first})") from None
     return LoadedCheckpoint(path, state, model, optimizer, scheduler, scaler, rngs)
