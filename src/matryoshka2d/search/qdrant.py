@@ -797,14 +797,9 @@ class QdrantIndex:
             )
         layers = layers if layers is not None else deepest
         options = {"dim": dim, "model": model.get("name"), "layers": layers}
-        recorded = (manifest.get("model_fingerprints") or {}).get(str(layers))
+        recorded = _corpus_fingerprint(manifest, folder, layers)
         if recorded is not None:
-            try:
-                options["fingerprint"] = ModelFingerprint.from_json(recorded)
-            except (KeyError, TypeError, ValueError) as e:
-                raise InvalidInputError(
-                    f"{folder}: malformed model fingerprint in its manifest ({e})"
-                ) from None
+            options["fingerprint"] = recorded
         if check_model is not None:
             if "fingerprint" in options:
                 options["fingerprint"].check(
@@ -1117,14 +1112,8 @@ class QdrantIndex:
                 f"{folder} holds the cells (layers, dim) {cells}; collection {self.collection!r} needs "
                 f"{self.dim}-dim vectors" + (f" of {wanted} layers" if wanted is not None else "")
             )
-        recorded = (manifest.get("model_fingerprints") or {}).get(str(wanted))
-        if recorded is not None and self.fingerprint is not None:
-            try:
-                theirs = ModelFingerprint.from_json(recorded)
-            except (KeyError, TypeError, ValueError) as e:
-                raise InvalidInputError(
-                    f"{folder}: malformed model fingerprint in its manifest ({e})"
-                ) from None
+        theirs = _corpus_fingerprint(manifest, folder, wanted)
+        if theirs is not None and self.fingerprint is not None:
             same_probe = theirs.texts == self.fingerprint.texts  # else nothing to compare
             if same_probe and self.fingerprint.agreement(theirs.embeddings) < MIN_PROBE_COSINE:
                 raise ModelMismatchError(
@@ -1318,6 +1307,20 @@ class QdrantIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _corpus_fingerprint(manifest: dict, folder: object, layers: int | None) -> ModelFingerprint | None:
+    """The model fingerprint an ``embed-corpus`` manifest records for ``layers`` (None: an output written
+    before embed-corpus recorded it)."""
+    recorded = (manifest.get("model_fingerprints") or {}).get(str(layers))
+    if recorded is None:
+        return None
+    try:
+        return ModelFingerprint.from_json(recorded)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInputError(f"{folder}: malformed model fingerprint in its manifest ({e})") from None
+
+
 def _qdrant_shortlist(config: ShortlistConfig, dim: int) -> ShortlistConfig:
     config.validate(dim)
     if config.index not in QDRANT_SHORTLIST_INDEXES:

@@ -673,12 +673,9 @@ class Trainer:
         # Not at stop_at (before the end): the resumed run's log must be the uninterrupted run's. The loss
         # reported for the stop is the mean since the last entry, kept out of the log.
         if step == self.stop_at < self.total_steps and step % cfg.log_steps and self.window:
-            window = torch.tensor(sum(self.window) / len(self.window), device=self.device)
-            self.last_loss = self.accelerator.reduce(window, "mean").item()
+            self.last_loss = self._window_loss()
         if step % cfg.log_steps == 0 or step == self.total_steps:
-            window = torch.tensor(sum(self.window) / len(self.window), device=self.device)
-            mean = self.accelerator.reduce(window, "mean").item()
-            self.last_loss = mean
+            mean = self.last_loss = self._window_loss()
             self.log_history.append(
                 {"step": step, "loss": round(mean, 6), "lr": self.scheduler.get_last_lr()[0]}
             )
@@ -689,6 +686,11 @@ class Trainer:
             self.evaluate()
         if (cfg.save_steps and step % cfg.save_steps == 0) or (step == self.stop_at < self.total_steps):
             self.last_checkpoint = self.save_checkpoint()
+
+    def _window_loss(self) -> float:
+        """The mean step loss since the last log entry, averaged over the processes."""
+        window = torch.tensor(sum(self.window) / len(self.window), device=self.device)
+        return self.accelerator.reduce(window, "mean").item()
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self) -> dict:
