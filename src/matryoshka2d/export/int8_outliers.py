@@ -189,10 +189,12 @@ def split_outlier_channels(
     import onnx
     from onnx import helper, numpy_helper
 
+    from matryoshka2d.export.onnx import load_graph_header
+
     source, path = Path(source), Path(path)
     if not ratio > 0:
         raise InvalidInputError(f"the outlier ratio must be a positive number, got {ratio!r}")
-    header = onnx.load(str(source), load_external_data=False)
+    header = load_graph_header(source)
     groups = _weight_matmuls(header)
     ranges = _channel_ranges(source, header, list(groups), feeds, threads) if groups else {}
     graph = onnx.load(str(source))  # with its weights, after the measurement

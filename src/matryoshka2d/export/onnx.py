@@ -189,10 +189,9 @@ def copy_graph(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     weights through memory; a symbolic link, as in the hub's cache, is followed); one that holds them
     itself is rewritten with :func:`save_graph` (``external=True``).
     """
-    import onnx
 
     source, path = Path(source), Path(path)
-    graph = onnx.load(str(source), load_external_data=False)
+    graph = load_graph_header(source)
     files = external_files(graph)
     if files != {external_data_path(source).name} or source.name != path.name:
         if files:
@@ -353,7 +352,6 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
     Raises:
         OnnxExportError: ``source`` has no recorded exits, or not up to ``layers``.
     """
-    import onnx
     from onnx.external_data_helper import load_external_data_for_model
     from onnx.utils import Extractor
 
@@ -362,7 +360,7 @@ def extract_exits(source: str | os.PathLike, layers: int, path: str | os.PathLik
         raise OnnxExportError(f"extract_exits would write over its source {source}: give another path")
     # The weights stay on disk while cutting: the extractor's shape inference serialises the whole graph,
     # which protobuf refuses past 2 GiB.
-    graph = onnx.load(str(source), load_external_data=False)
+    graph = load_graph_header(source)
     refer = bool(external_files(graph)) and path.parent.resolve() == source.parent.resolve()
     exits = _exits_of(graph) or {}
     if layers not in exits:
@@ -435,7 +433,7 @@ def quantize_int8(
     if preset not in INT8_PRESETS:
         raise InvalidInputError(f"unknown int8 preset {preset!r}; choose one of {list(INT8_PRESETS)}")
     source, path = Path(source), Path(path)
-    head = onnx.load(str(source), load_external_data=False)
+    head = load_graph_header(source)
     metadata = [(entry.key, entry.value) for entry in head.metadata_props]
     files = external_files(head)
     big = bool(files) or _weight_bytes(head) > EXTERNAL_DATA_BYTES
