@@ -208,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE))
-    from common import header, median, minilm_path, mpnet_path, stsb_sentences
+    from common import header, median, minilm_path, mpnet_path, save_results, stsb_sentences
 
     os.environ["M2D_CACHE_DIR"] = str(WORK / "m2d-cache")
     header("Inference backends: sentence-transformers vs matryoshka2d (fp32, bf16, ONNX, ONNX int8)")
@@ -292,8 +292,6 @@ def main() -> None:
     )
 
     if args.out:
-        from matryoshka2d.persistence import atomic_write
-
         rows = [
             {"variant": name, "layers": k, "seconds": times[(name, k)], "sentences_per_s": speed[(name, k)],
              "spearman": quality[(name, k)]}
@@ -304,7 +302,7 @@ def main() -> None:
             "settings": {**settings, "st_spinning": args.st_spinning, "sentences": len(texts)},
             "rows": rows,
         }
-        atomic_write(args.out, json.dumps(result, indent=1) + "\n", "benchmark results", overwrite=True)
+        save_results(args.out, result)
     if not args.limit and not args.speed_only and args.model == "minilm":
         sizes()
         grids(args.demo_work)

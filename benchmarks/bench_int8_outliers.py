@@ -16,7 +16,6 @@ taken within each round, then the median.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,12 @@ import onnxruntime as ort
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, minilm_path, mpnet_path, sorted_feeds, stsb_sentences  # noqa: E402
+from common import machine, minilm_path, mpnet_path, save_results, sorted_feeds, stsb_sentences  # noqa: E402
 
 from matryoshka2d.backends.onnx import OnnxEncoder  # noqa: E402
 from matryoshka2d.data import data_dir, load_sts  # noqa: E402
 from matryoshka2d.export.int8_outliers import OUTLIER_RATIO, calibration_feeds  # noqa: E402
 from matryoshka2d.export.onnx import exit_output_name, extract_exits, quantize_int8  # noqa: E402
-from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.pooling import pool_numpy  # noqa: E402
 from matryoshka2d.truncation import truncate_dims  # noqa: E402
 
@@ -160,7 +158,7 @@ def main() -> None:
                     f"(rounds {min(within):.2f}-{max(within):.2f})"
                 )
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"int8-outliers-{args.model}.json")
-    atomic_write(out, json.dumps(report, indent=2) + "\n", overwrite=True)
+    save_results(out, report, indent=2)
     print(f"wrote {out}")
 
 

@@ -20,7 +20,6 @@ docs/BENCHMARKS.md); to repeat the measurement::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, minilm_path, mpnet_path, sorted_feeds, stsb_sentences  # noqa: E402
+from common import machine, minilm_path, mpnet_path, save_results, sorted_feeds, stsb_sentences  # noqa: E402
 
 from matryoshka2d.backends.onnx import OnnxEncoder  # noqa: E402
 from matryoshka2d.export.onnx import exit_output_name  # noqa: E402
-from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.pooling import pool_numpy  # noqa: E402
 from matryoshka2d.truncation import truncate_dims  # noqa: E402
 
@@ -151,7 +149,7 @@ def main() -> None:
         print(f"  {label}: {layer_counts[1]} of {full} layers {half:.2f}x its full depth")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"openvino-{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, json.dumps(report, indent=1) + "\n", "benchmark results", overwrite=True)
+    save_results(out, report)
     print(f"written to {out}")
 
 

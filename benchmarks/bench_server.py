@@ -54,9 +54,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, minilm_path, stsb_sentences  # noqa: E402
+from common import machine, minilm_path, save_results, stsb_sentences  # noqa: E402
 
-from matryoshka2d.persistence import atomic_write  # noqa: E402
 from matryoshka2d.serving.runner import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -709,8 +708,7 @@ def main() -> None:
 
 
 def write_json(out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, json.dumps(report, indent=2) + "\n", "benchmark results", overwrite=True)
+    save_results(out, report, indent=2)
     print(f"wrote {out}")
 
 

@@ -119,6 +119,15 @@ def save_npy(path: Path, array) -> None:
     atomic_write(path, buffer.getvalue(), "cached embeddings", overwrite=True)
 
 
+def save_results(path, data: dict, indent: int = 1) -> None:
+    """Write a benchmark's results as JSON, replaced whole (a killed run leaves the previous file)."""
+    import json
+
+    from matryoshka2d.persistence import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=indent) + "\n", "benchmark results", overwrite=True)
+
+
 def header(title: str) -> None:
     git = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
