@@ -13,6 +13,11 @@ Spearman (x 100, cosine) comes from the embeddings of its own timed run.
   onnxruntime); without it they are skipped.
 - matryoshka2d: ``load_encoder(backend=torch|onnx|onnx-int8, dtype=float32|bfloat16)`` at 6, 3 and 1
   layers of one loaded model.
+- ``--compiled`` adds ours with ``compile=True`` (``m2d encode --compile``: torch.compile with frozen
+  weights, every layer count compiled before timing) in float32 and bfloat16, and sentence-transformers
+  bf16 with the same compilation done by hand (``torch.compile(st[0].auto_model, dynamic=True)`` with
+  inductor's freezing): not an option sentence-transformers offers, but what a user who wants its speed
+  could do, so that compilation is compared with compilation.
 
 Also: the size of exported K-layer folders (``m2d export --format onnx --quantize int8``), the bf16 vs
 fp32 STSB grid difference (layers 1-6 x dims 384-32) of all-MiniLM-L6-v2 and of the demo's models found
@@ -63,10 +68,15 @@ def _load_variant(variant: str, job: dict, threads: int):
     if variant.startswith("st-"):
         from sentence_transformers import SentenceTransformer
 
-        if variant in ("st-fp32", "st-bf16"):
+        if variant in ("st-fp32", "st-bf16", "st-bf16-compiled"):
             st = SentenceTransformer(model_path, device="cpu")
-            if variant == "st-bf16":
+            if variant != "st-fp32":
                 st.to(torch.bfloat16)
+            if variant == "st-bf16-compiled":
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True  # what our compile_for_inference sets
+                st[0].auto_model = torch.compile(st[0].auto_model, dynamic=True)
         else:  # st-onnx, st-onnx-int8 (run in the environment that has optimum-onnx)
             import onnxruntime as ort
 
@@ -92,12 +102,15 @@ def _load_variant(variant: str, job: dict, threads: int):
     backend, dtype = {
         "m2d-fp32": ("torch", "float32"),
         "m2d-bf16": ("torch", "bfloat16"),
+        "m2d-fp32-compiled": ("torch", "float32"),
+        "m2d-bf16-compiled": ("torch", "bfloat16"),
         "m2d-onnx": ("onnx", "float32"),
         "m2d-onnx-int8": ("onnx-int8", "float32"),
     }[variant]
-    encoder = load_encoder(model_path, backend=backend, dtype=dtype, threads=threads)
-    if backend != "torch":
-        encoder.warm_up()  # build every per-layer graph before timing
+    compiled = variant.endswith("-compiled")
+    encoder = load_encoder(model_path, backend=backend, dtype=dtype, threads=threads, compile=compiled)
+    if backend != "torch" or compiled:
+        encoder.warm_up()  # build every per-layer graph (ONNX or compiled) before timing
 
     def run(texts, layers):
         return encoder.encode(texts, layers=layers, batch_size=batch)
@@ -197,6 +210,11 @@ def main() -> None:
         "our ONNX backend uses; on is ONNX Runtime's (and sentence-transformers') default",
     )
     parser.add_argument("--speed-only", action="store_true", help="skip the export sizes and the grids")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also ours with compile=True (fp32, bf16) and sentence-transformers bf16 compiled by hand",
+    )
     parser.add_argument("--out", help="also write the throughput table as JSON here")
     parser.add_argument(
         "--model",
@@ -252,9 +270,11 @@ def main() -> None:
         variants += [("st-onnx", args.st_onnx_python, [n]), ("st-onnx-int8", args.st_onnx_python, [n])]
     else:
         print("sentence-transformers ONNX variants skipped: no --st-onnx-python")
-    variants += [
-        (v, sys.executable, [n, n // 2, 1]) for v in ("m2d-fp32", "m2d-bf16", "m2d-onnx", "m2d-onnx-int8")
-    ]
+    if args.compiled:
+        variants += [("st-bf16-compiled", sys.executable, [n])]
+    ours = ["m2d-fp32", "m2d-bf16", "m2d-onnx", "m2d-onnx-int8"]
+    ours += ["m2d-fp32-compiled", "m2d-bf16-compiled"] if args.compiled else []
+    variants += [(v, sys.executable, [n, n // 2, 1]) for v in ours]
     job_file = Path(tempfile.mkstemp(suffix=".json", dir=WORK)[1])
     job_file.write_text(json.dumps(job))
 
@@ -290,6 +310,13 @@ def main() -> None:
         f"{speed[ours_full]:.0f}/s = {speed[ours_full] / speed[st_best]:.2f}x at "
         f"{quality[ours_full] - quality[('m2d-fp32', n)]:+.2f} Spearman vs our fp32"
     )
+    if args.compiled:  # the same without the hand-compiled sentence-transformers: its own options only
+        own_options = [c for c in cells if c[0].startswith("st-") and "compiled" not in c[0]]
+        st_option = max(own_options, key=speed.get)
+        print(
+            f"fastest of sentence-transformers' own options: {st_option[0]} {speed[st_option]:.0f}/s; ours "
+            f"{speed[ours_full] / speed[st_option]:.2f}x it"
+        )
 
     if args.out:
         rows = [

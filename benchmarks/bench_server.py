@@ -25,8 +25,10 @@ Infinity's at full size) in an order rotated from round to round, while the othe
 (their CPU use while idle is measured and printed). Each ratio is taken within a round, from cells a
 minute apart, so a drift of the machine's speed over the hour (which moved single runs by more than the
 margin) cancels; the median, the range and the number of rounds at or above the target are reported.
-``--kinds onnx`` (or ``torch``) starts only the servers of that backend kind: fewer servers resident
-(six at once took memory bandwidth and cache from the one measured) and more rounds per hour.
+``--kinds onnx`` (or ``torch``, or ``int8``) starts only the servers of that backend kind: fewer servers
+resident (six at once took memory bandwidth and cache from the one measured) and more rounds per hour.
+``int8`` is ``m2d serve --backend onnx-int8`` against Infinity's optimum engine given the same ONNX export
+plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that engine prefers on a CPU).
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -45,6 +47,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -61,6 +64,9 @@ from matryoshka2d.serving.runner import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 INFINITY_VENV = Path(os.environ.get("INFINITY_VENV", "/work/bench-venvs/infinity"))
 ONNX_DIR = Path(os.environ.get("INFINITY_ONNX_DIR", "/work/bench-venvs/models/minilm-onnx"))
+#: The same export plus ``model_quantized.onnx`` (optimum's dynamic int8, per channel, the preset our
+#: ``onnx-int8`` backend picks for this CPU): Infinity's optimum engine prefers a "quantize" file on a CPU.
+INT8_DIR = ONNX_DIR.with_name(ONNX_DIR.name + "-int8")
 NAME = "minilm"
 THREADS = 2
 
@@ -342,8 +348,27 @@ def infinity_server(engine: str, extra: list[str] | None = None) -> Server | Non
             check=True,
             capture_output=True,
         )  # fmt: skip
+    folder = ONNX_DIR
+    if engine == "int8":
+        folder = INT8_DIR
+        if not (INT8_DIR / "model_quantized.onnx").exists():
+            from matryoshka2d.export import int8_preset
+
+            preset = int8_preset()
+            print(f"  quantising it (optimum, --{preset} --per_channel) for Infinity: {INT8_DIR}", flush=True)
+            shutil.rmtree(INT8_DIR, ignore_errors=True)
+            shutil.copytree(ONNX_DIR, INT8_DIR)
+            subprocess.run(
+                [str(INFINITY_VENV / "bin" / "optimum-cli"), "onnxruntime", "quantize", "--onnx_model",
+                 str(ONNX_DIR), f"--{preset}", "--per_channel", "-o", str(INT8_DIR)],
+                env=thread_env(),
+                check=True,
+                capture_output=True,
+            )  # fmt: skip
     command = [str(binary), "v2", "--model-id", ".", "--engine", "optimum", "--pooling-method", "mean"]
-    return Server("infinity-onnx", command + common_args, port, cwd=ONNX_DIR)
+    return Server(
+        f"infinity-{'int8' if engine == 'int8' else 'onnx'}", command + common_args, port, cwd=folder
+    )
 
 
 # ---------------------------------------------------------------- offline reference
@@ -444,17 +469,21 @@ def interleaved(
     """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up.
 
     ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``; ``kinds``
-    keeps only the servers of those backend kinds (``torch``, ``onnx``): fewer servers resident, more
-    rounds in the same time.
+    keeps only the servers of those backend kinds (``torch``, ``onnx``, ``int8``): fewer servers resident,
+    more rounds in the same time.
     """
     servers = {}
     if "torch" in kinds:
         servers["m2d serve"] = m2d_server("grouped")
     if "onnx" in kinds:
         servers["m2d onnx"] = m2d_server("grouped", ["--backend", "onnx"])
+    if "int8" in kinds:
+        servers["m2d int8"] = m2d_server("grouped", ["--backend", "onnx-int8"])
     if compiled and "torch" in kinds:
         servers["m2d compiled"] = m2d_server("grouped", ["--compile"])
-    engines = [("torch", None), ("onnx", None)] + ([("torch", ["--compile"])] if compiled else [])
+    engines = [("torch", None), ("onnx", None), ("int8", None)] + (
+        [("torch", ["--compile"])] if compiled else []
+    )
     for engine, extra in engines:
         if engine not in kinds:
             continue
@@ -495,8 +524,10 @@ def interleaved(
     pairs = {
         "m2d serve / infinity-torch": (("m2d serve", "6"), ("infinity-torch", "6"), 1.3),
         "m2d onnx / infinity-onnx": (("m2d onnx", "6"), ("infinity-onnx", "6"), 1.3),
+        "m2d int8 / infinity-int8": (("m2d int8", "6"), ("infinity-int8", "6"), 1.3),
         "m2d serve layers 3 / layers 6": (("m2d serve", "3"), ("m2d serve", "6"), 1.8),
         "m2d onnx layers 3 / layers 6": (("m2d onnx", "3"), ("m2d onnx", "6"), 1.8),
+        "m2d int8 layers 3 / layers 6": (("m2d int8", "3"), ("m2d int8", "6"), 1.8),
         "m2d compiled / infinity-torch": (("m2d compiled", "6"), ("infinity-torch", "6"), 1.3),
         "m2d compiled / infinity-torch --compile": (
             ("m2d compiled", "6"),
@@ -564,14 +595,15 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx or both), the others not started",
+        help="with --interleave: the backend kinds compared (torch, onnx, int8: comma-separated), the others "
+        "not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx"}:
-        parser.error(f"--kinds takes torch, onnx or both, got {args.kinds!r}")
+    if not kinds or set(kinds) - {"torch", "onnx", "int8"}:
+        parser.error(f"--kinds takes torch, onnx, int8 (comma-separated), got {args.kinds!r}")
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
         f"machine: {machine()}; {THREADS} threads per server; requests of 1..32 STSB test sentences",
