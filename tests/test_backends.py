@@ -426,3 +426,13 @@ def test_cli_compile(tiny_model_dir, tmp_path, capsys):
     assert "compile is for the torch backend" in err and len(err.strip().splitlines()) == 1
     assert load_encoder(tiny_model_dir, compile=True).compiled
     assert not load_encoder(tiny_model_dir).compiled
+
+
+def test_onnx_applies_the_folders_default_prompt(tiny_model_dir, tmp_path):
+    from test_model import prompted_copy
+
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted", {"query": "query: "}, "query")
+    torch_model = load_encoder(folder)
+    onnx = OnnxEncoder(folder, cache_dir=tmp_path / "cache")
+    assert onnx.prompt == "query: "
+    assert np.abs(onnx.encode(SENTENCES, layers=2) - torch_model.encode(SENTENCES, layers=2)).max() <= 1e-5

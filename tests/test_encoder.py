@@ -86,3 +86,15 @@ def test_pad_rows_pads_like_a_tokenizer():
     left = pad_rows(encoded, [1], pad_token_id=None, left=True)
     assert left["input_ids"].tolist() == [[8]] and left["input_ids"].dtype == np.int64
     assert pad_rows(encoded, [0, 1], 0, left=True)["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_zero_dimensional_arrays_are_one_layer_count_or_dim():
+    enc = CountingEncoder()
+    (batch,) = enc.iter_encode(["ab", "c"], layers=np.array(2), dims=np.array(3))
+    assert list(batch.embeddings) == [(2, 3)]
+
+
+@pytest.mark.parametrize("data", [b"abc", bytearray(b"abc")])
+def test_bytes_are_refused_with_a_hint_to_decode(data):
+    with pytest.raises(InvalidInputError, match="decode it to str first"):
+        CountingEncoder().encode(data)

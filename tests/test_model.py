@@ -321,3 +321,96 @@ def test_compile_needs_a_cpu_compiler(tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="C\\+\\+ compiler"):
         model.compile_for_inference()
     assert not model.compiled
+
+
+def prompted_copy(src, dst, prompts, default, include_prompt=True):
+    """A copy of the model folder ``src`` whose config_sentence_transformers.json sets prompts."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config_file = dst / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config.update(prompts=prompts, default_prompt_name=default)
+    config_file.write_text(json.dumps(config))
+    if not include_prompt:
+        pooling_file = dst / "1_Pooling" / "config.json"
+        pooling = json.loads(pooling_file.read_text())
+        pooling_file.write_text(json.dumps({**pooling, "include_prompt": False}))
+    return dst
+
+
+def test_default_prompt_is_prepended_as_sentence_transformers_does(tiny_model_dir, tmp_path):
+    """A folder's default prompt changes its embeddings in sentence-transformers: ours equal them."""
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted", {"query": "query: ", "doc": ""}, "query")
+    model = EmbeddingModel.load(folder)
+    assert model.prompt == "query: "
+    ours = model.encode(SENTENCES, layers=2)
+    theirs = st_model(folder, layers=2).encode(SENTENCES)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    plain = EmbeddingModel.load(tiny_model_dir).encode(SENTENCES, layers=2)
+    assert np.abs(ours - plain).max() > 1e-3  # the prompt does change them
+    # tokenize (the server's and training's path) counts the prompt's tokens too
+    assert len(model.tokenize(["x"], padding=False)["input_ids"][0]) > 3
+
+
+def test_prompts_are_kept_when_saved_and_truncated(tiny_model_dir, tmp_path):
+    import json
+
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted", {"query": "query: ", "doc": ""}, "query")
+    model = EmbeddingModel.load(folder)
+    model.truncate(layers=2, dim=16).save(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config_sentence_transformers.json").read_text())
+    assert config["prompts"] == {"query": "query: ", "doc": ""} and config["default_prompt_name"] == "query"
+    saved = EmbeddingModel.load(tmp_path / "out")
+    assert np.abs(saved.encode(SENTENCES) - model.encode(SENTENCES, layers=2, dim=16)).max() <= 1e-5
+    assert np.abs(saved.encode(SENTENCES) - st_model(tmp_path / "out").encode(SENTENCES)).max() <= 1e-5
+
+
+def test_prompt_folders_we_cannot_reproduce_are_refused(tiny_model_dir, tmp_path):
+    import json
+
+    excluded = prompted_copy(
+        tiny_model_dir, tmp_path / "a", {"query": "query: "}, "query", include_prompt=False
+    )
+    with pytest.raises(ModelLoadError, match="include_prompt: false"):
+        EmbeddingModel.load(excluded)
+    # without a default prompt, include_prompt changes nothing: loaded
+    assert EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "b", {}, None, include_prompt=False))
+    with pytest.raises(ModelLoadError, match="default_prompt_name 'other' is not one of its prompts"):
+        EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "c", {"query": "q: "}, "other"))
+    bad = prompted_copy(tiny_model_dir, tmp_path / "d", {"query": 3}, None)
+    with pytest.raises(ModelLoadError, match="prompts must map prompt names to strings"):
+        EmbeddingModel.load(bad)
+    (tmp_path / "d" / "config_sentence_transformers.json").write_text(json.dumps([1]))
+    with pytest.raises(ModelLoadError, match="expected a JSON object"):
+        EmbeddingModel.load(bad)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", "unknown device 'gpu'"),
+        (3, "device must be a name"),
+        (True, "device must be a name"),
+        ("cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}", "CUDA GPU"),
+    ],
+)
+def test_bad_devices_are_one_clear_error_before_loading(tiny_model_dir, device, message):
+    with pytest.raises(InvalidInputError, match=message):
+        EmbeddingModel.load(tiny_model_dir, device=device)
+
+
+def test_forward_takes_one_layer_count_and_checks_its_features(tiny_model):
+    features = tiny_model.pad(tiny_model.tokenize(SENTENCES[:3], padding=False), [0, 1, 2])
+    with torch.no_grad():
+        one = tiny_model.forward(features, layers=2)
+        listed = tiny_model.forward(features, layers=[2])
+        zero_d = tiny_model.forward(features, layers=np.array(2))
+    assert list(one) == [2] and torch.equal(one[2], listed[2]) and torch.equal(zero_d[2], listed[2])
+    with pytest.raises(InvalidLayersError, match="layers must be a layer count or a list"):
+        tiny_model.forward(features, layers=2.5)
+    with pytest.raises(InvalidInputError, match="input_ids and attention_mask"):
+        tiny_model.forward({"input_ids": features["input_ids"]})
+    with pytest.raises(InvalidInputError, match="input_ids and attention_mask"):
+        tiny_model.forward(features["input_ids"])

@@ -94,6 +94,30 @@ def test_do_lower_case_keeps_special_tokens_as_sentence_transformers_does(tmp_pa
     np.testing.assert_allclose(st_encode(out, texts), model.encode(texts), atol=1e-5)
 
 
+def test_do_lower_case_lower_cases_characters_one_by_one_as_sentence_transformers_does(tmp_path):
+    """Python's str.lower() turns a final capital sigma into ς; the tokenizers Lowercase normaliser that
+    sentence-transformers 6 uses gives σ (another token)."""
+    from transformers import BertTokenizerFast
+
+    vocab = write_vocab(tmp_path)
+    with open(vocab, "a", encoding="utf-8") as f:
+        f.write("οδος\nοδοσ\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab), model_max_length=48, do_lower_case=False)
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    model = EmbeddingModel(tiny_transformer("bert", vocab_size).eval(), tokenizer, do_lower_case=True)
+    (ids,) = model.tokenize(["ΟΔΟΣ"], padding=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "οδοσ", "[SEP]"]
+    texts = ["ΟΔΟΣ", "the CAT [SEP] sat"]
+    out = model.save(tmp_path / "m")
+    np.testing.assert_allclose(st_encode(out, texts), model.encode(texts), atol=1e-5)
+
+
+def test_saving_a_bfloat16_model_warns_that_its_weights_were_rounded(tmp_path):
+    model = EmbeddingModel.load(build_tiny_model(tmp_path / "b").save(tmp_path / "f32"), dtype="bfloat16")
+    with pytest.warns(UserWarning, match="saving bfloat16 weights"):
+        model.truncate(layers=2).save(tmp_path / "bf16")
+
+
 def test_saved_folder_has_normal_permissions(tiny_model, tmp_path):
     out = tiny_model.save(tmp_path / "m")
     assert out.stat().st_mode & 0o055 == 0o055  # readable by group and others (mkdtemp alone gives 0700)

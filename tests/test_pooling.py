@@ -63,3 +63,11 @@ def test_bad_configs():
         pooling_mode_from_config({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, "x")
     with pytest.raises(ModelLoadError, match="unsupported pooling mode"):
         pooling_mode_from_config({"pooling_mode": "attention"}, "x")
+    with pytest.raises(ModelLoadError, match="expected a JSON object, got list"):
+        pooling_mode_from_config(["mean"], "x")
+
+
+def test_config_without_a_mode_means_mean():
+    """sentence-transformers reads a pooling config that names no mode as mean pooling."""
+    assert pooling_mode_from_config({"word_embedding_dimension": 384}, "x") == "mean"
+    assert pooling_mode_from_config({"pooling_mode_cls_token": False}, "x") == "mean"

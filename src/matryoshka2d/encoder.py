@@ -32,6 +32,10 @@ def check_texts_iterable(texts: object) -> None:
 
     Output row i must belong to input item i; a set has no order and a dict would silently encode its keys.
     """
+    if isinstance(texts, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(
+            f"texts is {type(texts).__name__}: decode it to str first (e.g. data.decode('utf-8'))"
+        )
     if isinstance(texts, str) or not isinstance(texts, Iterable):
         raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
     if isinstance(texts, (Set, Mapping)):
@@ -91,6 +95,8 @@ class Encoder(abc.ABC):
     - ``backend`` (str): ``"torch"``, ``"onnx"`` or ``"onnx-int8"``.
     - ``precision`` (str): what the layers compute in: ``"float32"``, ``"bfloat16"``, ``"float16"`` or
       ``"int8"`` (pooling, dim truncation and normalisation are always float32).
+    - ``prompts`` (dict) and ``default_prompt_name`` (str or None): the folder's prompts; the default one
+      is prepended to every text before tokenising (:attr:`prompt`).
 
     and implements :meth:`tokenize` and :meth:`_encode_chunk`. Every public method is safe to call from
     many threads at once if :meth:`_encode_chunk` is.
@@ -101,6 +107,13 @@ class Encoder(abc.ABC):
     hidden_size: int
     max_seq_length: int
     name_or_path: str
+    prompts: dict[str, str] = {}
+    default_prompt_name: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The text prepended to every input before tokenising: the folder's default prompt, or ``""``."""
+        return self.prompts[self.default_prompt_name] if self.default_prompt_name else ""
 
     @property
     def backend(self) -> str:
@@ -128,6 +141,8 @@ class Encoder(abc.ABC):
         the backend's ``_tokenizer_lock``. ``padding=True`` gives ``tensor_type`` arrays ("pt", "np")
         padded to the longest text, ``padding=False`` plain id lists (to sort by length and pad per batch).
         """
+        if self.prompt:  # sentence-transformers: prompt + text, then lower-cased and tokenised as one
+            texts = [self.prompt + text for text in texts]
         if self.do_lower_case:
             texts = lower_case(texts, self.tokenizer)
         with self._tokenizer_lock:
@@ -226,6 +241,8 @@ class Encoder(abc.ABC):
     def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
         if layers is None:
             return [self.num_layers]
+        if isinstance(layers, np.ndarray) and layers.ndim == 0:
+            layers = layers.item()  # np.array(2): one layer count
         if isinstance(layers, Iterable) and not isinstance(layers, (str, bytes, Sequence, np.ndarray)):
             layers = list(layers)  # a set, a generator, dict keys
         if not isinstance(layers, (Sequence, np.ndarray)) or isinstance(layers, str):
@@ -237,6 +254,8 @@ class Encoder(abc.ABC):
     def _dim_list(self, dims: int | Sequence[int] | None) -> list[int]:
         if dims is None:
             return [self.dim]
+        if isinstance(dims, np.ndarray) and dims.ndim == 0:
+            dims = dims.item()
         if not isinstance(dims, (Sequence, np.ndarray)) or isinstance(dims, str):
             return [check_dim(dims, self.dim)]  # type: ignore[arg-type]
         if len(dims) == 0:
@@ -319,18 +338,22 @@ def lower_case(texts: Sequence[str], tokenizer) -> list[str]:
     """``texts`` lower-cased for a model with ``do_lower_case``, except the tokenizer's special tokens and
     the added tokens it does not normalise.
 
-    As sentence-transformers 6 does it (a lower-casing step in the tokenizer's normaliser, which runs after
+    As sentence-transformers 6 does it (the tokenizers library's ``Lowercase`` normaliser, which runs after
     those tokens are split off): a literal ``[SEP]`` or ``[MASK]`` in a text stays that token instead of
-    becoming ``[sep]`` (unknown word pieces).
+    becoming ``[sep]`` (unknown word pieces), and characters are lower-cased one by one (a final Greek
+    sigma becomes σ, where Python's ``str.lower`` gives ς).
     """
+    from tokenizers.normalizers import Lowercase
+
+    lower = Lowercase().normalize_str
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     kept = {t.content for t in added.values() if not getattr(t, "normalized", True)}
     kept |= set(getattr(tokenizer, "all_special_tokens", ()))
-    specials = sorted({t for t in kept if t and t.lower() != t}, key=len, reverse=True)
+    specials = sorted({t for t in kept if t and lower(t) != t}, key=len, reverse=True)
     if not specials:
-        return [t.lower() for t in texts]
+        return [lower(t) for t in texts]
     pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
-    return ["".join(p if i % 2 else p.lower() for i, p in enumerate(pattern.split(t))) for t in texts]
+    return ["".join(p if i % 2 else lower(p) for i, p in enumerate(pattern.split(t))) for t in texts]
 
 
 def sort_longest_first(input_ids: Sequence[Sequence[int]]) -> np.ndarray:

@@ -127,6 +127,38 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     return torch.float32
 
 
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` if this machine has it (None stays None: the CPU).
+
+    Raises:
+        InvalidInputError: not a device name (``"gpu"``, ``3``), or a device this torch build or machine
+            does not have (``"cuda"`` without a GPU, ``"cuda:5"`` on a machine with two).
+    """
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise InvalidInputError(f"device must be a name such as 'cpu' or 'cuda:0', got {device!r:.50}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        module = getattr(torch, parsed.type, None)
+        available = getattr(module, "is_available", None)
+        if available is None or not available():
+            raise InvalidInputError(f"device {device!r} is not available on this machine")
+        return parsed
+    if not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r}: this machine (or this torch build) has no CUDA GPU")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InvalidInputError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..)"
+        )
+    return parsed
+
+
 def _cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend uses on Linux and macOS ($CXX, else g++), if found."""
     import shutil
@@ -192,6 +224,10 @@ class EmbeddingModel(nn.Module, Encoder):
         name_or_path: where the model came from, for reports and model cards.
         exit_rotations: ``{layer count k: orthogonal (hidden, hidden) matrix R_k}``: layer exit k's pooled
             embedding x becomes ``R_k x`` before its dims are cut (see :meth:`set_exit_rotations`).
+        prompts: named prompts (a sentence-transformers folder's ``config_sentence_transformers.json``).
+        default_prompt_name: the prompt prepended to every text the model tokenises (``encode``, the
+            server, training), as sentence-transformers' ``encode`` does with a folder's default prompt.
+        similarity_fn_name: the similarity function the folder declares; kept when the model is saved.
 
     Example:
         >>> model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
@@ -210,10 +246,21 @@ class EmbeddingModel(nn.Module, Encoder):
         normalize: bool = True,
         name_or_path: str | None = None,
         exit_rotations: Mapping[int, torch.Tensor] | None = None,
+        prompts: Mapping[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        similarity_fn_name: str | None = None,
     ) -> None:
         super().__init__()
         if pooling_mode not in POOLING_MODES:
             raise ModelLoadError(f"unknown pooling mode {pooling_mode!r}; supported: {list(POOLING_MODES)}")
+        self.prompts: dict[str, str] = dict(prompts or {})
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ModelLoadError(
+                f"default_prompt_name {default_prompt_name!r} is not one of the prompts "
+                f"({sorted(self.prompts)})"
+            )
+        self.default_prompt_name = default_prompt_name
+        self.similarity_fn_name = similarity_fn_name
         parent, name = find_layer_stack(transformer)  # fail now, with the class name, if unknown
         self._num_layers = len(getattr(parent, name))  # a fixed fact: running fewer layers changes nothing
         self.transformer = transformer
@@ -288,10 +335,11 @@ class EmbeddingModel(nn.Module, Encoder):
         Raises:
             ModelLoadError: the folder is missing, is not a model folder, holds an unsupported module
                 (a projecting Dense layer) or an architecture whose layer stack cannot be found.
-            InvalidInputError: an unknown ``dtype``.
+            InvalidInputError: an unknown ``dtype``, or a ``device`` this machine does not have.
         """
         from transformers import AutoModel, AutoTokenizer
 
+        device = check_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         if torch_dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu":
             warn_if_emulated_bf16()
@@ -320,6 +368,9 @@ class EmbeddingModel(nn.Module, Encoder):
             do_lower_case=spec.do_lower_case,
             normalize=spec.normalize,
             name_or_path=str(name_or_path),
+            prompts=spec.prompts,
+            default_prompt_name=spec.default_prompt_name,
+            similarity_fn_name=spec.similarity_fn_name,
         )
         rotations = dict(spec.exit_rotations)
         if spec.output_rotation is not None:
@@ -366,10 +417,20 @@ class EmbeddingModel(nn.Module, Encoder):
             extra_files: called with the temporary folder once the model files are in it, to add more
                 files in the same atomic save (the ONNX export adds ``onnx/model.onnx``).
 
+        The weights are saved in the dtype the model computes in: a model loaded with ``dtype="bfloat16"``
+        (or ``"auto"`` on a CPU with native bfloat16) saves bfloat16 weights, rounded at load, and a
+        warning says so; load with ``dtype="float32"`` to save (or truncate and save) at full precision.
+
         Raises:
             OutputPathError: ``path`` may not be written (the message says what is there).
         """
         path = Path(path)
+        if self.dtype != torch.float32:
+            warnings.warn(
+                f"saving {self.precision} weights (the model computes in {self.precision}; its weights were "
+                "rounded when it was loaded): load it with dtype='float32' to save full-precision weights",
+                stacklevel=2,
+            )
         meta = {**self.metadata, **(metadata or {}), "num_layers": self.num_layers, "dim": self.dim}
         card = model_card or default_model_card(self)
         sources = [*inputs, self.name_or_path]  # never replace the folder the weights came from
@@ -389,6 +450,9 @@ class EmbeddingModel(nn.Module, Encoder):
                 normalize=self.normalize,
                 exit_rotations={k: r for k, r in rotations.items() if k != self.num_layers},
                 output_rotation=rotations.get(self.num_layers),
+                prompts=self.prompts,
+                default_prompt_name=self.default_prompt_name,
+                similarity_fn_name=self.similarity_fn_name,
             )
             if extra_files is not None:
                 extra_files(tmp)
@@ -596,13 +660,28 @@ class EmbeddingModel(nn.Module, Encoder):
         Args:
             features: tokenizer output (``input_ids``, ``attention_mask``, ...), on the model's device.
             layers: layer counts to return, each in ``0..num_layers`` (0 = embedding layer only, before
-                any transformer layer). Default: the last layer only.
+                any transformer layer), or one layer count. Default: the last layer only.
 
         Returns:
             ``{k: tensor of shape (batch, hidden_size)}`` for every requested ``k``, rotated where layer
             exit k has a rotation (:meth:`set_exit_rotations`).
         """
         num_layers = self.num_layers
+        if isinstance(layers, np.ndarray) and layers.ndim == 0:
+            layers = layers.item()
+        if isinstance(layers, (int, np.integer)):  # one layer count (bool is refused below)
+            layers = [layers]
+        if layers is not None and not isinstance(layers, Iterable):
+            raise InvalidLayersError(f"layers must be a layer count or a list of them, got {layers!r:.50}")
+        if (
+            not isinstance(features, Mapping)
+            or "input_ids" not in features
+            or "attention_mask" not in features
+        ):
+            what = sorted(features) if isinstance(features, Mapping) else type(features).__name__
+            raise InvalidInputError(
+                f"features must be tokenizer output with input_ids and attention_mask, got {what}"
+            )
         wanted = sorted(set(layers)) if layers is not None else [num_layers]
         if not wanted:
             raise InvalidLayersError("layers is empty: request at least one layer")
@@ -666,6 +745,9 @@ class EmbeddingModel(nn.Module, Encoder):
             normalize=True,
             name_or_path=self.name_or_path,
             exit_rotations={j: r.cpu() for j, r in self.exit_rotations.items() if j <= k},
+            prompts=self.prompts,
+            default_prompt_name=self.default_prompt_name,
+            similarity_fn_name=self.similarity_fn_name,
         )
         model.metadata = {
             # "onnx" names graph files of this model's folder, which the new one has only if exported so

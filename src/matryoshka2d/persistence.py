@@ -586,6 +586,11 @@ class FolderSpec:
     exit_rotations: dict[int, torch.Tensor] = field(default_factory=dict)
     #: The rotation of the last layer's exit, from a rotating Dense module (completed to a square matrix).
     output_rotation: torch.Tensor | None = None
+    #: ``config_sentence_transformers.json``: named prompts, the one prepended to every text, and the
+    #: similarity function the folder declares (kept when the model is saved again).
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity_fn_name: str | None = None
 
 
 HUB_IGNORE_PATTERNS = [
@@ -656,6 +661,7 @@ def read_folder_spec(folder: Path) -> FolderSpec:
         raise ModelLoadError(f"{modules_file}: expected a non-empty list of modules")
     spec: FolderSpec | None = None
     seen_pooling = False
+    include_prompt = True
     for module in sorted(modules, key=lambda m: m.get("idx", 0)):
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         sub = folder / module.get("path", "")
@@ -681,7 +687,9 @@ def read_folder_spec(folder: Path) -> FolderSpec:
         elif spec is None:
             raise ModelLoadError(f"{modules_file}: the first module must be a Transformer, got {kind!r}")
         elif kind == "Pooling":
-            spec.pooling_mode = pooling_mode_from_config(read_json(sub / "config.json"), str(sub))
+            pooling = read_json(sub / "config.json")
+            spec.pooling_mode = pooling_mode_from_config(pooling, str(sub))
+            include_prompt = pooling.get("include_prompt", True) is not False
             seen_pooling = True
         elif kind == "Dense":
             spec.dim, spec.output_rotation = _read_dense(sub)
@@ -694,7 +702,38 @@ def read_folder_spec(folder: Path) -> FolderSpec:
             )
     if spec is None or not seen_pooling:
         raise ModelLoadError(f"{modules_file}: a Transformer and a Pooling module are required")
+    _read_prompts(folder, spec)
+    if spec.default_prompt_name and spec.prompts[spec.default_prompt_name] and not include_prompt:
+        raise ModelLoadError(
+            f"{folder}: the pooling leaves the prompt's tokens out (include_prompt: false) and the folder "
+            f"prepends the prompt {spec.default_prompt_name!r} to every text; matryoshka2d does not support "
+            "that combination (its embeddings would differ from sentence-transformers')"
+        )
     return spec
+
+
+def _read_prompts(folder: Path, spec: FolderSpec) -> None:
+    """Fill ``spec``'s prompts from ``config_sentence_transformers.json`` (if there is one), checked."""
+    path = folder / "config_sentence_transformers.json"
+    if not path.is_file():
+        return
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise ModelLoadError(f"{path}: prompts must map prompt names to strings, got {prompts!r:.80}")
+    default = config.get("default_prompt_name")
+    if default is not None and (not isinstance(default, str) or default not in prompts):
+        raise ModelLoadError(
+            f"{path}: default_prompt_name {default!r} is not one of its prompts ({sorted(prompts)})"
+        )
+    similarity = config.get("similarity_fn_name")
+    if similarity is not None and not isinstance(similarity, str):
+        raise ModelLoadError(f"{path}: similarity_fn_name must be a string, got {similarity!r:.80}")
+    spec.prompts, spec.default_prompt_name, spec.similarity_fn_name = dict(prompts), default, similarity
 
 
 def _read_dense(dense_dir: Path) -> tuple[int, torch.Tensor | None]:
@@ -818,6 +857,9 @@ def write_folder(
     normalize: bool = True,
     exit_rotations: Mapping[int, torch.Tensor] | None = None,
     output_rotation: torch.Tensor | None = None,
+    prompts: Mapping[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    similarity_fn_name: str | None = None,
 ) -> None:
     """Write a complete sentence-transformers model folder into ``folder`` (which must be empty).
 
@@ -875,9 +917,9 @@ def write_folder(
                 "transformers": transformers.__version__,
                 "pytorch": torch.__version__,
             },
-            "prompts": {},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
+            "prompts": dict(prompts or {}),
+            "default_prompt_name": default_prompt_name,
+            "similarity_fn_name": similarity_fn_name or "cosine",
         },
     )
     if exit_rotations:

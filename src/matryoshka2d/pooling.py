@@ -21,15 +21,20 @@ _LEGACY_KEYS = {
 
 
 def pooling_mode_from_config(config: dict, where: str) -> str:
-    """The single pooling mode described by a sentence-transformers pooling ``config.json``."""
+    """The single pooling mode described by a sentence-transformers pooling ``config.json``.
+
+    A config naming no mode at all means mean pooling, as in sentence-transformers.
+    """
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{where}: expected a JSON object, got {type(config).__name__}")
     mode = config.get("pooling_mode")
     if isinstance(mode, list):
         mode = mode[0] if len(mode) == 1 else mode
     if mode is None:
         modes = [name for key, name in _LEGACY_KEYS.items() if config.get(key)]
-        if len(modes) != 1:
-            raise ModelLoadError(f"{where}: expected exactly one pooling mode, found {modes or 'none'}")
-        mode = modes[0]
+        if len(modes) > 1:
+            raise ModelLoadError(f"{where}: expected exactly one pooling mode, found {modes}")
+        mode = modes[0] if modes else "mean"
     if mode == "mean_tokens":
         mode = "mean"
     if mode not in POOLING_MODES:

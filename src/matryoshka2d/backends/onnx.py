@@ -118,6 +118,7 @@ class OnnxEncoder(Encoder):
         self.pooling_mode = model.pooling_mode
         self.max_seq_length = model.max_seq_length
         self.do_lower_case = model.do_lower_case
+        self.prompts, self.default_prompt_name = model.prompts, model.default_prompt_name
         self.hidden_size = model.hidden_size
         self.dim = model.dim
         self.num_layers = model.num_layers

@@ -221,6 +221,7 @@ class BatchingEngine:
         with self._length_lock:
             if self._length_tokenizer is None:
                 self._length_tokenizer = copy.deepcopy(self.model.tokenizer)
+            text = getattr(self.model, "prompt", "") + text  # what tokenize() counts
             if getattr(self.model, "do_lower_case", False):
                 (text,) = lower_case([text], self._length_tokenizer)
             ids = self._length_tokenizer(text, truncation=False, verbose=False)["input_ids"]
