@@ -569,3 +569,259 @@ def test_an_encoder_with_a_plain_encode_works(tiny_model):
     index = SearchIndex.from_model(PlainEncode(), SENTENCES, layers=3, shortlist_dim=8)
     np.testing.assert_allclose(index.vectors, tiny_model.encode(SENTENCES, layers=3), atol=1e-6)
     assert index.search_texts(PlainEncode(), SENTENCES[7], k=1).ids == [["7"]]
+
+
+# ---------------------------------------------------------------------- review fixes
+def build_cli_index(model_dir, tmp_path, texts=SENTENCES):
+    from matryoshka2d.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "index"
+    argv = [
+        "index",
+        "build",
+        str(model_dir),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--shortlist-dim",
+        "8",
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_concurrent_index_adds_keep_every_document(tiny_model_dir, tmp_path, monkeypatch):
+    """Two 'm2d index add' runs on one index at once: the second waits for the first (the lock is held from
+    the load to the save), so neither run's documents are lost."""
+    import threading
+    import time
+
+    from matryoshka2d.cli import build_parser
+
+    out = build_cli_index(tiny_model_dir, tmp_path)
+    original = SearchIndex.add_texts
+
+    def slow_add_texts(self, *args, **kwargs):  # both runs would load before either saves
+        original(self, *args, **kwargs)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(SearchIndex, "add_texts", slow_add_texts)
+    runs = []
+    for name, rows in (("a", ["A1\tfirst one", "A2\tfirst two"]), ("b", ["B1\tsecond one", "B2\tsecond 2"])):
+        corpus = tmp_path / f"add-{name}.tsv"
+        corpus.write_text("id\ttext\n" + "\n".join(rows) + "\n")
+        argv = ["index", "add", str(out), "--corpus", str(corpus), "--id-column", "id"]
+        runs.append(build_parser().parse_args(argv))
+    start, codes = threading.Barrier(2), []
+
+    def run(args):
+        start.wait()
+        codes.append(args.func(args))
+
+    threads = [threading.Thread(target=run, args=(args,)) for args in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [0, 0]
+    index = SearchIndex.load(out)
+    assert len(index) == len(SENTENCES) + 4
+    assert {"A1", "A2", "B1", "B2"} <= set(index.ids)
+
+
+def test_index_lock_makes_a_second_holder_wait(tmp_path):
+    import threading
+
+    from matryoshka2d.search.index import index_lock
+
+    events, waited = [], threading.Event()
+    with index_lock(tmp_path / "index") as lock:
+        assert lock == tmp_path / ".index.lock"  # beside the folder, not inside it
+
+        def second():
+            with index_lock(tmp_path / "sub" / ".." / "index", on_wait=lambda _: waited.set()):
+                events.append("second")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert waited.wait(10)
+        events.append("first")
+    thread.join()
+    assert events == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    "kind,quant", [("flat", "int8"), ("hnsw", "int8"), ("ivf", "none"), ("ivf", "binary")]
+)
+@pytest.mark.parametrize("first", [1, 10])
+def test_an_index_grown_from_a_small_first_batch_is_retrained(data, kind, quant, first):
+    """Trained shortlists (int8 ranges, IVF centroids) are rebuilt from all stored vectors once the index
+    has outgrown its training: growing from a tiny first batch searches like building at once."""
+    corpus, queries = data
+    options = dict(shortlist_dim=16, index=kind, quantization=quant, hnsw_m=8)
+    at_once = SearchIndex.from_embeddings(corpus, **options)
+    grown = SearchIndex.from_embeddings(corpus[:first], **options)
+    grown.add(corpus[first:])
+    assert grown.shortlist == at_once.shortlist  # an automatic IVF list count is chosen again (15, not 1)
+    if kind != "hnsw":  # an HNSW graph is built in parallel: not bit-identical from run to run
+        a, b = at_once.search(queries, k=10, shortlist=30), grown.search(queries, k=10, shortlist=30)
+        np.testing.assert_array_equal(a.indices, b.indices)
+    reference = two_stage_reference(corpus, queries, 16, 30, 10).tolist()
+
+    def overlap(index):
+        found = index.search(queries, k=10, shortlist=30).indices.tolist()
+        return np.mean([len(set(x) & set(y)) / 10 for x, y in zip(found, reference)])
+
+    assert overlap(grown) >= overlap(at_once) - 0.05  # (an int8 index trained on 1 vector: ~0.1)
+
+
+def test_retraining_is_rare_and_survives_save_and_load(data, tmp_path):
+    corpus, queries = data
+    index = SearchIndex.from_embeddings(corpus[:2], shortlist_dim=16, quantization="int8")
+    index.save(tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["shortlist_training"] == {"vectors": 2, "automatic_ivf_nlist": False}
+    loaded = SearchIndex.load(tmp_path / "index")
+    loaded.add(corpus[2:300])  # 300 >= 2 * 2: rebuilt, now trained on 300
+    trained = loaded._index
+    loaded.add(corpus[300:599])  # 599 < 2 * 300: only added
+    assert loaded._index is trained
+    loaded.add(corpus[599:])  # 600: rebuilt
+    assert loaded._index is not trained
+    at_once = SearchIndex.from_embeddings(corpus, shortlist_dim=16, quantization="int8")
+    np.testing.assert_array_equal(
+        loaded.search(queries, k=10, shortlist=30).indices,
+        at_once.search(queries, k=10, shortlist=30).indices,
+    )
+    # an index that needs no training is never rebuilt
+    flat = SearchIndex.from_embeddings(corpus[:1], shortlist_dim=16)
+    first = flat._index
+    flat.add(corpus[1:])
+    assert flat._index is first and flat.manifest()["shortlist_training"] is None
+
+
+def test_numpy_integer_settings_become_plain_ints(data, tmp_path):
+    corpus, queries = data
+    dims = np.array([8, 16, 48])
+    index = SearchIndex.from_embeddings(
+        corpus,
+        shortlist_dim=dims[1],
+        layers=np.int64(2),
+        index="hnsw",
+        hnsw_m=np.int64(8),
+        hnsw_ef_search=np.int32(64),
+        quantization="int8",
+    )
+    assert type(index.layers) is int and type(index.dim) is int
+    assert all(
+        type(v) is int
+        for k, v in index.shortlist.to_dict().items()
+        if k not in ("index", "quantization") and v is not None
+    )
+    assert index.search(queries, k=3).indices.shape == (25, 3)
+    index.save(tmp_path / "hnsw")  # json.dumps of a numpy integer would fail here
+    assert SearchIndex.load(tmp_path / "hnsw").shortlist == index.shortlist
+    ivf = SearchIndex.from_embeddings(corpus, shortlist_dim=np.int64(8), index="ivf", ivf_nlist=np.int64(4))
+    assert type(ivf.shortlist.ivf_nlist) is int
+    ivf.save(tmp_path / "ivf")
+    config = ShortlistConfig(dim=np.int64(8), ivf_nprobe=np.uint8(3)).validate(np.int64(48))
+    assert type(config.dim) is int and type(config.ivf_nprobe) is int
+    with pytest.raises(InvalidInputError, match="hnsw_m must be a positive integer"):
+        ShortlistConfig(dim=8, hnsw_m=np.int64(0)).validate(48)
+
+
+def test_index_add_refuses_its_folder_before_loading_the_model(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from matryoshka2d.cli import main
+
+    out = build_cli_index(tiny_model_dir, tmp_path)
+    inside = out / "more.txt"
+    inside.write_text("a blue bike\n")
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    more = tmp_path / "more.txt"
+    more.write_text("a blue bike\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the index folder was checked")
+
+    monkeypatch.setattr("matryoshka2d.cli.search.load_runtime", no_model)
+    capsys.readouterr()
+    assert main(["index", "add", str(out), "--corpus", str(inside)]) == 2
+    assert "an input of this command" in capsys.readouterr().err
+    assert main(["index", "add", str(link), "--corpus", str(more)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    monkeypatch.chdir(out)
+    assert main(["index", "add", ".", "--corpus", str(more)]) == 2
+    assert "current folder" in capsys.readouterr().err
+    assert len(SearchIndex.load(out)) == len(SENTENCES)
+
+
+def test_saving_over_an_index_keeps_the_users_other_files(tiny_model_dir, data, tmp_path):
+    from matryoshka2d.cli import main
+
+    out = build_cli_index(tiny_model_dir, tmp_path)
+    (out / "NOTES.md").write_text("my notes\n")
+    (out / "extra").mkdir()
+    (out / "extra" / "a.txt").write_text("a\n")
+    (out / "to-notes").symlink_to("NOTES.md")
+    more = tmp_path / "more.txt"
+    more.write_text("a blue bike\n")
+    assert main(["index", "add", str(out), "--corpus", str(more)]) == 0
+    assert len(SearchIndex.load(out)) == len(SENTENCES) + 1
+    assert (out / "NOTES.md").read_text() == "my notes\n" and (out / "extra" / "a.txt").read_text() == "a\n"
+    assert (out / "to-notes").is_symlink() and (out / "to-notes").read_text() == "my notes\n"
+    corpus, _ = data
+    SearchIndex.from_embeddings(corpus[:5], shortlist_dim=8).save(out, overwrite=True)  # the API too
+    assert (out / "NOTES.md").read_text() == "my notes\n" and len(SearchIndex.load(out)) == 5
+    assert not (out / "texts.json").exists()  # an index file the new index lacks is not carried over
+
+
+def test_load_puts_back_an_index_moved_aside_by_a_killed_save(tiny_model_dir, tmp_path, capsys):
+    """A save killed between its two renames leaves the only copy in .NAME.old-<pid>-*: load puts it back."""
+    import subprocess
+    import sys
+
+    from matryoshka2d.cli import main
+
+    out = build_cli_index(tiny_model_dir, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that is no longer running
+    aside = tmp_path / f".index.old-{dead.pid}-abcdefgh"
+    aside.mkdir()
+    out.rename(aside / "index")
+    assert len(SearchIndex.load(out)) == len(SENTENCES)
+    assert out.is_dir() and not (aside / "index").exists()
+    out.rename(aside / "index")
+    capsys.readouterr()
+    assert main(["search", str(out), "--query", "a cat", "-k", "1"]) == 0
+    assert capsys.readouterr().out.startswith("query: a cat\n   1  ")  # one hit
+    assert out.is_dir()
+
+
+def test_top_k_ranks_equal_scores_by_position():
+    from matryoshka2d.search.index import _top_k
+
+    scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=np.float32)
+    positions = np.array([[40, 3, 7, 2, 9], [8, 6, 4, 2, 0]])
+    for k, expected in ((1, [[1], [4]]), (2, [[1, 3], [4, 3]]), (3, [[1, 3, 2], [4, 3, 2]])):
+        np.testing.assert_array_equal(_top_k(scores, positions, k), expected)
+    np.testing.assert_array_equal(_top_k(scores, positions, 5), [[1, 3, 2, 0, 4], [4, 3, 2, 1, 0]])
+
+
+def test_equal_scores_rank_by_position_whatever_k_and_shortlist(data):
+    corpus, _ = data
+    duplicated = np.concatenate([corpus[:100], corpus[:30], corpus[:30]])  # rows 100.. repeat rows 0..29
+    rng = np.random.default_rng(1)
+    queries = corpus[:30] + 0.01 * rng.standard_normal((30, 48)).astype(np.float32)
+    index = SearchIndex.from_embeddings(duplicated, shortlist_dim=48)
+    full = index.search(queries, k=9, shortlist=160)
+    for row, scores in zip(full.indices, full.scores):
+        ties = scores[:-1] == scores[1:]
+        assert np.all(row[:-1][ties] < row[1:][ties])  # equal scores: lower position first
+    assert full.indices[:, :3].tolist() == [[i, 100 + i, 130 + i] for i in range(30)]
+    for k, shortlist in ((1, 1), (1, 20), (2, 2), (2, 20), (5, 7), (9, 160)):
+        got = index.search(queries, k=k, shortlist=shortlist).indices
+        np.testing.assert_array_equal(got, full.indices[:, :k])

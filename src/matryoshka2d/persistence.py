@@ -231,7 +231,7 @@ def check_output_folder(
         raise OutputPathError(
             f"{path} is a symbolic link (to {real}): matryoshka2d does not replace links; give the real path"
         )
-    _put_back_moved_aside(path)  # a save killed between its renames: the previous output is checked
+    put_back_moved_aside(path)  # a save killed between its renames: the previous output is checked
     if not path.exists():
         return path
     if not path.is_dir():
@@ -361,7 +361,7 @@ def _stale(entry: Path, prefix: str) -> bool:
     return pid is None or (pid != os.getpid() and not _pid_alive(pid))
 
 
-def _put_back_moved_aside(path: Path) -> None:
+def put_back_moved_aside(path: Path) -> None:
     """If ``path`` is missing because a save was killed between its two renames (:func:`atomic_directory`
     moves the previous folder into ``.NAME.old-*`` just before the new one takes its place), move that
     previous folder back: it is the only copy, and without it the next save would need no overwrite."""
@@ -384,7 +384,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    _put_back_moved_aside(path)
+    put_back_moved_aside(path)
     removed = []
     for entry in path.parent.iterdir():
         for tag in (".tmp-", ".old-"):

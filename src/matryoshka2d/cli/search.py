@@ -19,7 +19,7 @@ from matryoshka2d.persistence import atomic_write, check_output_file, check_outp
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_corpus
-    from matryoshka2d.search.index import SearchIndex
+    from matryoshka2d.search.index import SearchIndex, index_lock
 
     if args.backend == "qdrant":
         return cmd_index_build_qdrant(args)
@@ -38,7 +38,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index=args.index,
         quantization=args.quantization,
     )
-    index.save(args.out, overwrite=args.overwrite, inputs=[args.corpus, args.model])
+    with index_lock(args.out, on_wait=waiting("index build", args.out)):  # not amid an 'index add'
+        index.save(args.out, overwrite=args.overwrite, inputs=[args.corpus, args.model])
     c = index.shortlist
     print(f"indexed {len(index)} documents ({index.dim} dims) in {args.out} ({runtime_note(model)})")
     print(f"shortlist: first {c.dim} dims, {c.index} index, {c.quantization} codes")
@@ -47,15 +48,33 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_index_add(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_corpus
-    from matryoshka2d.search.index import SearchIndex
+    from matryoshka2d.search.index import SearchIndex, index_lock
 
-    index = SearchIndex.load(args.index_dir)
+    inputs = [args.corpus, args.model]
+    # The index is updated in place: refuse a path it may not be written to before any work.
+    check_output_folder(args.index_dir, "search-index", overwrite=True, inputs=inputs)
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)
-    model = load_runtime(args, args.model or index_model(index))
-    index.add_texts(model, texts, ids, batch_size=args.batch_size)
-    index.save(args.index_dir, overwrite=True, inputs=[args.corpus, args.model])  # updated in place
+    # Held from the load to the save: a concurrent 'index add' waits instead of losing one's documents.
+    with index_lock(args.index_dir, on_wait=waiting("index add", args.index_dir)):
+        index = SearchIndex.load(args.index_dir)
+        model = load_runtime(args, args.model or index_model(index))
+        index.add_texts(model, texts, ids, batch_size=args.batch_size)
+        index.save(args.index_dir, overwrite=True, inputs=inputs)
     print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)}) ({runtime_note(model)})")
     return 0
+
+
+def waiting(command: str, folder: str):
+    """An ``on_wait`` for :func:`~matryoshka2d.search.index.index_lock`: says on stderr why it waits."""
+
+    def say(lock) -> None:
+        print(
+            f"m2d {command}: waiting for another update of {folder} to finish (lock {lock})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return say
 
 
 def index_model(index) -> str:

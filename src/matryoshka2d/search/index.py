@@ -31,9 +31,18 @@ Input handling (documented choices):
   :class:`~matryoshka2d.errors.InvalidInputError`; a model whose embedding size differs from the
   index's raises :class:`~matryoshka2d.errors.InvalidDimError`.
 
+* Hits of equal score rank by their position in the index (the order documents were added), like
+  ``m2d eval-retrieval``: the order does not depend on ``k``, ``shortlist`` or the shortlist index.
+  (Which of several equal-scoring candidates enter a shortlist smaller than the corpus is faiss' choice.)
+
+Growth: trained shortlists (IVF centroids, int8 ranges) are rebuilt from the stored vectors when the index
+has outgrown what they were trained on (:func:`~matryoshka2d.search.shortlist.outgrown`), so an index
+started with a few vectors and grown by :meth:`SearchIndex.add` searches like one built at once.
+
 Thread safety: :meth:`SearchIndex.search` and :meth:`SearchIndex.search_texts` may run from many threads
 at once (search settings are passed to faiss per call); adding documents while searching is not
-supported.
+supported. Processes that update one index folder (load, add, save) hold :func:`index_lock` from the load
+to the save (``m2d index add`` does), so that no update is lost.
 
 Example:
     >>> model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
@@ -45,12 +54,15 @@ Example:
 Folder layout written by :meth:`SearchIndex.save` (format version 2)::
 
     manifest.json            format, format_version, model, layers, dim, count, shortlist settings,
-                             model_fingerprint (probe texts and settings, or null)
+                             model_fingerprint (probe texts and settings, or null), shortlist_training
+                             (vectors the shortlist was trained on; optional, older readers ignore it)
     vectors.npy              (count, dim) float32, normalised full vectors
     ids.json                 list of count strings
     texts.json               list of count document texts (only if the index stores texts)
     shortlist.faiss          the faiss shortlist index (float or binary)
     model_fingerprint.npy    (probes, dim) float32: the model's embeddings of the probe texts (if any)
+
+Other files a user keeps in the folder (notes, say) are carried over when the index is saved over it.
 
 Format versions: a reader accepts every version up to its own and refuses newer ones (they may hold
 information it would ignore); a writer always writes the current version. Version 1 (before model
@@ -60,20 +72,22 @@ fingerprints) has no ``model_fingerprint``: it loads, its model is checked by re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError
-from matryoshka2d.persistence import atomic_directory
+from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, OutputPathError
+from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory, put_back_moved_aside
 from matryoshka2d.search.fingerprint import (
     MIN_PROBE_COSINE,
     ModelFingerprint,
@@ -86,13 +100,16 @@ from matryoshka2d.search.shortlist import (
     QUANTIZATIONS,
     SHORTLIST_INDEXES,
     ShortlistConfig,
-    build_index,
+    build_shortlist,
     check_positive_int,
     default_dim,
+    needs_training,
+    outgrown,
     read_index,
     search_params,
     serialized_size,
     shortlist_codes,
+    training_size,
     write_index,
 )
 from matryoshka2d.truncation import check_layers, truncate_dims
@@ -112,6 +129,7 @@ __all__ = [
     "SearchIndex",
     "SearchResult",
     "ShortlistConfig",
+    "index_lock",
 ]
 
 FORMAT = "matryoshka2d-search-index"
@@ -123,6 +141,10 @@ IDS_FILE = "ids.json"
 TEXTS_FILE = "texts.json"
 SHORTLIST_FILE = "shortlist.faiss"
 FINGERPRINT_FILE = "model_fingerprint.npy"
+# What a save writes: any other entry of an index folder is the user's and is carried over by a save.
+INDEX_FILES = frozenset(
+    {MANIFEST_FILE, VECTORS_FILE, IDS_FILE, TEXTS_FILE, SHORTLIST_FILE, FINGERPRINT_FILE, OUTPUT_MARKER}
+)
 
 # Stored documents re-encoded to check a model against an index without a fingerprint.
 _CHECK_DOCUMENTS = 8
@@ -177,12 +199,12 @@ class SearchIndex:
     fingerprint: ModelFingerprint | None = None
 
     def __post_init__(self) -> None:
-        check_positive_int(self.dim, "dim")
+        self.dim = check_positive_int(self.dim, "dim")  # plain ints: numpy ones break json and faiss
         if self.shortlist is None:
             self.shortlist = ShortlistConfig(dim=min(DEFAULT_SHORTLIST_DIM, self.dim))
-        self.shortlist.validate(self.dim)
+        self.shortlist = self.shortlist.validate(self.dim)
         if self.layers is not None:
-            check_positive_int(self.layers, "layers")
+            self.layers = check_positive_int(self.layers, "layers")
         if self.fingerprint is not None:
             self._check_fingerprint(self.fingerprint)
         self._vectors = np.empty((0, self.dim), dtype=np.float32)
@@ -190,6 +212,10 @@ class SearchIndex:
         self._texts: list[str] | None = None  # document texts, if the index stores them
         self._positions: dict[str, int] = {}
         self._index: faiss.Index | faiss.IndexBinary | None = None
+        # Vectors the shortlist was trained on (0: it needs no training), and whether its IVF list count
+        # was chosen automatically (then a rebuild for more vectors chooses it again).
+        self._trained_on = 0
+        self._automatic_nlist = self.shortlist.index == "ivf" and self.shortlist.ivf_nlist is None
         # Models already checked against the fingerprint (so search_texts checks a model once).
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._checked_lock = threading.Lock()
@@ -293,11 +319,18 @@ class SearchIndex:
         new_ids = self._check_new_ids(ids, embeddings.shape[0])
         new_texts = self._check_new_texts(texts, embeddings.shape[0])
         vectors = np.ascontiguousarray(truncate_dims(embeddings, None, normalize=True), dtype=np.float32)
-        codes = shortlist_codes(vectors, self.shortlist)
         if self._index is None:
-            self._index, self.shortlist = build_index(self.shortlist, codes)
-        self._index.add(codes)
-        self._vectors = vectors if len(self._ids) == 0 else np.concatenate([self._vectors, vectors])
+            self._index, self.shortlist, self._trained_on = build_shortlist(self.shortlist, vectors)
+            self._vectors = vectors
+        else:
+            combined = np.concatenate([self._vectors, vectors])
+            if outgrown(self.shortlist, self._trained_on, len(combined), self._automatic_nlist):
+                # trained on too few vectors for its size now (a small first batch): rebuild from all
+                config = replace(self.shortlist, ivf_nlist=None) if self._automatic_nlist else self.shortlist
+                self._index, self.shortlist, self._trained_on = build_shortlist(config, combined)
+            else:
+                self._index.add(shortlist_codes(vectors, self.shortlist))
+            self._vectors = combined
         start = len(self._ids)
         if new_texts is not None:
             self._texts = self._texts if self._texts is not None else []
@@ -518,17 +551,13 @@ class SearchIndex:
             cand = candidates[start : start + block]
             valid = cand >= 0
             gathered = self._vectors[np.where(valid, cand, 0)]  # (b, s, dim)
-            full = np.matmul(gathered, queries[start : start + block, :, None])[..., 0]  # (b, s)
+            # (b, s). einsum, not matmul: BLAS' matrix-vector kernels round a row's dot product differently
+            # at the block's tail, so duplicate documents would get unequal scores depending on where
+            # they lie among the candidates; einsum gives one row the same score wherever it lies.
+            full = np.einsum("bsd,bd->bs", gathered, queries[start : start + block])
             full[~valid] = -np.inf
-            top = (
-                np.argpartition(-full, k - 1, axis=1)[:, :k]
-                if k < s
-                else np.broadcast_to(np.arange(s), full.shape)
-            )
-            top_scores = np.take_along_axis(full, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            top = np.take_along_axis(top, order, axis=1)
-            block_scores = np.take_along_axis(top_scores, order, axis=1)
+            top = _top_k(full, cand, k)
+            block_scores = np.take_along_axis(full, top, axis=1)
             block_indices = np.take_along_axis(cand, top, axis=1)
             block_indices[~np.isfinite(block_scores)] = -1
             scores[start : start + len(cand)] = block_scores
@@ -620,6 +649,9 @@ class SearchIndex:
         """The metadata written to ``manifest.json``."""
         from matryoshka2d import __version__
 
+        training = None
+        if needs_training(self.shortlist):
+            training = {"vectors": self._trained_on, "automatic_ivf_nlist": self._automatic_nlist}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -632,6 +664,7 @@ class SearchIndex:
             "texts": self._texts is not None,
             "shortlist": self.shortlist.to_dict(),
             "model_fingerprint": self.fingerprint.manifest() if self.fingerprint is not None else None,
+            "shortlist_training": training,
         }
 
     # ------------------------------------------------------------------ persistence
@@ -644,6 +677,11 @@ class SearchIndex:
     ) -> Path:
         """Write the index to a folder, atomically (an existing folder is replaced only on success).
 
+        Files of the replaced folder that are not part of an index (:data:`INDEX_FILES`: a user's notes,
+        say) are carried over into the new folder (hard-linked, or copied across file systems), never
+        deleted. To update a folder that other processes may update too, hold :func:`index_lock` from
+        :meth:`load` to this save.
+
         Args:
             path: the output folder: new or empty, or an index written by matryoshka2d (replaced only with
                 ``overwrite=True``); anything else is refused
@@ -653,7 +691,8 @@ class SearchIndex:
                 into or above.
 
         Raises:
-            OutputPathError: ``path`` may not be written (the message says what is there).
+            OutputPathError: ``path`` may not be written (the message says what is there), or it holds an
+                entry that cannot be carried over (not a file, folder or link).
         """
         if self._index is None:
             raise InvalidInputError("the index is empty: nothing to save")
@@ -667,6 +706,7 @@ class SearchIndex:
                 np.save(tmp / FINGERPRINT_FILE, self.fingerprint.embeddings)
             write_index(self._index, str(tmp / SHORTLIST_FILE), self.shortlist.binary)
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n", encoding="utf-8")
+            _carry_over(path, tmp)
         return path
 
     @classmethod
@@ -686,6 +726,8 @@ class SearchIndex:
             ModelMismatchError: ``model`` is not the index's model.
         """
         path = Path(path)
+        with contextlib.suppress(OSError):  # a read-only place: report what is (not) there
+            put_back_moved_aside(path)  # a save killed between its two renames left it beside ``path``
         if path.exists() and not path.is_dir():
             raise DataFileError(f"{path} is a file, not a search index folder (written by 'm2d index build')")
         if not path.is_dir():
@@ -704,6 +746,7 @@ class SearchIndex:
         try:
             config = ShortlistConfig(**manifest["shortlist"])
             layers, dim, count = manifest.get("layers"), int(manifest["dim"]), int(manifest["count"])
+            trained_on, automatic_nlist = _read_training(manifest.get("shortlist_training"), config, count)
             fingerprint = None
             if version >= 2 and manifest.get("model_fingerprint") is not None:
                 probe = np.load(_existing(path, FINGERPRINT_FILE))
@@ -740,6 +783,7 @@ class SearchIndex:
                 f"dims, expected {count} of {config.dim}"
             )
         index._vectors, index._ids, index._texts, index._index = vectors, ids, texts, shortlist_index
+        index._trained_on, index._automatic_nlist = trained_on, automatic_nlist
         index._positions = {id_: i for i, id_ in enumerate(ids)}
         if model is not None:
             index.check_model(model)
@@ -747,6 +791,119 @@ class SearchIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file of the index folder ``path``: ``.NAME.lock`` beside it (not inside: a save replaces
+    the folder), for its real path, so that every spelling of the folder finds the same lock."""
+    real = Path(os.path.realpath(Path(path).expanduser()))
+    return real.parent / f".{real.name}.lock"
+
+
+@contextlib.contextmanager
+def index_lock(path: str | os.PathLike, on_wait: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of the index folder ``path`` (across processes and threads).
+
+    Hold it from :meth:`SearchIndex.load` to :meth:`SearchIndex.save` when updating a folder in place,
+    so that two updates at once never lose one's documents::
+
+        with index_lock("my-index"):
+            index = SearchIndex.load("my-index")
+            index.add_texts(model, more_texts)
+            index.save("my-index", overwrite=True)
+
+    Args:
+        path: the index folder (it need not exist yet; its parent folder is created).
+        on_wait: called with the lock file's path if another holder makes this one wait.
+
+    Yields:
+        the lock file's path (:func:`lock_file`).
+    """
+    from filelock import FileLock, Timeout
+
+    where = lock_file(path)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(where))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait(where)
+        lock.acquire()
+    try:
+        yield where
+    finally:
+        lock.release()
+
+
+def _read_training(recorded: object, config: ShortlistConfig, count: int) -> tuple[int, bool]:
+    """(vectors the shortlist was trained on, whether its IVF list count is automatic) from a manifest's
+    ``shortlist_training``; without one (older folders): trained on ``count``, the list count as given."""
+    if recorded is None:
+        return training_size(config, count), False
+    vectors = recorded.get("vectors") if isinstance(recorded, dict) else None
+    automatic = recorded.get("automatic_ivf_nlist") if isinstance(recorded, dict) else None
+    if (
+        isinstance(vectors, bool)
+        or not isinstance(vectors, int)
+        or vectors < 0
+        or not isinstance(automatic, bool)
+    ):
+        raise ValueError(
+            f"shortlist_training must be {{'vectors': int, 'automatic_ivf_nlist': bool}}, got {recorded!r}"
+        )
+    return vectors, automatic
+
+
+def _top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the best ``k`` of each row of ``scores``, best first; equal scores rank by ``positions``
+    (the documents' rows in the index). The rank by (-score, position) is exact: argpartition picks
+    ``k``, only rows where equal scores straddle the cut-off are redone with a full lexsort, and the
+    ``k`` picked are ordered with a lexsort."""
+    rows, s = scores.shape
+    if k < s:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        kth = top_scores.min(axis=1, keepdims=True)
+        # a row whose k-th score is shared by a candidate that was not picked: pick by position there
+        straddle = np.flatnonzero((scores == kth).sum(axis=1) > (top_scores == kth).sum(axis=1))
+        for row in straddle:
+            top[row] = np.lexsort((positions[row], -scores[row]))[:k]
+    else:
+        top = np.broadcast_to(np.arange(s), scores.shape)
+    order = np.lexsort(
+        (np.take_along_axis(positions, top, axis=1), -np.take_along_axis(scores, top, axis=1)), axis=1
+    )
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _carry_over(folder: Path, new: Path) -> None:
+    """Put the entries of ``folder`` that are not index files into ``new`` (hard links where possible, else
+    copies): a save replaces the whole folder and must not delete a user's files in it."""
+    if not folder.is_dir():
+        return
+    extra = sorted(p for p in folder.iterdir() if p.name not in INDEX_FILES)
+    odd = [p.name for p in extra if not (p.is_symlink() or p.is_file() or p.is_dir())]
+    if odd:
+        raise OutputPathError(
+            f"{folder} holds {', '.join(odd)}, which is not part of a search index and cannot be carried "
+            "over into the new index folder (not a file, folder or link): move it out of the folder first"
+        )
+    for entry in extra:
+        target = new / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
 def _existing(folder: Path, name: str) -> Path:
     if not (folder / name).is_file():
         raise DataFileError(f"{folder} is not a complete search index: {name} is missing")

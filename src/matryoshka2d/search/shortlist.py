@@ -2,9 +2,18 @@
 
 :class:`ShortlistConfig` says how it is built (exact scan, HNSW graph or IVF lists; float32, int8 or
 binary codes); :func:`shortlist_codes` turns full vectors into the codes it stores; :func:`build_index`
-creates (and trains) the faiss index; :func:`search_params` gives the per-call search settings. Search
-settings are passed to faiss with each call instead of being set on the shared index, so concurrent
-searches with different ``ef_search``/``nprobe`` never see each other's settings.
+creates (and trains) the faiss index and :func:`build_shortlist` fills it with a whole corpus;
+:func:`outgrown` says when an index trained on a small first batch must be rebuilt; :func:`search_params`
+gives the per-call search settings. Search settings are passed to faiss with each call instead of being
+set on the shared index, so concurrent searches with different ``ef_search``/``nprobe`` never see each
+other's settings.
+
+Trained structures (IVF centroids, int8 ranges) are trained on a sample of the vectors present when the
+index is built: at most ``max(64 * nlist, 10000)`` of them (:func:`training_size`). An index that grows
+by later adds is rebuilt from all its vectors (:func:`outgrown`) whenever a build of all of them at once
+would train on at least twice as many vectors as its current training did, so a small first batch
+never fixes the shortlist's quality for good; the rebuilds double in size, so their total cost stays
+within a small multiple of one build.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ from matryoshka2d.truncation import truncate_dims
 SHORTLIST_INDEXES = ("flat", "hnsw", "ivf")
 QUANTIZATIONS = ("none", "int8", "binary")
 DEFAULT_SHORTLIST_DIM = 64
+# Trained structures use at most max(64 * nlist, this) training vectors (a seeded random sample).
+MIN_TRAINING_SAMPLE = 10_000
+_INT_FIELDS = ("dim", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe")
 
 
 @dataclass(frozen=True)
@@ -53,8 +65,17 @@ class ShortlistConfig:
     ivf_nlist: int | None = None
     ivf_nprobe: int = 32
 
+    def __post_init__(self) -> None:
+        # numpy integers (an np.int64 from an array of settings) become plain ints: faiss' setters and
+        # json.dumps (the manifest) take only those. Other values are left for validate() to refuse.
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, np.integer):
+                object.__setattr__(self, name, int(value))
+
     def validate(self, full_dim: int) -> ShortlistConfig:
-        """Check every field against the index's full dim; return self."""
+        """Check every field against the index's full dim; return the settings with plain ``int`` values
+        (keep the returned object)."""
         if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)):
             raise InvalidDimError(f"shortlist dim must be an integer, got {self.dim!r}")
         if not 1 <= self.dim <= full_dim:
@@ -73,11 +94,12 @@ class ShortlistConfig:
             raise InvalidDimError(
                 f"binary shortlist codes need a dim that is a multiple of 8, got {self.dim}"
             )
+        values = {"dim": int(self.dim)}
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
-            check_positive_int(getattr(self, name), name)
+            values[name] = check_positive_int(getattr(self, name), name)
         if self.ivf_nlist is not None:
-            check_positive_int(self.ivf_nlist, "ivf_nlist")
-        return self
+            values["ivf_nlist"] = check_positive_int(self.ivf_nlist, "ivf_nlist")
+        return replace(self, **values)
 
     @property
     def binary(self) -> bool:
@@ -104,6 +126,43 @@ def default_nlist(count: int) -> int:
     return max(1, min(round(math.sqrt(count)), count // 39))
 
 
+def needs_training(config: ShortlistConfig) -> bool:
+    """Whether the shortlist index is trained (IVF centroids, int8 ranges) before vectors are added."""
+    return config.index == "ivf" or config.quantization == "int8"
+
+
+def training_size(config: ShortlistConfig, count: int) -> int:
+    """How many of ``count`` vectors a build trains on: all, up to ``max(64 * nlist, 10000)`` (0 if the
+    index needs no training). ``nlist`` is ``config.ivf_nlist``, or the default for ``count``."""
+    if not needs_training(config):
+        return 0
+    nlist = config.ivf_nlist or default_nlist(count)
+    return min(count, max(64 * nlist, MIN_TRAINING_SAMPLE))
+
+
+def outgrown(config: ShortlistConfig, trained_on: int, count: int, automatic_nlist: bool) -> bool:
+    """Whether an index trained on ``trained_on`` vectors should be rebuilt now that it holds ``count``:
+    a build of all of them at once would train on at least twice as many.
+
+    Args:
+        automatic_nlist: the IVF list count was chosen from the first batch (not given): a rebuild
+            chooses it again for ``count``.
+    """
+    if not needs_training(config):
+        return False
+    if automatic_nlist and config.index == "ivf":
+        config = replace(config, ivf_nlist=None)
+    return training_size(config, count) >= 2 * max(trained_on, 1)
+
+
+def _training_rows(count: int, size: int) -> np.ndarray | None:
+    """The rows of ``count`` that training uses (sorted, seeded), or None for all of them."""
+    if size >= count:
+        return None
+    rng = np.random.default_rng(0)
+    return np.sort(rng.choice(count, size, replace=False))
+
+
 def shortlist_codes(vectors: np.ndarray, config: ShortlistConfig) -> np.ndarray:
     """What the shortlist stores for ``vectors``: the re-normalised first ``config.dim`` dims (float32),
     or their sign bits packed 8 to a byte for binary codes."""
@@ -116,7 +175,8 @@ def shortlist_codes(vectors: np.ndarray, config: ShortlistConfig) -> np.ndarray:
 def build_index(
     config: ShortlistConfig, training_codes: np.ndarray
 ) -> tuple[faiss.Index | faiss.IndexBinary, ShortlistConfig]:
-    """Create (and train, for IVF and int8) the faiss index for the first batch of codes.
+    """Create (and train, for IVF and int8) the faiss index for the codes of the vectors it is built for
+    (trained on a seeded sample of at most :func:`training_size` of them).
 
     Returns:
         the empty (trained) index, and ``config`` with ``ivf_nlist`` filled in if it was chosen here.
@@ -125,11 +185,12 @@ def build_index(
         InvalidInputError: an IVF index with fewer vectors in the first batch than lists.
     """
     c = config
-    nlist = c.ivf_nlist or default_nlist(len(training_codes))
-    if c.index == "ivf" and len(training_codes) < nlist:
+    count = len(training_codes)
+    nlist = c.ivf_nlist or default_nlist(count)
+    if c.index == "ivf" and count < nlist:
         raise InvalidInputError(
             f"an IVF shortlist with {nlist} lists needs at least {nlist} vectors in the first batch, "
-            f"got {len(training_codes)}; add more vectors at once, lower ivf_nlist, or use index='flat'"
+            f"got {count}; add more vectors at once, lower ivf_nlist, or use index='flat'"
         )
     if c.binary:
         factory = {"flat": "BFlat", "hnsw": f"BHNSW{c.hnsw_m}", "ivf": f"BIVF{nlist}"}[c.index]
@@ -150,13 +211,25 @@ def build_index(
         if c.ivf_nlist is None:
             c = replace(c, ivf_nlist=nlist)
     if not index.is_trained:
-        sample = training_codes
-        limit = max(64 * nlist, 10_000)  # IVF k-means, and the int8 ranges, need no more than this
-        if len(sample) > limit:
-            rng = np.random.default_rng(0)
-            sample = sample[np.sort(rng.choice(len(sample), limit, replace=False))]
-        index.train(sample)
+        # IVF k-means, and the int8 ranges, need no more than max(64 * nlist, 10000) vectors
+        rows = _training_rows(len(training_codes), training_size(c, count))
+        index.train(training_codes if rows is None else training_codes[rows])
     return index, c
+
+
+def build_shortlist(
+    config: ShortlistConfig, vectors: np.ndarray
+) -> tuple[faiss.Index | faiss.IndexBinary, ShortlistConfig, int]:
+    """Build, train and fill the shortlist index for all of ``vectors`` (normalised full vectors).
+
+    Returns:
+        the filled index, the settings (``ivf_nlist`` filled in), and how many vectors it was trained on
+        (0 if it needs no training).
+    """
+    codes = shortlist_codes(vectors, config)
+    index, config = build_index(config, codes)
+    index.add(codes)
+    return index, config, training_size(config, len(vectors))
 
 
 def search_params(
