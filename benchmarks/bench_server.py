@@ -28,7 +28,9 @@ margin) cancels; the median, the range and the number of rounds at or above the 
 ``--kinds onnx`` (or ``torch``, or ``int8``) starts only the servers of that backend kind: fewer servers
 resident (six at once took memory bandwidth and cache from the one measured) and more rounds per hour.
 ``int8`` is ``m2d serve --backend onnx-int8`` against Infinity's optimum engine given the same ONNX export
-plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that engine prefers on a CPU).
+plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that engine prefers on a CPU);
+``bf16`` is ``m2d serve --dtype bfloat16`` against Infinity's torch engine with ``--dtype bfloat16`` (with
+``--compiled`` also both with ``--compile``): the fastest torch path on a CPU with native bfloat16.
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -469,8 +471,8 @@ def interleaved(
     """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up.
 
     ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``; ``kinds``
-    keeps only the servers of those backend kinds (``torch``, ``onnx``, ``int8``): fewer servers resident,
-    more rounds in the same time.
+    keeps only the servers of those backend kinds (``torch``, ``onnx``, ``int8``, ``bf16``): fewer servers
+    resident, more rounds in the same time.
     """
     servers = {}
     if "torch" in kinds:
@@ -481,13 +483,17 @@ def interleaved(
         servers["m2d int8"] = m2d_server("grouped", ["--backend", "onnx-int8"])
     if compiled and "torch" in kinds:
         servers["m2d compiled"] = m2d_server("grouped", ["--compile"])
-    engines = [("torch", None), ("onnx", None), ("int8", None)] + (
-        [("torch", ["--compile"])] if compiled else []
-    )
-    for engine, extra in engines:
-        if engine not in kinds:
+    bf16 = ["--dtype", "bfloat16"]
+    if "bf16" in kinds:
+        servers["m2d bf16"] = m2d_server("grouped", bf16)
+        if compiled:
+            servers["m2d bf16 compiled"] = m2d_server("grouped", [*bf16, "--compile"])
+    engines = [("torch", None), ("onnx", None), ("int8", None), ("bf16", bf16)]
+    engines += [("torch", ["--compile"]), ("bf16", [*bf16, "--compile"])] if compiled else []
+    for kind, extra in engines:
+        if kind not in kinds:
             continue
-        server = infinity_server(engine, extra)
+        server = infinity_server("torch" if kind == "bf16" else kind, extra)
         if server is not None:
             servers[server.name] = server
     try:
@@ -536,6 +542,23 @@ def interleaved(
         ),
         "m2d compiled / m2d serve": (("m2d compiled", "6"), ("m2d serve", "6"), 1.0),
         "m2d compiled layers 3 / layers 6": (("m2d compiled", "3"), ("m2d compiled", "6"), 1.8),
+        "m2d bf16 / infinity-torch bf16": (("m2d bf16", "6"), ("infinity-torch-dtype-bfloat16", "6"), 1.3),
+        "m2d bf16 layers 3 / layers 6": (("m2d bf16", "3"), ("m2d bf16", "6"), 1.8),
+        "m2d bf16 compiled / infinity-torch bf16": (
+            ("m2d bf16 compiled", "6"),
+            ("infinity-torch-dtype-bfloat16", "6"),
+            1.3,
+        ),
+        "m2d bf16 compiled / infinity-torch bf16 --compile": (
+            ("m2d bf16 compiled", "6"),
+            ("infinity-torch-dtype-bfloat16-compile", "6"),
+            1.3,
+        ),
+        "m2d bf16 compiled layers 3 / layers 6": (
+            ("m2d bf16 compiled", "3"),
+            ("m2d bf16 compiled", "6"),
+            1.8,
+        ),
     }
     ratios = {}
     print(f"\nratios within each round (c={concurrency}, {rounds} rounds of {duration:.0f} s cells):")
@@ -595,15 +618,15 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx, int8: comma-separated), the others "
-        "not started",
+        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16: comma-separated), the "
+        "others not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx", "int8"}:
-        parser.error(f"--kinds takes torch, onnx, int8 (comma-separated), got {args.kinds!r}")
+    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16"}:
+        parser.error(f"--kinds takes torch, onnx, int8, bf16 (comma-separated), got {args.kinds!r}")
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
         f"machine: {machine()}; {THREADS} threads per server; requests of 1..32 STSB test sentences",
