@@ -391,7 +391,9 @@ def test_prompt_folders_we_cannot_reproduce_are_refused(tiny_model_dir, tmp_path
     "device, message",
     [
         ("gpu", "unknown device 'gpu'"),
-        (3, "device must be a name"),
+        (1.5, "device must be a name"),
+        (-1, "unknown device"),
+        (torch.cuda.device_count(), "CUDA GPU"),  # an index past the last GPU (cuda:0 without one)
         (True, "device must be a name"),
         ("cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}", "CUDA GPU"),
     ],

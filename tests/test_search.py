@@ -825,3 +825,68 @@ def test_equal_scores_rank_by_position_whatever_k_and_shortlist(data):
     for k, shortlist in ((1, 1), (1, 20), (2, 2), (2, 20), (5, 7), (9, 160)):
         got = index.search(queries, k=k, shortlist=shortlist).indices
         np.testing.assert_array_equal(got, full.indices[:, :k])
+
+
+def test_saving_over_an_index_by_a_tilde_or_dotdot_path_keeps_the_users_files(data, tmp_path, monkeypatch):
+    corpus, _ = data
+    monkeypatch.setenv("HOME", str(tmp_path))
+    SearchIndex.from_embeddings(corpus[:5], shortlist_dim=8).save(tmp_path / "idx")
+    (tmp_path / "idx" / "NOTES.md").write_text("my notes\n")
+    SearchIndex.from_embeddings(corpus[:6], shortlist_dim=8).save("~/idx", overwrite=True)
+    assert (tmp_path / "idx" / "NOTES.md").read_text() == "my notes\n" and len(SearchIndex.load("~/idx")) == 6
+    SearchIndex.from_embeddings(corpus[:7], shortlist_dim=8).save(
+        tmp_path / "idx" / ".." / "idx", overwrite=True
+    )
+    assert (tmp_path / "idx" / "NOTES.md").read_text() == "my notes\n"
+    assert len(SearchIndex.load(tmp_path / "idx")) == 7
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.")) == []
+    )  # nothing left aside
+
+
+def test_an_index_saved_before_training_was_recorded_is_rebuilt_on_its_next_add(data, tmp_path):
+    """A folder without shortlist_training may have been grown from a tiny first batch (trained on it
+    alone, as the earlier version did): its next add rebuilds the shortlist once from every vector."""
+    from matryoshka2d.search.shortlist import shortlist_codes
+
+    corpus, queries = data
+    unit = corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    old = SearchIndex.from_embeddings(corpus[:1], shortlist_dim=16, quantization="int8")
+    old._index.add(shortlist_codes(unit[1:], old.shortlist))  # grown without a rebuild, as before
+    old._vectors = unit.astype(np.float32)
+    old._ids += [str(i) for i in range(1, len(corpus))]
+    old.save(tmp_path / "old")
+    manifest_file = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["shortlist_training"]  # what a folder of the earlier version holds
+    manifest_file.write_text(json.dumps(manifest))
+    loaded = SearchIndex.load(tmp_path / "old")
+    loaded.add(corpus[:1], ids=["extra"])  # rebuilt from all vectors
+    at_once = SearchIndex.from_embeddings(
+        np.concatenate([corpus, corpus[:1]]), shortlist_dim=16, quantization="int8"
+    )
+    np.testing.assert_array_equal(
+        loaded.search(queries, k=10, shortlist=30).indices,
+        at_once.search(queries, k=10, shortlist=30).indices,
+    )
+
+
+def test_index_add_on_a_missing_folder_creates_nothing(tiny_model_dir, tmp_path, capsys):
+    from matryoshka2d.cli import main
+
+    more = tmp_path / "more.txt"
+    more.write_text("a blue bike\n")
+    assert main(["index", "add", str(tmp_path / "typo" / "deeper" / "idx"), "--corpus", str(more)]) == 2
+    assert "search index folder not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["more.txt"]
+
+
+def test_a_mismatch_names_the_default_prompt_of_the_model(tiny_model_dir, tmp_path):
+    from test_model import prompted_copy
+
+    from matryoshka2d import EmbeddingModel
+
+    index = SearchIndex.from_model(EmbeddingModel.load(tiny_model_dir), SENTENCES, shortlist_dim=8)
+    prompted = EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "p", {"q": "query: "}, "q"))
+    with pytest.raises(ModelMismatchError, match="prepends the prompt 'query: '"):
+        index.check_model(prompted)

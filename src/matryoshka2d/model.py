@@ -128,16 +128,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` as a ``torch.device`` if this machine has it (None stays None: the CPU).
+    """``device`` as a ``torch.device`` if this machine has it (None stays None: the CPU). An int is a
+    CUDA device index, as in torch (``0`` is ``"cuda:0"``).
 
     Raises:
-        InvalidInputError: not a device name (``"gpu"``, ``3``), or a device this torch build or machine
+        InvalidInputError: not a device (``"gpu"``, ``1.5``), or a device this torch build or machine
             does not have (``"cuda"`` without a GPU, ``"cuda:5"`` on a machine with two).
     """
     if device is None:
         return None
-    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
         raise InvalidInputError(f"device must be a name such as 'cpu' or 'cuda:0', got {device!r:.50}")
+    if isinstance(device, int):  # torch: an index of a CUDA device
+        if device < 0:
+            raise InvalidInputError(f"unknown device {device!r}: a device index must be >= 0")
+        device = f"cuda:{device}"
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):

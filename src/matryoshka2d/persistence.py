@@ -192,6 +192,13 @@ def _check_common(path: Path, real: Path, kind: str, inputs, is_folder: bool) ->
             break
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """``path`` as the writers use it: ``~`` expanded, and ``..`` folded (``idx/../idx`` is ``idx``: once
+    ``idx`` is moved aside by a save, ``idx/..`` would no longer resolve)."""
+    path = Path(path).expanduser()
+    return Path(os.path.normpath(path)) if ".." in path.parts else path
+
+
 def check_output_folder(
     path: str | os.PathLike,
     kind: str,
@@ -224,7 +231,7 @@ def check_output_folder(
     """
     if not str(os.fspath(path)).strip():
         raise OutputPathError(f"no output path given for the {kind} (empty path)")
-    path = Path(path).expanduser()
+    path = output_path(path)
     real = _real(path)
     _check_common(path, real, kind, inputs, is_folder=True)
     if path.is_symlink():

@@ -52,7 +52,13 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
     inputs = [args.corpus, args.model]
     # The index is updated in place: refuse a path it may not be written to before any work.
-    check_output_folder(args.index_dir, "search-index", overwrite=True, inputs=inputs)
+    folder = check_output_folder(args.index_dir, "search-index", overwrite=True, inputs=inputs)
+    if not folder.is_dir():  # before the lock, which would create the folders of a mistyped path
+        from matryoshka2d.errors import DataFileError
+
+        raise DataFileError(
+            f"search index folder not found: {args.index_dir} (build one with 'm2d index build')"
+        )
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)
     # Held from the load to the save: a concurrent 'index add' waits instead of losing one's documents.
     with index_lock(args.index_dir, on_wait=waiting("index add", args.index_dir)):

@@ -152,7 +152,7 @@ class ModelFingerprint:
                 f"the model {model_name(model)!r} is not the model that built {what} ({built!r}): their "
                 f"embeddings of the same probe sentences differ (lowest cosine similarity {agreement:.3f}, "
                 f"need >= {MIN_PROBE_COSINE}); vectors of different models cannot be mixed or compared. "
-                f"Use {built!r}, or build a new index with {model_name(model)!r}"
+                f"Use {built!r}, or build a new index with {model_name(model)!r}{prompt_hint(model)}"
             )
 
     # ------------------------------------------------------------------ storage
@@ -191,3 +191,16 @@ class ModelFingerprint:
         if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
             raise ValueError(f"model fingerprint layers is {layers!r}")
         return cls(tuple(texts), np.asarray(embeddings, dtype=np.float32), layers, data.get("model"))
+
+
+def prompt_hint(model: object) -> str:
+    """For a mismatch message: a model whose folder sets a default prompt may have built the index before
+    matryoshka2d applied that prompt (2026-12-05), i.e. from embeddings without it."""
+    prompt = getattr(model, "prompt", "")
+    if not prompt:
+        return ""
+    return (
+        f". (If the same model built it: its folder prepends the prompt {prompt!r} to every text, which "
+        "matryoshka2d does since 2026-12-05, as sentence-transformers does; an index built before was "
+        "encoded without it: rebuild it)"
+    )

@@ -87,13 +87,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, OutputPathError
-from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory, put_back_moved_aside
+from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory, output_path, put_back_moved_aside
 from matryoshka2d.search.fingerprint import (
     MIN_PROBE_COSINE,
     ModelFingerprint,
     ModelMismatchError,
     encode_texts,
     model_name,
+    prompt_hint,
 )
 from matryoshka2d.search.shortlist import (
     DEFAULT_SHORTLIST_DIM,
@@ -109,7 +110,6 @@ from matryoshka2d.search.shortlist import (
     search_params,
     serialized_size,
     shortlist_codes,
-    training_size,
     write_index,
 )
 from matryoshka2d.truncation import check_layers, truncate_dims
@@ -432,6 +432,7 @@ class SearchIndex:
                 f"embeddings of stored documents differ from the stored vectors (lowest cosine similarity "
                 f"{agreement:.3f}, need >= {MIN_PROBE_COSINE}); vectors of different models cannot be mixed "
                 f"or compared. Use {built!r}, or build a new index with {model_name(model)!r}"
+                f"{prompt_hint(model)}"
             )
 
     def _was_checked(self, model: object, fingerprint: ModelFingerprint) -> bool:
@@ -696,7 +697,7 @@ class SearchIndex:
         """
         if self._index is None:
             raise InvalidInputError("the index is empty: nothing to save")
-        path = Path(path)
+        path = output_path(path)  # as atomic_directory sees it (``~`` expanded): the folder it replaces
         with atomic_directory(path, "search-index", overwrite=overwrite, inputs=inputs) as tmp:
             np.save(tmp / VECTORS_FILE, self._vectors)
             (tmp / IDS_FILE).write_text(json.dumps(self._ids, ensure_ascii=False), encoding="utf-8")
@@ -725,7 +726,7 @@ class SearchIndex:
             InvalidDimError: ``model`` makes embeddings of another size.
             ModelMismatchError: ``model`` is not the index's model.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         with contextlib.suppress(OSError):  # a read-only place: report what is (not) there
             put_back_moved_aside(path)  # a save killed between its two renames left it beside ``path``
         if path.exists() and not path.is_dir():
@@ -836,9 +837,12 @@ def index_lock(path: str | os.PathLike, on_wait: Callable[[Path], None] | None =
 
 def _read_training(recorded: object, config: ShortlistConfig, count: int) -> tuple[int, bool]:
     """(vectors the shortlist was trained on, whether its IVF list count is automatic) from a manifest's
-    ``shortlist_training``; without one (older folders): trained on ``count``, the list count as given."""
+    ``shortlist_training``. Without one (a folder saved before it was recorded) the sample is unknown:
+    such an index may have been grown from a tiny first batch, so it counts as trained on none and its
+    next :meth:`SearchIndex.add` rebuilds the shortlist once from all its vectors (the list count as
+    given)."""
     if recorded is None:
-        return training_size(config, count), False
+        return 0, False
     vectors = recorded.get("vectors") if isinstance(recorded, dict) else None
     automatic = recorded.get("automatic_ivf_nlist") if isinstance(recorded, dict) else None
     if (
