@@ -134,6 +134,14 @@ class Encoder(abc.ABC):
     def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
         """Tokenise a batch, truncated to ``max_seq_length`` (see the backend for the returned types)."""
 
+    def tokenizer_input(self, texts: Sequence[str]) -> list[str]:
+        """The strings the tokenizer is given for ``texts``: the default prompt prepended, then lower-cased
+        if the model asks (special tokens kept), as sentence-transformers does. Reads nothing it changes:
+        safe from any number of threads."""
+        if self.prompt:
+            texts = [self.prompt + text for text in texts]
+        return lower_case(texts, self.tokenizer) if self.do_lower_case else list(texts)
+
     def _run_tokenizer(self, texts: Sequence[str], padding: bool, tensor_type: str) -> dict:
         """The shared body of every backend's :meth:`tokenize`: lower-case if asked, truncate, tokenise.
 
@@ -141,13 +149,10 @@ class Encoder(abc.ABC):
         the backend's ``_tokenizer_lock``. ``padding=True`` gives ``tensor_type`` arrays ("pt", "np")
         padded to the longest text, ``padding=False`` plain id lists (to sort by length and pad per batch).
         """
-        if self.prompt:  # sentence-transformers: prompt + text, then lower-cased and tokenised as one
-            texts = [self.prompt + text for text in texts]
-        if self.do_lower_case:
-            texts = lower_case(texts, self.tokenizer)
+        texts = self.tokenizer_input(texts)
         with self._tokenizer_lock:
             encoded = self.tokenizer(
-                list(texts),
+                texts,
                 padding=padding,
                 truncation=True,
                 max_length=self.max_seq_length,

@@ -324,9 +324,10 @@ class SearchIndex:
             self._vectors = vectors
         else:
             combined = np.concatenate([self._vectors, vectors])
-            if outgrown(self.shortlist, self._trained_on, len(combined), self._automatic_nlist):
+            # the settings a build of everything would use (an automatic IVF list count chosen again)
+            config = replace(self.shortlist, ivf_nlist=None) if self._automatic_nlist else self.shortlist
+            if outgrown(config, self._trained_on, len(combined)):
                 # trained on too few vectors for its size now (a small first batch): rebuild from all
-                config = replace(self.shortlist, ivf_nlist=None) if self._automatic_nlist else self.shortlist
                 self._index, self.shortlist, self._trained_on = build_shortlist(config, combined)
             else:
                 self._index.add(shortlist_codes(vectors, self.shortlist))

@@ -74,8 +74,8 @@ class ShortlistConfig:
                 object.__setattr__(self, name, int(value))
 
     def validate(self, full_dim: int) -> ShortlistConfig:
-        """Check every field against the index's full dim; return the settings with plain ``int`` values
-        (keep the returned object)."""
+        """Check every field against the index's full dim; return self (its integers are plain ``int``
+        already: ``__post_init__``)."""
         if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)):
             raise InvalidDimError(f"shortlist dim must be an integer, got {self.dim!r}")
         if not 1 <= self.dim <= full_dim:
@@ -94,12 +94,11 @@ class ShortlistConfig:
             raise InvalidDimError(
                 f"binary shortlist codes need a dim that is a multiple of 8, got {self.dim}"
             )
-        values = {"dim": int(self.dim)}
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
-            values[name] = check_positive_int(getattr(self, name), name)
+            check_positive_int(getattr(self, name), name)
         if self.ivf_nlist is not None:
-            values["ivf_nlist"] = check_positive_int(self.ivf_nlist, "ivf_nlist")
-        return replace(self, **values)
+            check_positive_int(self.ivf_nlist, "ivf_nlist")
+        return self
 
     @property
     def binary(self) -> bool:
@@ -140,18 +139,12 @@ def training_size(config: ShortlistConfig, count: int) -> int:
     return min(count, max(64 * nlist, MIN_TRAINING_SAMPLE))
 
 
-def outgrown(config: ShortlistConfig, trained_on: int, count: int, automatic_nlist: bool) -> bool:
+def outgrown(config: ShortlistConfig, trained_on: int, count: int) -> bool:
     """Whether an index trained on ``trained_on`` vectors should be rebuilt now that it holds ``count``:
-    a build of all of them at once would train on at least twice as many.
-
-    Args:
-        automatic_nlist: the IVF list count was chosen from the first batch (not given): a rebuild
-            chooses it again for ``count``.
-    """
+    a build of all of them at once with ``config`` (the settings a rebuild would use: ``ivf_nlist`` None
+    where the list count was chosen automatically) would train on at least twice as many."""
     if not needs_training(config):
         return False
-    if automatic_nlist and config.index == "ivf":
-        config = replace(config, ivf_nlist=None)
     return training_size(config, count) >= 2 * max(trained_on, 1)
 
 

@@ -14,7 +14,7 @@ already in a running forward pass finish and are dropped. :meth:`BatchingEngine.
 queued job before the workers exit (graceful shutdown).
 
 The backend is anything with the engine-core interface of :class:`~matryoshka2d.model.EmbeddingModel`:
-``num_layers``, ``dim``, ``hidden_size``, ``max_seq_length``, ``tokenizer``, ``do_lower_case``,
+``num_layers``, ``dim``, ``hidden_size``, ``max_seq_length``, ``tokenizer``, ``tokenizer_input(texts)``,
 ``tokenize(texts, padding=False)``, ``pad(encoded, rows)`` and ``forward(features, layers)`` returning
 ``{k: pooled (batch, hidden_size)}`` as torch tensors or numpy arrays.
 """
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from matryoshka2d.encoder import lower_case
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 from matryoshka2d.truncation import truncate_dims
 from matryoshka2d.validation import check_positive_int
@@ -221,9 +220,7 @@ class BatchingEngine:
         with self._length_lock:
             if self._length_tokenizer is None:
                 self._length_tokenizer = copy.deepcopy(self.model.tokenizer)
-            text = getattr(self.model, "prompt", "") + text  # what tokenize() counts
-            if getattr(self.model, "do_lower_case", False):
-                (text,) = lower_case([text], self._length_tokenizer)
+            (text,) = self.model.tokenizer_input([text])  # what tokenize() tokenises
             ids = self._length_tokenizer(text, truncation=False, verbose=False)["input_ids"]
         return len(ids)
 
