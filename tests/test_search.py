@@ -801,16 +801,6 @@ def test_load_puts_back_an_index_moved_aside_by_a_killed_save(tiny_model_dir, tm
     assert out.is_dir()
 
 
-def test_top_k_ranks_equal_scores_by_position():
-    from matryoshka2d.search.index import _top_k
-
-    scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=np.float32)
-    positions = np.array([[40, 3, 7, 2, 9], [8, 6, 4, 2, 0]])
-    for k, expected in ((1, [[1], [4]]), (2, [[1, 3], [4, 3]]), (3, [[1, 3, 2], [4, 3, 2]])):
-        np.testing.assert_array_equal(_top_k(scores, positions, k), expected)
-    np.testing.assert_array_equal(_top_k(scores, positions, 5), [[1, 3, 2, 0, 4], [4, 3, 2, 1, 0]])
-
-
 def test_equal_scores_rank_by_position_whatever_k_and_shortlist(data):
     corpus, _ = data
     duplicated = np.concatenate([corpus[:100], corpus[:30], corpus[:30]])  # rows 100.. repeat rows 0..29

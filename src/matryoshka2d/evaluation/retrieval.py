@@ -33,6 +33,7 @@ import numpy as np
 from matryoshka2d.data import load_sts, read_rows, require_columns, text_column
 from matryoshka2d.errors import DataFileError, InvalidInputError
 from matryoshka2d.evaluation.grid import GridEncoder, GridResult, evaluate_grid
+from matryoshka2d.ranking import top_k
 from matryoshka2d.truncation import truncate_dims
 from matryoshka2d.validation import is_int
 
@@ -229,7 +230,7 @@ def retrieval_metrics(
         if exclude is not None:
             for row, left_out in enumerate(exclude[start : start + len(scores)]):
                 scores[row, list(left_out)] = -np.inf
-        ranked[start : start + len(scores)] = _top_ranked(scores, depth)
+        ranked[start : start + len(scores)] = top_k(scores, depth)
 
     # hits[q, r]: is the document at rank r relevant to query q (pairs encoded as q * num_docs + doc).
     pairs = np.fromiter(
@@ -248,22 +249,6 @@ def retrieval_metrics(
     ideal = np.array([discounts[: int(min(n, len(discounts)))].sum() for n in num_relevant])
     metrics["ndcg@10"] = float(np.mean((top10 * discounts).sum(1) / ideal))
     return metrics
-
-
-def _top_ranked(scores: np.ndarray, depth: int) -> np.ndarray:
-    """Per row, the positions of the ``depth`` highest scores, best first, equal scores in position order."""
-    n = scores.shape[1]
-    if depth >= n:
-        return np.argsort(-scores, axis=1, kind="stable")
-    top = np.sort(np.argpartition(-scores, depth - 1, axis=1)[:, :depth], axis=1)  # position order
-    ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), 1, "stable"), 1)
-    # Where the last score kept ties with one left out, argpartition chose among them arbitrarily: those
-    # rows are ranked again from every document scoring at least that much.
-    last = np.take_along_axis(scores, ranked[:, -1:], axis=1)
-    for row in np.flatnonzero((scores >= last).sum(1) > depth):
-        candidates = np.flatnonzero(scores[row] >= last[row, 0])
-        ranked[row] = candidates[np.argsort(-scores[row, candidates], kind="stable")[:depth]]
-    return ranked
 
 
 #: Retrieval results are :class:`~matryoshka2d.evaluation.grid.GridResult` objects (several metrics; the

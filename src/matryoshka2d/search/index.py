@@ -88,6 +88,7 @@ import numpy as np
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, OutputPathError
 from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory, output_path, put_back_moved_aside
+from matryoshka2d.ranking import top_k
 from matryoshka2d.search.fingerprint import (
     MIN_PROBE_COSINE,
     ModelFingerprint,
@@ -558,7 +559,7 @@ class SearchIndex:
             # they lie among the candidates; einsum gives one row the same score wherever it lies.
             full = np.einsum("bsd,bd->bs", gathered, queries[start : start + block])
             full[~valid] = -np.inf
-            top = _top_k(full, cand, k)
+            top = top_k(full, k, positions=cand)  # equal scores by the row in the index
             block_scores = np.take_along_axis(full, top, axis=1)
             block_indices = np.take_along_axis(cand, top, axis=1)
             block_indices[~np.isfinite(block_scores)] = -1
@@ -856,28 +857,6 @@ def _read_training(recorded: object, config: ShortlistConfig, count: int) -> tup
             f"shortlist_training must be {{'vectors': int, 'automatic_ivf_nlist': bool}}, got {recorded!r}"
         )
     return vectors, automatic
-
-
-def _top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> np.ndarray:
-    """Columns of the best ``k`` of each row of ``scores``, best first; equal scores rank by ``positions``
-    (the documents' rows in the index). The rank by (-score, position) is exact: argpartition picks
-    ``k``, only rows where equal scores straddle the cut-off are redone with a full lexsort, and the
-    ``k`` picked are ordered with a lexsort."""
-    rows, s = scores.shape
-    if k < s:
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        kth = top_scores.min(axis=1, keepdims=True)
-        # a row whose k-th score is shared by a candidate that was not picked: pick by position there
-        straddle = np.flatnonzero((scores == kth).sum(axis=1) > (top_scores == kth).sum(axis=1))
-        for row in straddle:
-            top[row] = np.lexsort((positions[row], -scores[row]))[:k]
-    else:
-        top = np.broadcast_to(np.arange(s), scores.shape)
-    order = np.lexsort(
-        (np.take_along_axis(positions, top, axis=1), -np.take_along_axis(scores, top, axis=1)), axis=1
-    )
-    return np.take_along_axis(top, order, axis=1)
 
 
 def _carry_over(folder: Path, new: Path) -> None:
