@@ -31,6 +31,8 @@ resident (six at once took memory bandwidth and cache from the one measured) and
 plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that engine prefers on a CPU);
 ``bf16`` is ``m2d serve --dtype bfloat16`` against Infinity's torch engine with ``--dtype bfloat16`` (with
 ``--compiled`` also both with ``--compile``): the fastest torch path on a CPU with native bfloat16.
+``pad`` is ours only: ``m2d serve --dtype bfloat16`` (batch widths padded to a multiple of 8, its default
+on a CPU) against the same with ``--pad-multiple 1`` (with ``--compiled`` also both compiled).
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -471,8 +473,8 @@ def interleaved(
     """The concurrency-``concurrency`` ratios measured in ``rounds`` rounds of every cell, servers kept up.
 
     ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``; ``kinds``
-    keeps only the servers of those backend kinds (``torch``, ``onnx``, ``int8``, ``bf16``): fewer servers
-    resident, more rounds in the same time.
+    keeps only the servers of those backend kinds (``torch``, ``onnx``, ``int8``, ``bf16``; ``pad``: ours
+    with and without width rounding): fewer servers resident, more rounds in the same time.
     """
     servers = {}
     if "torch" in kinds:
@@ -488,6 +490,14 @@ def interleaved(
         servers["m2d bf16"] = m2d_server("grouped", bf16)
         if compiled:
             servers["m2d bf16 compiled"] = m2d_server("grouped", [*bf16, "--compile"])
+    if "pad" in kinds:
+        servers["m2d bf16 pad 8"] = m2d_server("grouped", [*bf16, "--pad-multiple", "8"])
+        servers["m2d bf16 pad 1"] = m2d_server("grouped", [*bf16, "--pad-multiple", "1"])
+        if compiled:
+            servers["m2d bf16 compiled pad 8"] = m2d_server("grouped", [*bf16, "--compile"])
+            servers["m2d bf16 compiled pad 1"] = m2d_server(
+                "grouped", [*bf16, "--compile", "--pad-multiple", "1"]
+            )
     engines = [("torch", None), ("onnx", None), ("int8", None), ("bf16", bf16)]
     engines += [("torch", ["--compile"]), ("bf16", [*bf16, "--compile"])] if compiled else []
     for kind, extra in engines:
@@ -559,6 +569,24 @@ def interleaved(
             ("m2d bf16 compiled", "6"),
             1.8,
         ),
+        "m2d bf16 pad 8 / pad 1": (("m2d bf16 pad 8", "6"), ("m2d bf16 pad 1", "6"), 1.0),
+        "m2d bf16 pad 8 / pad 1, layers 3": (("m2d bf16 pad 8", "3"), ("m2d bf16 pad 1", "3"), 1.0),
+        "m2d bf16 compiled pad 8 / pad 1": (
+            ("m2d bf16 compiled pad 8", "6"),
+            ("m2d bf16 compiled pad 1", "6"),
+            1.0,
+        ),
+        "m2d bf16 compiled pad 8 / pad 1, layers 3": (
+            ("m2d bf16 compiled pad 8", "3"),
+            ("m2d bf16 compiled pad 1", "3"),
+            1.0,
+        ),
+        "m2d bf16 pad 8 layers 3 / layers 6": (("m2d bf16 pad 8", "3"), ("m2d bf16 pad 8", "6"), 1.8),
+        "m2d bf16 compiled pad 8 layers 3 / layers 6": (
+            ("m2d bf16 compiled pad 8", "3"),
+            ("m2d bf16 compiled pad 8", "6"),
+            1.8,
+        ),
     }
     ratios = {}
     print(f"\nratios within each round (c={concurrency}, {rounds} rounds of {duration:.0f} s cells):")
@@ -618,15 +646,15 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16: comma-separated), the "
-        "others not started",
+        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad: comma-separated), "
+        "the others not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16"}:
-        parser.error(f"--kinds takes torch, onnx, int8, bf16 (comma-separated), got {args.kinds!r}")
+    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad"}:
+        parser.error(f"--kinds takes torch, onnx, int8, bf16, pad (comma-separated), got {args.kinds!r}")
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
         f"machine: {machine()}; {THREADS} threads per server; requests of 1..32 STSB test sentences",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from matryoshka2d import InvalidDimError, InvalidInputError, InvalidLayersError
-from matryoshka2d.encoder import Encoder, pad_rows
+from matryoshka2d.encoder import Encoder, pad_rows, padded_width
 
 
 class CountingEncoder(Encoder):
@@ -86,6 +86,19 @@ def test_pad_rows_pads_like_a_tokenizer():
     left = pad_rows(encoded, [1], pad_token_id=None, left=True)
     assert left["input_ids"].tolist() == [[8]] and left["input_ids"].dtype == np.int64
     assert pad_rows(encoded, [0, 1], 0, left=True)["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_pad_rows_rounds_the_width_up_to_a_multiple_within_max_width():
+    encoded = {"input_ids": [[5, 6, 7], [8]], "attention_mask": [[1, 1, 1], [1]]}
+    right = pad_rows(encoded, [0, 1], 9, multiple=4)
+    assert right["input_ids"].tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    left = pad_rows(encoded, [1, 0], 9, left=True, multiple=8, max_width=5)  # 8 would pass max_width
+    assert left["input_ids"].tolist() == [[9, 9, 9, 9, 8], [9, 9, 5, 6, 7]]
+    assert left["attention_mask"].tolist() == [[0, 0, 0, 0, 1], [0, 0, 1, 1, 1]]
+    assert [padded_width(n, 8, 128) for n in (1, 8, 9, 121, 125, 128)] == [8, 8, 16, 128, 128, 128]
+    assert padded_width(130, 8, 128) == 130  # a row already past max_width is never cut
+    assert padded_width(3, 1) == 3 and padded_width(9, 8) == 16
 
 
 def test_zero_dimensional_arrays_are_one_layer_count_or_dim():

@@ -203,6 +203,36 @@ def test_low_precision_layers_pool_in_float32(tiny_model_dir, tiny_model, dtype)
     assert not np.array_equal(emb, ref)  # the layers really ran in low precision
 
 
+def test_pad_multiple_is_8_only_for_bf16_layers_on_a_cpu(tiny_model_dir, tiny_model):
+    assert tiny_model.pad_multiple == 1
+    assert EmbeddingModel.load(tiny_model_dir, dtype="float16").pad_multiple == 1
+    low = EmbeddingModel.load(tiny_model_dir, dtype="bfloat16")
+    assert low.pad_multiple == 8
+    low.tokenizer.padding_side = "left"  # extra padding would move absolute positions: none
+    assert low.pad_multiple == 1
+
+
+@pytest.mark.parametrize(
+    "family, pooling",
+    [(family, "mean") for family in FAMILIES]
+    + [("bert", mode) for mode in ("cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")],
+)
+def test_padding_to_a_multiple_changes_no_embedding(tmp_path, family, pooling):
+    """The server rounds batch widths up (Encoder.pad's ``multiple``): the extra padding is masked out
+    for every family and pooling mode."""
+    model = build_tiny_model(tmp_path, family, pooling_mode=pooling)
+    texts = SENTENCES[:5]
+    encoded = model.tokenize(texts, padding=False)
+    rows = range(len(texts))
+    longest = max(len(ids) for ids in encoded["input_ids"])
+    padded = model.pad(encoded, rows, multiple=8)
+    assert padded["input_ids"].shape[1] == -(-longest // 8) * 8 > longest
+    with torch.inference_mode():
+        exact, rounded = model.forward(model.pad(encoded, rows), [2, 4]), model.forward(padded, [2, 4])
+    for k in (2, 4):
+        torch.testing.assert_close(rounded[k], exact[k], atol=1e-5, rtol=1e-5)
+
+
 def test_auto_dtype_follows_the_hardware(monkeypatch):
     from matryoshka2d import model as model_module
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import SENTENCES, packaged_minilm
 from prometheus_client.parser import text_string_to_metric_families
 
-from matryoshka2d import EmbeddingModel
+from matryoshka2d import EmbeddingModel, InvalidInputError
 from matryoshka2d.serving import BackgroundServer, BatchingEngine, QueueFullError, ServeConfig, create_app
 from matryoshka2d.serving.runner import free_port
 
@@ -588,6 +588,34 @@ def test_engine_modes_match_offline_and_respect_the_token_budget(offline, mode, 
     assert stats and all(s.padded_tokens <= 64 and s.rows <= 5 for s in stats)
     if mode == "grouped":
         assert all(len(s.layers) == 1 for s in stats)
+
+
+def test_engine_pads_batch_widths_to_a_multiple_within_the_budget(model_dir, offline):
+    """A bfloat16 model on a CPU asks for widths rounded up to 8 (fewer shapes for oneDNN); any model can be
+    given a multiple. The budget counts the rounded width; the embeddings are those of offline encode."""
+    low = EmbeddingModel.load(model_dir, dtype="bfloat16")
+    assert BatchingEngine(low).pad_multiple == 8 and BatchingEngine(offline).pad_multiple == 1
+    assert BatchingEngine(low, pad_multiple=1).pad_multiple == 1
+    with pytest.raises(InvalidInputError, match="pad_multiple"):
+        BatchingEngine(offline, pad_multiple=0)
+    for model, multiple, atol in ((offline, 8, 1e-5), (low, None, 0.02)):
+        stats = []
+        engine = BatchingEngine(model, max_batch_tokens=64, max_batch_size=5, pad_multiple=multiple)
+        engine.on_batch = stats.append
+        engine.start()
+        try:
+            jobs = [
+                (texts, engine.submit(engine.prepare(texts), 4, 16)) for texts in (SENTENCES, SENTENCES[:3])
+            ]
+            for texts, job in jobs:
+                np.testing.assert_allclose(
+                    job.future.result(10), model.encode(texts, layers=4, dim=16), atol=atol
+                )
+        finally:
+            engine.stop()
+        widths = [s.padded_tokens // s.rows for s in stats]
+        assert stats and all(s.padded_tokens <= 64 and s.padded_tokens % s.rows == 0 for s in stats)
+        assert all(w % 8 == 0 for w in widths), widths
 
 
 @pytest.mark.parametrize("mode,expected", [("grouped", {1: 8, 2: 8, 4: 8}), ("shared", {1: 4, 2: 2, 4: 2})])

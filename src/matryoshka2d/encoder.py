@@ -125,6 +125,14 @@ class Encoder(abc.ABC):
         """What the layers compute in: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``."""
         return "float32"
 
+    @property
+    def pad_multiple(self) -> int:
+        """The width multiple for batches of unforeseen shapes (a server's), for :meth:`pad`'s ``multiple``.
+
+        1 here; the torch model asks for 8 where its runtime builds kernels per input shape (see there).
+        ``encode`` pads to the longest row only: it sorts by length, so its batches repeat few shapes."""
+        return 1
+
     def describe(self) -> str:
         """One line for logs and CLI output, e.g. ``"minilm (6 layers, 384 dims; torch bfloat16)"``."""
         sizes = f"{self.num_layers} layers, {self.dim} dims"
@@ -160,15 +168,18 @@ class Encoder(abc.ABC):
             )
         return dict(encoded)
 
-    def pad(self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int]) -> dict:
-        """int64 arrays for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to their longest.
+    def pad(
+        self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], multiple: int = 1
+    ) -> dict:
+        """int64 arrays for ``rows`` of :meth:`tokenize` output (``padding=False``), padded to their longest
+        (rounded up to a multiple of ``multiple``, though not past ``max_seq_length``).
 
         Pads like the tokenizer (``pad_token_id``, attention mask 0, token type 0, on its padding side)
         without touching the shared tokenizer, so it is safe from any number of threads. A backend may
         return its own array type (the torch model returns tensors).
         """
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left)
+        return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left, multiple, self.max_seq_length)
 
     @abc.abstractmethod
     def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
@@ -366,19 +377,29 @@ def sort_longest_first(input_ids: Sequence[Sequence[int]]) -> np.ndarray:
     return np.argsort([-len(ids) for ids in input_ids], kind="stable")
 
 
+def padded_width(longest: int, multiple: int = 1, max_width: int | None = None) -> int:
+    """The width :func:`pad_rows` pads to: ``longest`` rounded up to a multiple of ``multiple``, though
+    not past ``max_width`` unless ``longest`` already is."""
+    rounded = -(-longest // multiple) * multiple
+    return rounded if max_width is None else max(longest, min(rounded, max_width))
+
+
 def pad_rows(
     encoded: Mapping[str, Sequence[Sequence[int]]],
     rows: Sequence[int],
     pad_token_id: int | None,
     left: bool = False,
+    multiple: int = 1,
+    max_width: int | None = None,
 ) -> dict[str, np.ndarray]:
     """int64 arrays for ``rows`` of un-padded tokenizer output, padded to the longest of those rows.
 
     Pads like a tokenizer (``input_ids`` with ``pad_token_id``, everything else, e.g. the attention mask
     and token types, with 0; on the left if ``left``) without touching the tokenizer, so any number of
-    threads may pad at once.
+    threads may pad at once. ``multiple`` rounds the width up to a multiple of it (padding masked out like
+    any other), though not past ``max_width`` (the model's ``max_seq_length``) unless the longest row is.
     """
-    width = max(len(encoded["input_ids"][i]) for i in rows)
+    width = padded_width(max(len(encoded["input_ids"][i]) for i in rows), multiple, max_width)
     pad_values = {"input_ids": pad_token_id or 0}
     out = {}
     for key, values in encoded.items():

@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue_texts=args.max_queue_texts,
         workers=args.workers,
         batch_mode=args.batch_mode,
+        pad_multiple=args.pad_multiple,
         api_key=args.api_key,
     )
     check_port_free(args.host, args.port)  # before the model loads
@@ -144,6 +145,12 @@ def register(sub) -> None:
         default="grouped",
         help="mixed layer counts: a pass per layer count (grouped, default: measured faster) or one pass "
         "to the deepest (shared)",
+    )
+    p.add_argument(
+        "--pad-multiple",
+        type=positive_int,
+        help="round each batch's padded width up to a multiple of this (default: 8 for torch bfloat16 on a "
+        "CPU, where oneDNN builds kernels per input shape; else 1)",
     )
     p.add_argument("--workers", type=positive_int, default=1, help="engine worker threads (default 1)")
     p.add_argument(

@@ -57,8 +57,9 @@ class ServeConfig:
         default_layers: layers when a request does not say (None: the deepest allowed).
         max_inputs: texts per request at most.
         max_request_bytes: request body size limit (413 past it).
-        max_batch_tokens, max_batch_size, sort_window, max_queue_texts, workers, batch_mode: the engine's
-            settings (:class:`~matryoshka2d.serving.engine.BatchingEngine`).
+        max_batch_tokens, max_batch_size, sort_window, max_queue_texts, workers, batch_mode,
+            pad_multiple: the engine's settings (:class:`~matryoshka2d.serving.engine.BatchingEngine`;
+            ``pad_multiple`` None: the model's choice).
         api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     """
 
@@ -74,6 +75,7 @@ class ServeConfig:
     max_queue_texts: int = 4096
     workers: int = 1
     batch_mode: str = "grouped"
+    pad_multiple: int | None = None
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -251,6 +253,7 @@ class EmbeddingServer:
                 workers=self.config.workers,
                 mode=self.config.batch_mode,
                 on_batch=self.metrics.observe_batch,
+                pad_multiple=self.config.pad_multiple,
             ).start()
             if hasattr(model, "warm_up"):  # every allowed layer count's graphs now (ONNX, compiled torch),
                 # with the several-exit passes of the shared batch mode (their own graphs when compiled)
@@ -270,12 +273,14 @@ class EmbeddingServer:
         self.metrics.model_loaded.set(1)
         self._loaded.set()
         log.info(
-            "model %s loaded: %d layers, %d dims, max_seq_length %d; layers allowed %s",
+            "model %s loaded: %d layers, %d dims, max_seq_length %d; layers allowed %s; batches padded to "
+            "a multiple of %d tokens",
             self.config.model_name,
             num_layers,
             model.dim,
             model.max_seq_length,
             list(self.layers_allowed),
+            engine.pad_multiple,
         )
 
     def wait_loaded(self, timeout: float | None = None) -> bool:

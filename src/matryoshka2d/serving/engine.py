@@ -15,8 +15,10 @@ queued job before the workers exit (graceful shutdown).
 
 The backend is anything with the engine-core interface of :class:`~matryoshka2d.model.EmbeddingModel`:
 ``num_layers``, ``dim``, ``hidden_size``, ``max_seq_length``, ``tokenizer``, ``tokenizer_input(texts)``,
-``tokenize(texts, padding=False)``, ``pad(encoded, rows)`` and ``forward(features, layers)`` returning
-``{k: pooled (batch, hidden_size)}`` as torch tensors or numpy arrays.
+``tokenize(texts, padding=False)``, ``pad(encoded, rows, multiple)``, ``pad_multiple`` and
+``forward(features, layers)`` returning ``{k: pooled (batch, hidden_size)}`` as torch tensors or numpy
+arrays. Batch widths are rounded up to a multiple of ``pad_multiple`` (8 for torch bfloat16 on a CPU:
+fewer shapes for oneDNN to build kernels for).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from matryoshka2d.encoder import padded_width
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 from matryoshka2d.truncation import truncate_dims
 from matryoshka2d.validation import check_positive_int
@@ -106,7 +109,7 @@ class BatchingEngine:
 
     Args:
         model: the backend (see the module docstring for the interface).
-        max_batch_tokens: padded tokens (rows x longest row) per forward pass.
+        max_batch_tokens: padded tokens (rows x padded width) per forward pass.
         max_batch_size: rows per forward pass at most.
         sort_window: rows a worker takes from the queue at once (per layer count in ``"grouped"`` mode),
             sorts by length and cuts into batches, so texts of similar length share a batch across
@@ -120,6 +123,8 @@ class BatchingEngine:
         mode: ``"grouped"`` (a pass per layer count; the default, measured faster on a mixed load) or
             ``"shared"`` (one pass to the deepest layer count of a batch).
         on_batch: called with :class:`BatchStats` after every forward pass (metrics).
+        pad_multiple: batch widths are rounded up to a multiple of this (at most to ``max_seq_length``);
+            default: the model's ``pad_multiple`` (8 for torch bfloat16 on a CPU, else 1).
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class BatchingEngine:
         workers: int = 1,
         mode: str = "grouped",
         on_batch: Callable[[BatchStats], None] | None = None,
+        pad_multiple: int | None = None,
     ) -> None:
         if mode not in BATCH_MODES:
             raise InvalidInputError(f"mode must be one of {BATCH_MODES}, got {mode!r}")
@@ -148,6 +154,9 @@ class BatchingEngine:
         self.workers = check_positive_int(workers, "workers")
         self.mode = mode
         self.on_batch = on_batch
+        self.pad_multiple = check_positive_int(
+            model.pad_multiple if pad_multiple is None else pad_multiple, "pad_multiple"
+        )
         self._pending: collections.deque[Job] = collections.deque()
         self._queued_texts = 0  # rows of pending jobs not yet taken by a worker
         self._cond = threading.Condition()
@@ -311,7 +320,7 @@ class BatchingEngine:
         for group in groups:
             group = sorted(group, key=lambda row: -row[0].prepared.lengths[row[1]])
             batch: list[tuple[Job, int]] = []
-            width = 0  # the first (longest) row's length: the padded width of the batch
+            width = 0  # the padded width of the batch: its first (longest) row's, rounded up
             for row in group:
                 if batch and (
                     (len(batch) + 1) * width > self.max_batch_tokens or len(batch) >= self.max_batch_size
@@ -319,11 +328,15 @@ class BatchingEngine:
                     batches.append(batch)
                     batch = []
                 if not batch:
-                    width = row[0].prepared.lengths[row[1]]
+                    width = self._padded_width(row[0].prepared.lengths[row[1]])
                 batch.append(row)
             if batch:
                 batches.append(batch)
         return batches
+
+    def _padded_width(self, longest: int) -> int:
+        """The padded width of a batch whose longest row has ``longest`` tokens (as the model pads it)."""
+        return padded_width(longest, self.pad_multiple, self.model.max_seq_length)
 
     def _work(self) -> None:
         while (rows := self._take()) is not None:
@@ -360,12 +373,12 @@ class BatchingEngine:
         layers = sorted({job.layers for job, _ in batch})
         start = time.perf_counter()
         with torch.inference_mode():  # padded inside it too, as encode does: compiled graphs match
-            features = self.model.pad(encoded, range(len(batch)))
+            features = self.model.pad(encoded, range(len(batch)), self.pad_multiple)
+            width = int(features["input_ids"].shape[1])
             pooled = self.model.forward(features, layers)
             pooled = {k: _as_numpy(v) for k, v in pooled.items()}
         seconds = time.perf_counter() - start
         if self.on_batch is not None:
-            width = max(job.prepared.lengths[i] for job, i in batch)
             self.on_batch(BatchStats(len(batch), width * len(batch), tuple(layers), seconds))
         finished = []
         with self._cond:  # rows of one job may be finished by several workers
