@@ -99,6 +99,9 @@ def test_pad_rows_rounds_the_width_up_to_a_multiple_within_max_width():
     assert [padded_width(n, 8, 128) for n in (1, 8, 9, 121, 125, 128)] == [8, 8, 16, 128, 128, 128]
     assert padded_width(130, 8, 128) == 130  # a row already past max_width is never cut
     assert padded_width(3, 1) == 3 and padded_width(9, 8) == 16
+    for bad in (0, -8, 2.5):
+        with pytest.raises(InvalidInputError, match="multiple"):
+            padded_width(5, bad)
 
 
 def test_zero_dimensional_arrays_are_one_layer_count_or_dim():

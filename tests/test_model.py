@@ -214,7 +214,7 @@ def test_pad_multiple_is_8_only_for_bf16_layers_on_a_cpu(tiny_model_dir, tiny_mo
 
 @pytest.mark.parametrize(
     "family, pooling",
-    [(family, "mean") for family in FAMILIES]
+    [(family, "mean") for family in (*FAMILIES, "modernbert", "llama")]
     + [("bert", mode) for mode in ("cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")],
 )
 def test_padding_to_a_multiple_changes_no_embedding(tmp_path, family, pooling):

@@ -618,6 +618,34 @@ def test_engine_pads_batch_widths_to_a_multiple_within_the_budget(model_dir, off
         assert all(w % 8 == 0 for w in widths), widths
 
 
+def test_engine_takes_backends_without_a_pad_multiple_and_refuses_one_for_left_padding(model_dir, offline):
+    class OldStyle:  # the engine interface before pad_multiple: pad(encoded, rows) only
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            if name == "pad_multiple":
+                raise AttributeError(name)
+            return getattr(self.model, name)
+
+        def pad(self, encoded, rows):
+            return self.model.pad(encoded, rows)
+
+    engine = BatchingEngine(OldStyle(offline)).start()
+    try:
+        assert engine.pad_multiple == 1
+        np.testing.assert_allclose(
+            engine.encode(SENTENCES, 2, 8), offline.encode(SENTENCES, layers=2, dim=8), atol=1e-5
+        )
+    finally:
+        engine.stop()
+    left = EmbeddingModel.load(model_dir, dtype="bfloat16")
+    left.tokenizer.padding_side = "left"
+    assert BatchingEngine(left).pad_multiple == 1
+    with pytest.raises(InvalidInputError, match="pads on the left"):
+        BatchingEngine(left, pad_multiple=8)
+
+
 @pytest.mark.parametrize("mode,expected", [("grouped", {1: 8, 2: 8, 4: 8}), ("shared", {1: 4, 2: 2, 4: 2})])
 def test_take_budget_is_per_layer_count_when_grouped(offline, mode, expected):
     """Grouped: each layer count gets a full take (a sort window of 8 rows here), so each group has as many

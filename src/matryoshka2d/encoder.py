@@ -380,6 +380,7 @@ def sort_longest_first(input_ids: Sequence[Sequence[int]]) -> np.ndarray:
 def padded_width(longest: int, multiple: int = 1, max_width: int | None = None) -> int:
     """The width :func:`pad_rows` pads to: ``longest`` rounded up to a multiple of ``multiple``, though
     not past ``max_width`` unless ``longest`` already is."""
+    multiple = check_positive_int(multiple, "multiple")
     rounded = -(-longest // multiple) * multiple
     return rounded if max_width is None else max(longest, min(rounded, max_width))
 

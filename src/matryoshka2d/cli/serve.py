@@ -150,7 +150,7 @@ def register(sub) -> None:
         "--pad-multiple",
         type=positive_int,
         help="round each batch's padded width up to a multiple of this (default: 8 for torch bfloat16 on a "
-        "CPU, where oneDNN builds kernels per input shape; else 1)",
+        "CPU with a right-padding tokenizer, where oneDNN builds kernels per input shape; else 1)",
     )
     p.add_argument("--workers", type=positive_int, default=1, help="engine worker threads (default 1)")
     p.add_argument(

@@ -2,7 +2,7 @@
 
 Requests are tokenised when they arrive (:meth:`BatchingEngine.prepare`, any thread) and queued as rows
 (one row per text). A worker thread takes up to ``sort_window`` rows first-in first-out, sorts them by
-length and cuts them into batches whose padded size (rows x longest row) stays within the budget.
+length and cuts them into batches whose padded size (rows x padded width) stays within the budget.
 Requests asking for different layer counts share batches: in ``"shared"`` mode one forward pass runs to
 the deepest layer count of the batch and every shallower exit is pooled from that same pass (the
 backend's ``forward(features, layers=[...])`` primitive); in ``"grouped"`` mode a batch is split by layer
@@ -15,10 +15,10 @@ queued job before the workers exit (graceful shutdown).
 
 The backend is anything with the engine-core interface of :class:`~matryoshka2d.model.EmbeddingModel`:
 ``num_layers``, ``dim``, ``hidden_size``, ``max_seq_length``, ``tokenizer``, ``tokenizer_input(texts)``,
-``tokenize(texts, padding=False)``, ``pad(encoded, rows, multiple)``, ``pad_multiple`` and
-``forward(features, layers)`` returning ``{k: pooled (batch, hidden_size)}`` as torch tensors or numpy
-arrays. Batch widths are rounded up to a multiple of ``pad_multiple`` (8 for torch bfloat16 on a CPU:
-fewer shapes for oneDNN to build kernels for).
+``tokenize(texts, padding=False)``, ``pad(encoded, rows)`` and ``forward(features, layers)`` returning
+``{k: pooled (batch, hidden_size)}`` as torch tensors or numpy arrays; optionally ``pad_multiple`` and
+``pad(encoded, rows, multiple=)``: batch widths are then rounded up to a multiple of it (8 for torch
+bfloat16 on a CPU: fewer shapes for oneDNN to build kernels for).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class BatchingEngine:
             ``"shared"`` (one pass to the deepest layer count of a batch).
         on_batch: called with :class:`BatchStats` after every forward pass (metrics).
         pad_multiple: batch widths are rounded up to a multiple of this (at most to ``max_seq_length``);
-            default: the model's ``pad_multiple`` (8 for torch bfloat16 on a CPU, else 1).
+            default: the model's ``pad_multiple`` (8 for torch bfloat16 on a CPU with right padding, else
+            1). Refused above 1 for a tokenizer that pads on the left (absolute positions would move).
     """
 
     def __init__(
@@ -154,9 +155,14 @@ class BatchingEngine:
         self.workers = check_positive_int(workers, "workers")
         self.mode = mode
         self.on_batch = on_batch
-        self.pad_multiple = check_positive_int(
-            model.pad_multiple if pad_multiple is None else pad_multiple, "pad_multiple"
-        )
+        if pad_multiple is None:  # a backend without the attribute pads to the longest row
+            pad_multiple = getattr(model, "pad_multiple", 1)
+        elif pad_multiple != 1 and getattr(getattr(model, "tokenizer", None), "padding_side", "") == "left":
+            raise InvalidInputError(
+                f"pad_multiple={pad_multiple}: the model's tokenizer pads on the left, where extra padding "
+                "moves the texts' absolute positions and changes their embeddings; use 1"
+            )
+        self.pad_multiple = check_positive_int(pad_multiple, "pad_multiple")
         self._pending: collections.deque[Job] = collections.deque()
         self._queued_texts = 0  # rows of pending jobs not yet taken by a worker
         self._cond = threading.Condition()
@@ -309,7 +315,7 @@ class BatchingEngine:
             return rows
 
     def _batches(self, rows: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
-        """Rows sorted longest first, cut so that rows x longest row <= max_batch_tokens."""
+        """Rows sorted longest first, cut so that rows x padded width <= max_batch_tokens."""
         groups = [rows]
         if self.mode == "grouped":
             by_layers: dict[int, list[tuple[Job, int]]] = collections.defaultdict(list)
@@ -373,7 +379,11 @@ class BatchingEngine:
         layers = sorted({job.layers for job, _ in batch})
         start = time.perf_counter()
         with torch.inference_mode():  # padded inside it too, as encode does: compiled graphs match
-            features = self.model.pad(encoded, range(len(batch)), self.pad_multiple)
+            rows = range(len(batch))
+            if self.pad_multiple == 1:  # the call of backends that take no multiple
+                features = self.model.pad(encoded, rows)
+            else:
+                features = self.model.pad(encoded, rows, multiple=self.pad_multiple)
             width = int(features["input_ids"].shape[1])
             pooled = self.model.forward(features, layers)
             pooled = {k: _as_numpy(v) for k, v in pooled.items()}

@@ -43,7 +43,7 @@ class ServerMetrics:
         )
         self.batch_tokens = Histogram(
             "m2d_batch_padded_tokens",
-            "Padded tokens (rows x longest row) per forward pass",
+            "Padded tokens (rows x padded width) per forward pass",
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
