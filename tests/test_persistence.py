@@ -10,7 +10,7 @@ from conftest import SENTENCES, build_tiny_model, tiny_transformer, write_vocab
 
 from matryoshka2d import EmbeddingModel, ModelLoadError
 from matryoshka2d.errors import OutputPathError
-from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory
+from matryoshka2d.persistence import OUTPUT_MARKER, atomic_directory, atomic_write
 
 
 def st_encode(folder, texts):
@@ -159,6 +159,70 @@ def test_atomic_directory_replaces_its_own_output_only_with_overwrite(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [OUTPUT_MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def _record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """("fsync", path) and ("replace", source) in the order they happen, process-wide."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_replace(src, dst, **kwargs):
+        events.append(("replace", os.path.realpath(src)))
+        return replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="reads fds via /proc (Linux)")
+def test_atomic_outputs_are_on_disk_before_their_rename(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave a complete-looking name on a short file: every file
+    is fsynced before the rename that gives it its name (and the folder after it)."""
+    events = _record_fsyncs_and_renames(monkeypatch)
+    out = atomic_write(tmp_path / "a.json", '{"x": 1}', "JSON")
+    (replaced,) = [i for i, (what, _) in enumerate(events) if what == "replace"]
+    tmp = events[replaced][1]
+    assert ("fsync", tmp) in events[:replaced] and ("fsync", str(tmp_path)) in events[replaced:]
+    assert out.read_text() == '{"x": 1}' and out.stat().st_mode & 0o777 == 0o666 & ~_umask_now()
+
+    events.clear()
+    with atomic_directory(tmp_path / "d", "thing") as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "weights.bin").write_bytes(b"w" * 1000)
+        (folder / "config.json").write_text("{}")
+        written = {str(p.resolve()) for p in folder.rglob("*") if p.is_file()}
+        written |= {str(folder.resolve() / OUTPUT_MARKER), str(folder.resolve())}  # the marker comes later
+    renames = [i for i, (what, _) in enumerate(events) if what == "replace"]
+    synced = {path for what, path in events[: renames[-1]] if what == "fsync"}
+    assert len(written) == 4 and written <= synced
+
+
+def _umask_now() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_reading_the_umask_leaves_it_alone():
+    import os
+
+    from matryoshka2d.persistence import _umask
+
+    before = _umask_now()
+    try:
+        os.umask(0o027)
+        assert _umask() == 0o027 and _umask_now() == 0o027
+    finally:
+        os.umask(before)
 
 
 def test_plain_transformers_folder_uses_mean_pooling(tiny_model, tmp_path):

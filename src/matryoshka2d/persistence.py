@@ -434,10 +434,71 @@ def mark_output_folder(
     return path
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux: /proc/self/status);
+    elsewhere set and put back under a lock (os.umask has no read-only form)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)  # the safe value, in case another thread creates a file meanwhile
+        os.umask(umask)
+    return umask
+
+
 def _chmod_default(path: Path, mode: int) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)  # mkdtemp/mkstemp make 0700/0600; outputs get the usual permissions
+    os.chmod(path, mode & ~_umask())  # mkdtemp/mkstemp make 0700/0600; outputs get the usual permissions
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or, where the OS allows, a folder's) data to disk: after a power loss a renamed-in
+    output is either the old one or the complete new one, never a complete-looking name on a short file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):  # folders cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a file system that refuses fsync of folders
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """:func:`fsync_path` every file under ``folder``, then every folder, deepest first."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def write_replacing(path: str | os.PathLike, data: bytes | str) -> Path:
+    """The write under every atomic file output: ``data`` to a temporary file beside ``path``, flushed to
+    disk, then renamed over ``path`` (a reader sees the old file or the whole new one). No checks of the
+    target (:func:`atomic_write` has them); a killed writer leaves only ``.NAME.tmp-<pid>-*``, which
+    :func:`remove_stale_temporaries` deletes."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        _chmod_default(Path(tmp), 0o666)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)  # the rename itself
+    return path
 
 
 @contextlib.contextmanager
@@ -448,7 +509,8 @@ def atomic_directory(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
 ) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+    """Yield a temporary folder beside ``path``; on success its files are flushed to disk and it replaces
+    ``path`` in one rename.
 
     ``path`` is first checked with :func:`check_output_folder` (the safe-output rule: only an empty folder
     or a previous matryoshka2d output of the same ``kind`` with ``overwrite=True`` is replaced; never an
@@ -480,11 +542,13 @@ def atomic_directory(
     try:
         yield tmp
         _write_marker(tmp, kind)
+        _fsync_tree(tmp)  # on disk before its name is: a power loss leaves the old folder or the new one
         check_output_folder(path, kind, overwrite=overwrite, inputs=inputs)  # nothing appeared meanwhile
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
             os.replace(path, old / path.name)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and (old / path.name).exists() and not path.exists():
@@ -505,7 +569,8 @@ def atomic_write(
     inputs: Iterable[str | os.PathLike | None] | str | os.PathLike | None = (),
     recognize: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Write a file under a temporary name beside it and rename it into place (never half-written).
+    """Write a file under a temporary name beside it, flush it to disk and rename it into place (never
+    half-written, even after a power loss).
 
     ``path`` is first checked with :func:`check_output_file` (an existing non-empty file is replaced only
     with ``overwrite=True`` and, if ``recognize`` is given, only if it is an output of this kind; never an
@@ -528,16 +593,7 @@ def atomic_write(
     path = check_output_file(path, kind, overwrite=overwrite, inputs=inputs, recognize=recognize)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        _chmod_default(Path(tmp), 0o666)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_replacing(path, data)
 
 
 #: Held around what changes process-wide state, so that two threads (two ONNX encoders, an export beside a

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 
 from matryoshka2d.corpus.inputs import CorpusPlan, ShardSpec
 from matryoshka2d.errors import InvalidInputError
+from matryoshka2d.persistence import write_replacing
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "_shards"
@@ -46,23 +46,14 @@ class CorpusOutputError(InvalidInputError):
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``path`` under a temporary name in its folder, flush it to disk, and rename it into place.
+    """Write ``path`` under a temporary name in its folder, flush it to disk, and rename it into place
+    (:func:`~matryoshka2d.persistence.write_replacing`; the job has checked its output folder already).
 
     A reader (or a resumed job) sees the old file or the whole new one, never a partial one; a killed
     writer leaves only a ``.NAME.tmp-*`` file, which :func:`remove_stale_temporaries` deletes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_replacing(path, data)
 
 
 def cell_folder(layers: int, dim: int) -> str:

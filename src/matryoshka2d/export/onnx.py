@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
-from matryoshka2d.persistence import PROCESS_STATE_LOCK, remove_stale_temporaries
+from matryoshka2d.persistence import PROCESS_STATE_LOCK, fsync_path, remove_stale_temporaries
 from matryoshka2d.truncation import check_layers, exit_states, layer_view
 
 #: Key of the graph metadata entry mapping every layer count to the tensor holding its hidden state.
@@ -144,11 +144,7 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     """Rename the finished file ``tmp`` to ``path``, flushed to disk first (a power loss must not leave a
     complete-looking name on a short file)."""
     os.chmod(tmp, 0o644)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 
