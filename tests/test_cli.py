@@ -40,6 +40,62 @@ def test_encode(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(emb, expected, atol=1e-6)
 
 
+def test_encode_with_a_prompt(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    model = EmbeddingModel.load(folder)
+    for flags, kwargs in (
+        (["--prompt-name", "document"], {"prompt_name": "document"}),
+        (["--prompt", "q: "], {"prompt": "q: "}),
+    ):
+        out = tmp_path / f"{flags[0].strip('-')}.npy"
+        assert (
+            main(["encode", str(folder), "--input", str(texts), "--dim", "8", "--out", str(out), *flags]) == 0
+        )
+        np.testing.assert_allclose(np.load(out), model.encode(SENTENCES, dim=8, **kwargs), atol=1e-6)
+    assert (
+        main(
+            [
+                "encode",
+                str(folder),
+                "--input",
+                str(texts),
+                "--out",
+                str(tmp_path / "x.npy"),
+                "--prompt-name",
+                "doc",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "prompt_name 'doc' is not one of the model's prompts ('document', 'query')" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):  # argparse: not both
+        main(
+            [
+                "encode",
+                str(folder),
+                "--input",
+                str(texts),
+                "--out",
+                str(tmp_path / "y.npy"),
+                "--prompt-name",
+                "query",
+                "--prompt",
+                "q",
+            ]
+        )
+    assert not (tmp_path / "x.npy").exists()
+
+
 def test_eval_sts_json(tiny_model_dir, sts_file, tmp_path, capsys):
     out = tmp_path / "grid.json"
     code = main(

@@ -17,10 +17,10 @@ class CountingEncoder(Encoder):
     def __init__(self) -> None:
         self.chunks: list[tuple[int, list[int]]] = []
 
-    def tokenize(self, texts, padding=True):
+    def tokenize(self, texts, padding=True, prompt=None):
         return {"input_ids": [[len(t)] for t in texts]}
 
-    def _encode_chunk(self, texts, layers, batch_size):
+    def _encode_chunk(self, texts, layers, batch_size, prompt=None):
         self.chunks.append((len(texts), list(layers)))
         base = np.array([[len(t), 1, 2, 3, 4, 5] for t in texts], dtype=np.float32)
         return {k: base * k for k in layers}

@@ -384,6 +384,42 @@ def test_default_prompt_is_prepended_as_sentence_transformers_does(tiny_model_di
     assert len(model.tokenize(["x"], padding=False)["input_ids"][0]) > 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_call_picks_a_prompt_as_sentence_transformers_does(tiny_model_dir, tmp_path, backend):
+    """encode(prompt_name=) / encode(prompt=) as sentence-transformers' encode: a named prompt, a given
+    one, or "" for none even where the folder has a default prompt; on every backend."""
+    from matryoshka2d.backends import load_encoder
+
+    prompts = {"query": "query: ", "document": "passage: "}
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted", prompts, "query")
+    model = load_encoder(folder, backend=backend)
+    st = st_model(folder)
+    atol = 1e-5 if backend == "torch" else 1e-4
+    for kwargs in ({}, {"prompt_name": "document"}, {"prompt": "search: "}, {"prompt": ""}):
+        ours = model.encode(SENTENCES, **kwargs)
+        np.testing.assert_allclose(ours, st.encode(SENTENCES, **kwargs), atol=atol, err_msg=str(kwargs))
+    assert np.abs(model.encode(SENTENCES, prompt_name="document") - model.encode(SENTENCES)).max() > 1e-3
+    plain = load_encoder(tiny_model_dir, backend=backend)
+    np.testing.assert_allclose(model.encode(SENTENCES, prompt=""), plain.encode(SENTENCES), atol=1e-6)
+    # every cell of one pass gets the prompt, and encode_layers too
+    (batch,) = model.iter_encode(SENTENCES, layers=[2, 4], dims=[8], prompt_name="document")
+    np.testing.assert_allclose(
+        batch[(2, 8)], model.encode(SENTENCES, 2, 8, prompt_name="document"), atol=1e-6
+    )
+    full = model.encode_layers(SENTENCES[:2], layers=[4], prompt="search: ")[4]
+    unit = full / np.linalg.norm(full, axis=1, keepdims=True)
+    np.testing.assert_allclose(unit, model.encode(SENTENCES[:2], prompt="search: "), atol=1e-5)
+    with pytest.raises(
+        InvalidInputError,
+        match=r"prompt_name 'doc' is not one of the model's prompts \('document', 'query'\)",
+    ):
+        model.encode(SENTENCES, prompt_name="doc")
+    with pytest.raises(InvalidInputError, match="not both"):
+        model.encode(SENTENCES, prompt_name="query", prompt="q: ")
+    with pytest.raises(InvalidInputError, match="prompt must be a string"):
+        model.encode(SENTENCES, prompt=3)
+
+
 def test_prompts_are_kept_when_saved_and_truncated(tiny_model_dir, tmp_path):
     import json
 
@@ -405,8 +441,19 @@ def test_prompt_folders_we_cannot_reproduce_are_refused(tiny_model_dir, tmp_path
     )
     with pytest.raises(ModelLoadError, match="include_prompt: false"):
         EmbeddingModel.load(excluded)
-    # without a default prompt, include_prompt changes nothing: loaded
-    assert EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "b", {}, None, include_prompt=False))
+    # without a default prompt, include_prompt changes nothing: loaded, kept when saved, and a prompt
+    # asked for in a call is refused (sentence-transformers would pool without its tokens)
+    model = EmbeddingModel.load(
+        prompted_copy(tiny_model_dir, tmp_path / "b", {"query": "q: "}, None, include_prompt=False)
+    )
+    with pytest.raises(InvalidInputError, match="include_prompt: false"):
+        model.encode(SENTENCES, prompt_name="query")
+    assert model.encode(SENTENCES, prompt="").shape == (len(SENTENCES), model.dim)
+    model.save(tmp_path / "b-saved")
+    pooling = json.loads((tmp_path / "b-saved" / "1_Pooling" / "config.json").read_text())
+    assert pooling["include_prompt"] is False
+    with pytest.raises(InvalidInputError, match="include_prompt: false"):
+        EmbeddingModel.load(tmp_path / "b-saved").encode(SENTENCES, prompt="q: ")
     with pytest.raises(ModelLoadError, match="default_prompt_name 'other' is not one of its prompts"):
         EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "c", {"query": "q: "}, "other"))
     bad = prompted_copy(tiny_model_dir, tmp_path / "d", {"query": 3}, None)

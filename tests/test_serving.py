@@ -127,6 +127,43 @@ def test_openai_client_matches_offline_encode(client, offline, layers, dims):
     assert np.abs(decoded - expected).max() <= 1e-5
 
 
+def test_a_request_picks_one_of_the_models_prompts(model_dir, tmp_path):
+    """``prompt_name`` (TEI's and sentence-transformers' name): the texts get that prompt instead of the
+    default one, token counts include it, and an unknown name is a 400 naming the model's prompts."""
+    import shutil
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config.update(prompts={"query": "query: ", "document": "passage: "}, default_prompt_name="query")
+    config_file.write_text(json.dumps(config))
+    offline = EmbeddingModel.load(folder)
+    with BackgroundServer(make_app(folder)) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0)
+        for name in (None, "query", "document"):
+            extra = {"layers": 2, **({"prompt_name": name} if name else {})}
+            response = client.embeddings.create(model=NAME, input=SENTENCES, dimensions=16, extra_body=extra)
+            expected = offline.encode(SENTENCES, layers=2, dim=16, prompt_name=name)
+            assert np.abs(as_array(response) - expected).max() <= 1e-5, name
+            tokens = offline.tokenize(SENTENCES, padding=False, prompt=offline.resolve_prompt(name))
+            assert response.usage.prompt_tokens == sum(len(ids) for ids in tokens["input_ids"])
+        assert (
+            np.abs(
+                as_array(
+                    client.embeddings.create(
+                        model=NAME, input=SENTENCES, extra_body={"prompt_name": "document"}
+                    )
+                )
+                - as_array(client.embeddings.create(model=NAME, input=SENTENCES))
+            ).max()
+            > 1e-3
+        )
+        error = post(running, {**GOOD, "prompt_name": "passage"})
+        assert error.status_code == 400 and error.json()["error"]["param"] == "prompt_name"
+        assert "('document', 'query')" in error.json()["error"]["message"]
+
+
 def test_single_string_and_alias(client, offline):
     response = client.embeddings.create(model="tiny-alias", input="a cat sat on the mat", dimensions=8)
     assert len(response.data) == 1
@@ -200,6 +237,8 @@ BAD_REQUESTS = [
     ({**GOOD, "input": ["a"] * 17}, 400, "input"),  # max_inputs=16
     ({**GOOD, "encoding_format": "int8"}, 400, "encoding_format"),
     ({**GOOD, "truncate": "no"}, 400, "truncate"),
+    ({**GOOD, "prompt_name": "query"}, 400, "prompt_name"),  # this model has no prompts
+    ({**GOOD, "prompt_name": 3}, 400, "prompt_name"),
     ({**GOOD, "unknown_field": 1}, 400, "unknown_field"),
     ({"input": ["a"]}, 400, "model"),
     ({"model": NAME}, 400, "input"),

@@ -96,7 +96,9 @@ class Encoder(abc.ABC):
     - ``precision`` (str): what the layers compute in: ``"float32"``, ``"bfloat16"``, ``"float16"`` or
       ``"int8"`` (pooling, dim truncation and normalisation are always float32).
     - ``prompts`` (dict) and ``default_prompt_name`` (str or None): the folder's prompts; the default one
-      is prepended to every text before tokenising (:attr:`prompt`).
+      is prepended to every text before tokenising (:attr:`prompt`) unless a call names another
+      (``prompt_name=``) or gives one (``prompt=``); ``include_prompt`` (bool): False if the pooling
+      leaves the prompt's tokens out, which is supported only without a prompt.
 
     and implements :meth:`tokenize` and :meth:`_encode_chunk`. Every public method is safe to call from
     many threads at once if :meth:`_encode_chunk` is.
@@ -109,11 +111,43 @@ class Encoder(abc.ABC):
     name_or_path: str
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
+    include_prompt: bool = True
 
     @property
     def prompt(self) -> str:
         """The text prepended to every input before tokenising: the folder's default prompt, or ``""``."""
         return self.prompts[self.default_prompt_name] if self.default_prompt_name else ""
+
+    def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
+        """The text a call prepends: ``prompt`` if given (``""``: none), else the prompt named
+        ``prompt_name``, else the model's default prompt (:attr:`prompt`).
+
+        Raises:
+            InvalidInputError: both given, an unknown name (the message lists the model's prompts), a
+                non-string, or a prompt for a model whose pooling leaves prompt tokens out
+                (``include_prompt: false``, which sentence-transformers pools differently).
+        """
+        if prompt_name is not None and prompt is not None:
+            raise InvalidInputError("give prompt_name or prompt, not both")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+            text = prompt
+        elif prompt_name is not None:
+            if not isinstance(prompt_name, str) or prompt_name not in self.prompts:
+                known = ", ".join(repr(name) for name in sorted(self.prompts)) or "none"
+                raise InvalidInputError(
+                    f"prompt_name {prompt_name!r:.60} is not one of the model's prompts ({known})"
+                )
+            text = self.prompts[prompt_name]
+        else:
+            return self.prompt  # checked when the model was loaded
+        if text and not self.include_prompt:
+            raise InvalidInputError(
+                "the model's pooling leaves the prompt's tokens out (include_prompt: false), which "
+                "matryoshka2d does not reproduce: encode without a prompt"
+            )
+        return text
 
     @property
     def backend(self) -> str:
@@ -139,25 +173,29 @@ class Encoder(abc.ABC):
         return f"{self.name_or_path} ({sizes}; {self.backend} {self.precision})"
 
     @abc.abstractmethod
-    def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
-        """Tokenise a batch, truncated to ``max_seq_length`` (see the backend for the returned types)."""
+    def tokenize(self, texts: Sequence[str], padding: bool = True, prompt: str | None = None) -> dict:
+        """Tokenise a batch, truncated to ``max_seq_length``, with ``prompt`` prepended (default: the
+        model's default prompt; see :meth:`resolve_prompt`). See the backend for the returned types."""
 
-    def tokenizer_input(self, texts: Sequence[str]) -> list[str]:
-        """The strings the tokenizer is given for ``texts``: the default prompt prepended, then lower-cased
-        if the model asks (special tokens kept), as sentence-transformers does. Reads nothing it changes:
-        safe from any number of threads."""
-        if self.prompt:
-            texts = [self.prompt + text for text in texts]
+    def tokenizer_input(self, texts: Sequence[str], prompt: str | None = None) -> list[str]:
+        """The strings the tokenizer is given for ``texts``: ``prompt`` (default: the model's default
+        prompt) prepended, then lower-cased if the model asks (special tokens kept), as
+        sentence-transformers does. Reads nothing it changes: safe from any number of threads."""
+        prompt = self.prompt if prompt is None else prompt
+        if prompt:
+            texts = [prompt + text for text in texts]
         return lower_case(texts, self.tokenizer) if self.do_lower_case else list(texts)
 
-    def _run_tokenizer(self, texts: Sequence[str], padding: bool, tensor_type: str) -> dict:
+    def _run_tokenizer(
+        self, texts: Sequence[str], padding: bool, tensor_type: str, prompt: str | None = None
+    ) -> dict:
         """The shared body of every backend's :meth:`tokenize`: lower-case if asked, truncate, tokenise.
 
         A fast tokenizer switches its own truncation/padding state per call, so calls are serialised with
         the backend's ``_tokenizer_lock``. ``padding=True`` gives ``tensor_type`` arrays ("pt", "np")
         padded to the longest text, ``padding=False`` plain id lists (to sort by length and pad per batch).
         """
-        texts = self.tokenizer_input(texts)
+        texts = self.tokenizer_input(texts, prompt)
         with self._tokenizer_lock:
             encoded = self.tokenizer(
                 texts,
@@ -182,13 +220,16 @@ class Encoder(abc.ABC):
         return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left, multiple, self.max_seq_length)
 
     @abc.abstractmethod
-    def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
+    def _encode_chunk(
+        self, texts: list[str], layers: list[int], batch_size: int, prompt: str | None = None
+    ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
 
         Args:
             texts: checked strings (at most ``chunk_size`` of :meth:`iter_encode`).
             layers: checked, sorted, distinct layer counts in ``1..num_layers``.
             batch_size: texts per forward pass.
+            prompt: prepended to every text (:meth:`resolve_prompt`'s result; None: the default prompt).
 
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}`` for every ``k`` in ``layers``.
@@ -204,6 +245,8 @@ class Encoder(abc.ABC):
         normalize: bool = True,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         show_progress: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> Iterator[EmbeddingBatch]:
         """Stream embeddings of any number of texts at several (layers, dim) cells from one forward pass.
 
@@ -222,6 +265,10 @@ class Encoder(abc.ABC):
             chunk_size: texts tokenised and held at once.
             show_progress: a tqdm bar counting texts (default: when there are more than 20 batches, or
                 always if the input length is unknown).
+            prompt_name: the name of one of the model's ``prompts`` to prepend to every text (e.g.
+                ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
+            prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
+                prompt). Default (neither): the model's default prompt, if it has one.
 
         Yields:
             :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
@@ -233,6 +280,7 @@ class Encoder(abc.ABC):
         check_texts_iterable(texts)
         ks = self._layer_list(layers)
         ds = self._dim_list(dims)
+        prompt = self.resolve_prompt(prompt_name, prompt)
         chunk_size = check_positive_int(chunk_size, "chunk_size")
         batch_size = check_positive_int(batch_size, "batch_size")
         total = len(texts) if hasattr(texts, "__len__") else None  # type: ignore[arg-type]
@@ -244,7 +292,7 @@ class Encoder(abc.ABC):
             while chunk := [
                 check_text(t, start + i) for i, t in enumerate(itertools.islice(iterator, chunk_size))
             ]:
-                pooled = self._encode_chunk(chunk, ks, batch_size)
+                pooled = self._encode_chunk(chunk, ks, batch_size, prompt)
                 cells = {(k, d): truncate_dims(pooled[k], d, normalize) for k in ks for d in ds}
                 yield EmbeddingBatch(
                     start, len(chunk), {c: np.ascontiguousarray(e) for c, e in cells.items()}
@@ -284,6 +332,8 @@ class Encoder(abc.ABC):
         layers: Iterable[int] | None = None,
         batch_size: int = 32,
         show_progress: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised embeddings of every requested layer count, from one pass over the data.
 
@@ -292,6 +342,10 @@ class Encoder(abc.ABC):
             layers: layer counts (default: all layers).
             batch_size: texts per forward pass.
             show_progress: show a tqdm bar (default: when there are more than 20 batches).
+            prompt_name: the name of one of the model's ``prompts`` to prepend to every text (e.g.
+                ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
+            prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
+                prompt). Default (neither): the model's default prompt, if it has one.
 
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}``.
@@ -299,12 +353,13 @@ class Encoder(abc.ABC):
         texts = check_texts(texts)
         ks = self._layer_list(layers if layers is not None else range(1, self.num_layers + 1))
         batch_size = check_positive_int(batch_size, "batch_size")
+        prompt = self.resolve_prompt(prompt_name, prompt)
         parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         show = len(texts) > 20 * batch_size if show_progress is None else show_progress
         with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show) as bar:
             for start in range(0, len(texts), DEFAULT_CHUNK_SIZE):
                 chunk = texts[start : start + DEFAULT_CHUNK_SIZE]
-                for k, emb in self._encode_chunk(chunk, ks, batch_size).items():
+                for k, emb in self._encode_chunk(chunk, ks, batch_size, prompt).items():
                     parts[k].append(emb)
                 bar.update(len(chunk))
         return {k: np.concatenate(v) for k, v in parts.items()}
@@ -317,6 +372,8 @@ class Encoder(abc.ABC):
         batch_size: int = 32,
         normalize: bool = True,
         show_progress: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> np.ndarray:
         """Embed texts using the first ``layers`` transformer layers and the first ``dim`` dimensions.
 
@@ -331,6 +388,10 @@ class Encoder(abc.ABC):
             batch_size: texts per forward pass (texts are sorted by length first).
             normalize: L2-normalise after truncation, so dot product = cosine similarity.
             show_progress: show a tqdm bar (default: when there are more than 20 batches).
+            prompt_name: the name of one of the model's ``prompts`` to prepend to every text (e.g.
+                ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
+            prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
+                prompt). Default (neither): the model's default prompt, if it has one.
 
         Returns:
             float32 array of shape ``(len(texts), dim)``.
@@ -343,7 +404,14 @@ class Encoder(abc.ABC):
         k = check_layers(layers, self.num_layers) if layers is not None else self.num_layers
         d = check_dim(dim, self.dim) if dim is not None else self.dim
         batches = self.iter_encode(
-            texts, k, d, batch_size=batch_size, normalize=normalize, show_progress=show_progress
+            texts,
+            k,
+            d,
+            batch_size=batch_size,
+            normalize=normalize,
+            show_progress=show_progress,
+            prompt_name=prompt_name,
+            prompt=prompt,
         )
         parts = [batch[(k, d)] for batch in batches]
         emb = parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -233,6 +233,7 @@ class EmbeddingModel(nn.Module, Encoder):
         default_prompt_name: the prompt prepended to every text the model tokenises (``encode``, the
             server, training), as sentence-transformers' ``encode`` does with a folder's default prompt.
         similarity_fn_name: the similarity function the folder declares; kept when the model is saved.
+        include_prompt: the pooling's ``include_prompt`` (False: prompts are refused; kept when saved).
 
     Example:
         >>> model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
@@ -254,6 +255,7 @@ class EmbeddingModel(nn.Module, Encoder):
         prompts: Mapping[str, str] | None = None,
         default_prompt_name: str | None = None,
         similarity_fn_name: str | None = None,
+        include_prompt: bool = True,
     ) -> None:
         super().__init__()
         if pooling_mode not in POOLING_MODES:
@@ -266,6 +268,7 @@ class EmbeddingModel(nn.Module, Encoder):
             )
         self.default_prompt_name = default_prompt_name
         self.similarity_fn_name = similarity_fn_name
+        self.include_prompt = bool(include_prompt)
         parent, name = find_layer_stack(transformer)  # fail now, with the class name, if unknown
         self._num_layers = len(getattr(parent, name))  # a fixed fact: running fewer layers changes nothing
         self.transformer = transformer
@@ -376,6 +379,7 @@ class EmbeddingModel(nn.Module, Encoder):
             prompts=spec.prompts,
             default_prompt_name=spec.default_prompt_name,
             similarity_fn_name=spec.similarity_fn_name,
+            include_prompt=spec.include_prompt,
         )
         rotations = dict(spec.exit_rotations)
         if spec.output_rotation is not None:
@@ -458,6 +462,7 @@ class EmbeddingModel(nn.Module, Encoder):
                 prompts=self.prompts,
                 default_prompt_name=self.default_prompt_name,
                 similarity_fn_name=self.similarity_fn_name,
+                include_prompt=self.include_prompt,
             )
             if extra_files is not None:
                 extra_files(tmp)
@@ -657,13 +662,14 @@ class EmbeddingModel(nn.Module, Encoder):
         return 8 if bf16 and right and params.device.type == "cpu" else 1
 
     # ------------------------------------------------------------------ forward
-    def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
-        """Tokenise a batch, truncated to ``max_seq_length``.
+    def tokenize(self, texts: Sequence[str], padding: bool = True, prompt: str | None = None) -> dict:
+        """Tokenise a batch, truncated to ``max_seq_length``, ``prompt`` (default: the model's default
+        prompt) prepended.
 
         With ``padding=True`` (training, one batch): tensors padded to the longest text. With
         ``padding=False``: plain id lists, for :meth:`encode_layers` to sort by token count and pad per batch.
         """
-        return self._run_tokenizer(texts, padding, "pt")
+        return self._run_tokenizer(texts, padding, "pt", prompt)
 
     def pad(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], multiple: int = 1
@@ -730,13 +736,15 @@ class EmbeddingModel(nn.Module, Encoder):
 
     # ------------------------------------------------------------------ inference
     # iter_encode, encode and encode_layers come from Encoder, built on this one method.
-    def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
+    def _encode_chunk(
+        self, texts: list[str], layers: list[int], batch_size: int, prompt: str | None = None
+    ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
 
         Gradients are never recorded; the model's train/eval mode is used as it is (loaded models are in
         eval mode). Safe from many threads at once (see :func:`~matryoshka2d.truncation.layer_view`).
         """
-        encoded = self.tokenize(texts, padding=False)
+        encoded = self.tokenize(texts, padding=False, prompt=prompt)
         order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
         with torch.inference_mode():
@@ -774,6 +782,7 @@ class EmbeddingModel(nn.Module, Encoder):
             prompts=self.prompts,
             default_prompt_name=self.default_prompt_name,
             similarity_fn_name=self.similarity_fn_name,
+            include_prompt=self.include_prompt,
         )
         model.metadata = {
             # "onnx" names graph files of this model's folder, which the new one has only if exported so

@@ -654,6 +654,9 @@ class FolderSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     similarity_fn_name: str | None = None
+    #: The pooling's ``include_prompt``: False (the prompt's tokens left out of the pooling) is supported
+    #: only without prompts (the default prompt is refused at load, a per-call one when given).
+    include_prompt: bool = True
 
 
 HUB_IGNORE_PATTERNS = [
@@ -766,6 +769,7 @@ def read_folder_spec(folder: Path) -> FolderSpec:
     if spec is None or not seen_pooling:
         raise ModelLoadError(f"{modules_file}: a Transformer and a Pooling module are required")
     _read_prompts(folder, spec)
+    spec.include_prompt = include_prompt
     if spec.default_prompt_name and spec.prompts[spec.default_prompt_name] and not include_prompt:
         raise ModelLoadError(
             f"{folder}: the pooling leaves the prompt's tokens out (include_prompt: false) and the folder "
@@ -923,6 +927,7 @@ def write_folder(
     prompts: Mapping[str, str] | None = None,
     default_prompt_name: str | None = None,
     similarity_fn_name: str | None = None,
+    include_prompt: bool = True,
 ) -> None:
     """Write a complete sentence-transformers model folder into ``folder`` (which must be empty).
 
@@ -946,7 +951,9 @@ def write_folder(
         folder / "sentence_bert_config.json",
         {"max_seq_length": max_seq_length, "do_lower_case": do_lower_case},
     )
-    write_json(folder / "1_Pooling" / "config.json", pooling_config(pooling_mode, hidden_size))
+    write_json(
+        folder / "1_Pooling" / "config.json", pooling_config(pooling_mode, hidden_size, include_prompt)
+    )
     if dim < hidden_size or output_rotation is not None:
         from safetensors.torch import save_file
 

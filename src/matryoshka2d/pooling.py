@@ -42,11 +42,11 @@ def pooling_mode_from_config(config: dict, where: str) -> str:
     return mode
 
 
-def pooling_config(mode: str, dim: int) -> dict:
+def pooling_config(mode: str, dim: int, include_prompt: bool = True) -> dict:
     """A pooling ``config.json`` that both old and new sentence-transformers versions read."""
     config: dict[str, object] = {"word_embedding_dimension": dim}
     config.update({key: name == mode for key, name in _LEGACY_KEYS.items()})
-    config["include_prompt"] = True
+    config["include_prompt"] = include_prompt
     return config
 
 

@@ -119,6 +119,7 @@ class OnnxEncoder(Encoder):
         self.max_seq_length = model.max_seq_length
         self.do_lower_case = model.do_lower_case
         self.prompts, self.default_prompt_name = model.prompts, model.default_prompt_name
+        self.include_prompt = model.include_prompt
         self.hidden_size = model.hidden_size
         self.dim = model.dim
         self.num_layers = model.num_layers
@@ -165,9 +166,10 @@ class OnnxEncoder(Encoder):
     def precision(self) -> str:
         return "int8" if self.quantize else "float32"
 
-    def tokenize(self, texts: Sequence[str], padding: bool = True) -> dict:
-        """Tokenise a batch, truncated to ``max_seq_length``: numpy arrays if ``padding``, else lists."""
-        encoded = self._run_tokenizer(texts, padding, "np")
+    def tokenize(self, texts: Sequence[str], padding: bool = True, prompt: str | None = None) -> dict:
+        """Tokenise a batch, truncated to ``max_seq_length``, ``prompt`` (default: the model's default
+        prompt) prepended: numpy arrays if ``padding``, else lists."""
+        encoded = self._run_tokenizer(texts, padding, "np", prompt)
         return {key: value for key, value in encoded.items() if key in self.input_names}
 
     def forward(
@@ -194,8 +196,10 @@ class OnnxEncoder(Encoder):
         pooled = {k: pool_numpy(hidden, mask, self.pooling_mode) for k, hidden in zip(wanted, outputs)}
         return {k: emb @ self._rotations_t[k] if k in self._rotations_t else emb for k, emb in pooled.items()}
 
-    def _encode_chunk(self, texts: list[str], layers: list[int], batch_size: int) -> dict[int, np.ndarray]:
-        encoded = self.tokenize(texts, padding=False)
+    def _encode_chunk(
+        self, texts: list[str], layers: list[int], batch_size: int, prompt: str | None = None
+    ) -> dict[int, np.ndarray]:
+        encoded = self.tokenize(texts, padding=False, prompt=prompt)
         order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
         for start in range(0, len(texts), batch_size):

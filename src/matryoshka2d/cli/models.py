@@ -43,7 +43,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     texts = read_texts(args.input, column=args.column)
     model = load_runtime(args)
     emb = model.encode(
-        texts, layers=args.layers, dim=args.dim, batch_size=args.batch_size, show_progress=True
+        texts,
+        layers=args.layers,
+        dim=args.dim,
+        batch_size=args.batch_size,
+        show_progress=True,
+        prompt_name=args.prompt_name,
+        prompt=args.prompt,
     )
     buffer = io.BytesIO()
     np.save(buffer, emb)
@@ -91,6 +97,13 @@ def register(sub) -> None:
     )
     p.add_argument("--column", help="column to read from a table file (default: 'text' or the first column)")
     p.add_argument("--out", required=True, help="output .npy file (an existing one only with --overwrite)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt-name",
+        help="prepend the model's prompt of this name to every text (e.g. query; default: the model's "
+        "default prompt, if any)",
+    )
+    prompt.add_argument("--prompt", help="prepend this text to every text instead ('': no prompt)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser(

@@ -91,7 +91,8 @@ class ServeConfig:
 
 
 class EmbeddingRequest(BaseModel):
-    """The body of ``POST /v1/embeddings``: OpenAI's fields plus ``layers`` and ``truncate``."""
+    """The body of ``POST /v1/embeddings``: OpenAI's fields plus ``layers``, ``truncate`` and
+    ``prompt_name`` (one of the model's prompts, as in TEI and sentence-transformers)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -104,6 +105,7 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
     layers: int | None = None
     truncate: bool | None = None
+    prompt_name: str | None = None
 
 
 class ApiError(Exception):
@@ -374,11 +376,17 @@ class EmbeddingServer:
                     f"layers={layers} is not served: allowed layer counts are {list(self.layers_allowed)}"
                 )
             raise ApiError(400, message, param="layers")
+        prompt = None  # the model's default prompt
+        if req.prompt_name is not None:
+            try:
+                prompt = model.resolve_prompt(req.prompt_name)
+            except InvalidInputError as e:
+                raise ApiError(400, str(e), param="prompt_name") from None
         if not engine.has_room(len(texts)):
             raise _queue_full(f"the server is busy ({engine.queued_texts} texts queued): retry later")
         try:
             truncate = True if req.truncate is None else req.truncate
-            prepared = await run_in_threadpool(engine.prepare, texts, truncate)
+            prepared = await run_in_threadpool(engine.prepare, texts, truncate, prompt)
         except InputTooLongError as e:
             raise ApiError(400, str(e), param="input", code="context_length_exceeded") from None
         try:

@@ -210,32 +210,37 @@ class BatchingEngine:
         return self._queued_texts == 0 or self._queued_texts + texts <= self.max_queue_texts
 
     # ------------------------------------------------------------------ requests
-    def prepare(self, texts: Sequence[str], truncate: bool = True) -> Prepared:
-        """Tokenise ``texts`` (thread-safe) to at most ``max_seq_length`` tokens each.
+    def prepare(self, texts: Sequence[str], truncate: bool = True, prompt: str | None = None) -> Prepared:
+        """Tokenise ``texts`` (thread-safe) to at most ``max_seq_length`` tokens each, ``prompt`` (the
+        model's ``resolve_prompt`` result; None: its default prompt) prepended.
 
         Raises:
             InputTooLongError: with ``truncate=False``, for the first text longer than ``max_seq_length``.
         """
-        encoded = self.model.tokenize(list(texts), padding=False)
+        if prompt is None:  # the call of backends that take no prompt
+            encoded = self.model.tokenize(list(texts), padding=False)
+        else:
+            encoded = self.model.tokenize(list(texts), padding=False, prompt=prompt)
         encoded = {key: list(value) for key, value in encoded.items()}
         lengths = [len(ids) for ids in encoded["input_ids"]]
         if not truncate:
             limit = self.model.max_seq_length
             for i, n in enumerate(lengths):
-                if n >= limit and self._full_length(texts[i]) > limit:
+                if n >= limit and (full := self._full_length(texts[i], prompt)) > limit:
                     raise InputTooLongError(
-                        f"input[{i}] has {self._full_length(texts[i])} tokens, more than the model's "
+                        f"input[{i}] has {full} tokens, more than the model's "
                         f"max_seq_length of {limit}; shorten it or send truncate=true",
                         i,
                     )
         return Prepared(encoded, lengths)
 
-    def _full_length(self, text: str) -> int:
-        """Token count of ``text`` without truncation (special tokens included)."""
+    def _full_length(self, text: str, prompt: str | None = None) -> int:
+        """Token count of ``text`` (its prompt and special tokens included) without truncation."""
         with self._length_lock:
             if self._length_tokenizer is None:
                 self._length_tokenizer = copy.deepcopy(self.model.tokenizer)
-            (text,) = self.model.tokenizer_input([text])  # what tokenize() tokenises
+            # what tokenize() tokenises
+            (text,) = self.model.tokenizer_input([text], *([prompt] if prompt is not None else []))
             ids = self._length_tokenizer(text, truncation=False, verbose=False)["input_ids"]
         return len(ids)
 
