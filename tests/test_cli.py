@@ -229,6 +229,48 @@ def test_index_build_and_search(tiny_model_dir, corpus_tsv, tmp_path, capsys):
     assert f"query: {queries[1]}" in printed and expected.ids[1][2] in printed
 
 
+def test_index_and_search_with_document_and_query_prompts(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from matryoshka2d.search.index import SearchIndex
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    model = EmbeddingModel.load(folder)
+    corpus, more = tmp_path / "corpus.txt", tmp_path / "more.txt"
+    corpus.write_text("\n".join(SENTENCES[:8]) + "\n")
+    more.write_text("\n".join(SENTENCES[8:]) + "\n")
+    out = tmp_path / "index"
+    build = [
+        "index",
+        "build",
+        str(folder),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--shortlist-dim",
+        "8",
+    ]
+    assert main([*build, "--prompt-name", "documents"]) == 2  # a typo: refused before any encoding
+    assert "('document', 'query')" in capsys.readouterr().err and not out.exists()
+    assert main([*build, "--prompt-name", "document"]) == 0
+    assert main(["index", "add", str(out), "--corpus", str(more)]) == 0  # the recorded prompt
+    assert main(["index", "add", str(out), "--corpus", str(more), "--prompt", "q: "]) == 2
+    assert "encoded with the prompt 'passage: ', not 'q: '" in capsys.readouterr().err
+    index = SearchIndex.load(out)
+    assert index.document_prompt == "passage: " and len(index) == len(SENTENCES)
+    np.testing.assert_allclose(index.vectors, model.encode(SENTENCES, prompt_name="document"), atol=1e-6)
+    hits_file = tmp_path / "hits.json"
+    argv = ["search", str(out), "--query", SENTENCES[3], "-k", "4", "--prompt-name", "query"]
+    assert main([*argv, "--json", str(hits_file)]) == 0
+    expected = index.search(model.encode([SENTENCES[3]], prompt_name="query"), k=4)
+    assert [hit["id"] for hit in json.loads(hits_file.read_text())[0]["hits"]] == expected.ids[0]
+
+
 def test_index_add_and_search_a_queries_file(tiny_model_dir, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(SENTENCES[:8]) + "\n")

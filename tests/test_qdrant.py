@@ -340,6 +340,36 @@ def test_upload_texts_equals_faiss_from_model(tiny_model):
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
 
 
+def test_upload_and_search_texts_with_prompts_equal_faiss(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from conftest import SENTENCES
+
+    from matryoshka2d import EmbeddingModel
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    model = EmbeddingModel.load(folder)
+    faiss_index = SearchIndex.from_model(
+        model, SENTENCES, shortlist_dim=8, show_progress=False, prompt_name="document"
+    )
+    expected = faiss_index.search_texts(model, SENTENCES[:4], k=3, shortlist=6, prompt_name="query")
+    with QdrantIndex.create("c", dim=model.dim, shortlist_dim=8, path=":memory:") as q:
+        q.upload_texts(model, SENTENCES, show_progress=False, prompt_name="document")
+        got = q.search_texts(model, SENTENCES[:4], k=3, shortlist=6, prompt_name="query")
+        plain = q.search_texts(model, SENTENCES[:4], k=3, shortlist=6)
+        with pytest.raises(InvalidInputError, match="prompt_name 'doc' is not one of the model's prompts"):
+            q.upload_texts(model, ["x"], show_progress=False, prompt_name="doc")
+        assert len(q) == len(SENTENCES)  # refused before any upload
+    assert got.ids == expected.ids
+    np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
+    assert not np.allclose(plain.scores, got.scores)  # the query prompt changes the scores
+
+
 @pytest.mark.parametrize("where", ["--qdrant-path", "--qdrant-edge"])
 def test_cli_index_build_and_search(where, tiny_model_dir, tmp_path, capsys):
     import json

@@ -372,6 +372,58 @@ def other_model(tiny_model_dirs):
     return EmbeddingModel.load(tiny_model_dirs["mpnet"])
 
 
+@pytest.fixture
+def prompted_model(tiny_model_dir, tmp_path):
+    """The tiny model with a retrieval model's prompts (no default one)."""
+    import shutil
+
+    from matryoshka2d import EmbeddingModel
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    return EmbeddingModel.load(folder)
+
+
+def test_documents_and_queries_get_their_prompts(prompted_model, tmp_path):
+    """Documents encoded with the document prompt (recorded: later adds and checks use it), queries with
+    the query prompt; asking a filled index for another document prompt is refused."""
+    model, docs = prompted_model, SENTENCES[:6]
+    index = SearchIndex.from_model(model, docs, shortlist_dim=8, show_progress=False, prompt_name="document")
+    assert index.document_prompt == "passage: "
+    np.testing.assert_allclose(index.vectors, model.encode(docs, prompt_name="document"), atol=1e-6)
+    assert np.abs(index.vectors - model.encode(docs)).max() > 1e-3  # the prompt changed them
+    queries = SENTENCES[6:9]
+    hits = index.search_texts(model, queries, k=3, prompt_name="query")
+    expected = index.search(model.encode(queries, prompt_name="query"), k=3)
+    assert hits.ids == expected.ids
+    np.testing.assert_allclose(hits.scores, expected.scores, atol=1e-6)
+    assert index.search_texts(model, queries, k=3).ids != hits.ids or not np.allclose(
+        index.search_texts(model, queries, k=3).scores, hits.scores
+    )  # without the query prompt the scores differ
+    index.save(tmp_path / "index")
+    loaded = SearchIndex.load(tmp_path / "index")
+    assert loaded.document_prompt == "passage: "
+    loaded.add_texts(model, SENTENCES[9:11], show_progress=False)  # the recorded prompt, not asked again
+    np.testing.assert_allclose(
+        loaded.vectors[-2:], model.encode(SENTENCES[9:11], prompt_name="document"), atol=1e-6
+    )
+    loaded.add_texts(
+        model, SENTENCES[11:12], show_progress=False, prompt="passage: "
+    )  # the same prompt: fine
+    with pytest.raises(InvalidInputError, match="encoded with the prompt 'passage: ', not 'query: '"):
+        loaded.add_texts(model, ["x"], show_progress=False, prompt_name="query")
+    with pytest.raises(InvalidInputError, match="prompt_name 'passage' is not one of the model's prompts"):
+        loaded.search_texts(model, queries, prompt_name="passage")
+    # an index without a fingerprint checks a model by re-encoding stored documents: with their prompt
+    loaded.fingerprint = None
+    loaded._checked.clear()
+    loaded.check_model(model)
+    assert loaded.fingerprint is not None
+
+
 def test_the_index_records_its_model_fingerprint(tiny_model, tiny_model_dir, tmp_path):
     from matryoshka2d import EmbeddingModel
 
@@ -383,7 +435,9 @@ def test_the_index_records_its_model_fingerprint(tiny_model, tiny_model_dir, tmp
     )
     index.save(tmp_path / "index")
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["model_fingerprint"]["texts"] == list(PROBE_TEXTS)
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["model_fingerprint"]["texts"] == list(
+        PROBE_TEXTS
+    )
     assert (tmp_path / "index" / "model_fingerprint.npy").is_file()
     same = EmbeddingModel.load(tiny_model_dir)  # the same model, another object
     loaded = SearchIndex.load(tmp_path / "index", model=same)
@@ -484,7 +538,7 @@ def test_a_version_1_index_without_fingerprint_is_checked_by_its_stored_texts(
     assert old.fingerprint is not None
     old.save(tmp_path / "v1", overwrite=True)
     manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["model_fingerprint"] is not None
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["model_fingerprint"] is not None
     with pytest.raises(ModelMismatchError):
         SearchIndex.load(tmp_path / "v1").search_texts(other_model, ["a cat"])
 
@@ -521,9 +575,16 @@ def test_version_rules(data, tmp_path):
     SearchIndex.from_embeddings(corpus[:50], shortlist_dim=8).save(tmp_path / "index")
     manifest_path = tmp_path / "index" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["model_fingerprint"] is None
-    manifest_path.write_text(json.dumps({**manifest, "format_version": 3}))
-    with pytest.raises(DataFileError, match="version 3 is not supported .*written by a newer matryoshka2d"):
+    assert manifest["format_version"] == FORMAT_VERSION == 3 and manifest["model_fingerprint"] is None
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 4}))
+    with pytest.raises(DataFileError, match="version 4 is not supported .*written by a newer matryoshka2d"):
+        SearchIndex.load(tmp_path / "index")
+    for version in (1, 2):  # older folders have no document_prompt (and version 1 no fingerprint)
+        older = {key: value for key, value in manifest.items() if key != "document_prompt"}
+        manifest_path.write_text(json.dumps({**older, "format_version": version}))
+        assert len(loaded := SearchIndex.load(tmp_path / "index")) == 50 and loaded.document_prompt is None
+    manifest_path.write_text(json.dumps({**manifest, "document_prompt": 3}))
+    with pytest.raises(DataFileError, match="malformed manifest .*document_prompt must be a string"):
         SearchIndex.load(tmp_path / "index")
     manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
     assert len(SearchIndex.load(tmp_path / "index")) == 50

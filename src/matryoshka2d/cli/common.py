@@ -60,6 +60,22 @@ def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
 
+def prompt_parent(
+    texts: str = "every text", example: str = "query", note: str = ""
+) -> argparse.ArgumentParser:
+    """``--prompt-name NAME`` or ``--prompt TEXT`` (one of them): the prompt prepended to ``texts``
+    (:meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`; default: the model's default prompt)."""
+    p = _parent()
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--prompt-name",
+        help=f"prepend the model's prompt of this name to {texts} (e.g. {example}; default: the model's "
+        f"default prompt, if any){note}",
+    )
+    group.add_argument("--prompt", help=f"prepend this text to {texts} instead ('': no prompt)")
+    return p
+
+
 def model_parent() -> argparse.ArgumentParser:
     """The positional MODEL argument."""
     p = _parent()

@@ -21,6 +21,7 @@ from matryoshka2d.cli.common import (
     load_runtime,
     model_parent,
     overwrite_parent,
+    prompt_parent,
     runtime_note,
     runtime_parent,
 )
@@ -86,7 +87,7 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "encode",
-        parents=[model, cell_parent(), batch, runtime, overwrite],
+        parents=[model, cell_parent(), batch, runtime, overwrite, prompt_parent()],
         help="embed texts at a chosen (layers, dim) into a .npy file",
     )
     p.add_argument(
@@ -97,13 +98,6 @@ def register(sub) -> None:
     )
     p.add_argument("--column", help="column to read from a table file (default: 'text' or the first column)")
     p.add_argument("--out", required=True, help="output .npy file (an existing one only with --overwrite)")
-    prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument(
-        "--prompt-name",
-        help="prepend the model's prompt of this name to every text (e.g. query; default: the model's "
-        "default prompt, if any)",
-    )
-    prompt.add_argument("--prompt", help="prepend this text to every text instead ('': no prompt)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser(

@@ -11,6 +11,7 @@ from matryoshka2d.cli.common import (
     load_runtime,
     model_reference,
     positive_int,
+    prompt_parent,
     runtime_note,
     runtime_parent,
 )
@@ -37,6 +38,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         store_texts=not args.no_texts,
         index=args.index,
         quantization=args.quantization,
+        prompt_name=args.prompt_name,
+        prompt=args.prompt,
     )
     with index_lock(args.out, on_wait=waiting("index build", args.out)):  # not amid an 'index add'
         index.save(args.out, overwrite=args.overwrite, inputs=[args.corpus, args.model])
@@ -64,7 +67,9 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     with index_lock(args.index_dir, on_wait=waiting("index add", args.index_dir)):
         index = SearchIndex.load(args.index_dir)
         model = load_runtime(args, args.model or index_model(index))
-        index.add_texts(model, texts, ids, batch_size=args.batch_size)
+        index.add_texts(
+            model, texts, ids, batch_size=args.batch_size, prompt_name=args.prompt_name, prompt=args.prompt
+        )
         index.save(args.index_dir, overwrite=True, inputs=inputs)
     print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)}) ({runtime_note(model)})")
     return 0
@@ -115,7 +120,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         index = SearchIndex.load(args.index_dir)
     model = load_runtime(args, args.model or index_model(index))
     result = index.search_texts(
-        model, queries, k=args.k, shortlist=args.shortlist, batch_size=args.batch_size
+        model,
+        queries,
+        k=args.k,
+        shortlist=args.shortlist,
+        batch_size=args.batch_size,
+        prompt_name=args.prompt_name,
+        prompt=args.prompt,
     )
     hits = []
     for i, query in enumerate(queries):
@@ -180,8 +191,11 @@ def register(sub) -> None:
     index = sub.add_parser("index", help="build or extend a shortlist-and-rerank search index")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     runtime = runtime_parent()
+    documents = prompt_parent(
+        "every document", "document", "; the faiss index records it and later adds use it"
+    )
     p = index_sub.add_parser(
-        "build", parents=[runtime], help="encode a corpus and write a search index folder"
+        "build", parents=[runtime, documents], help="encode a corpus and write a search index folder"
     )
     p.add_argument("model", help="model folder or Hugging Face hub id")
     p.add_argument(
@@ -207,7 +221,14 @@ def register(sub) -> None:
     add_qdrant_options(p, build=True)
     p.set_defaults(func=cmd_index_build)
 
-    p = index_sub.add_parser("add", parents=[runtime], help="encode more documents into an existing index")
+    p = index_sub.add_parser(
+        "add",
+        parents=[
+            runtime,
+            prompt_parent("every document", "document", "; default: the one the index recorded"),
+        ],
+        help="encode more documents into an existing index",
+    )
     p.add_argument("index_dir", help="index folder written by 'm2d index build'")
     p.add_argument(
         "--corpus", required=True, help="one document a line (.txt) or a tsv/csv/jsonl/parquet file"
@@ -219,7 +240,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_index_add)
 
     p = sub.add_parser(
-        "search", parents=[runtime], help="search an index: shortlist on the first dims, rerank with all dims"
+        "search",
+        parents=[runtime, prompt_parent("every query", "query")],
+        help="search an index: shortlist on the first dims, rerank with all dims",
     )
     p.add_argument(
         "index_dir",
@@ -360,12 +383,14 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
             ("--column", args.column),
             ("--id-column", args.id_column),
             ("--no-texts", args.no_texts),
+            ("--prompt-name", args.prompt_name),
+            ("--prompt", args.prompt is not None),
         )
         unused = [flag for flag, value in not_for_vectors if value]
         if unused:
             raise InvalidInputError(
                 f"{', '.join(unused)}: not for an embed-corpus output (its shards hold ids and vectors, no "
-                "texts); leave them out"
+                "texts, already encoded); leave them out"
             )
         model = load_runtime(args, model_reference(args.model))  # checked against the vectors' model
         with QdrantIndex.from_corpus(
@@ -409,7 +434,15 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
                 "are row numbers (no --id-column): documents with the same numbers are replaced, not added",
                 file=sys.stderr,
             )
-        index.upload_texts(model, texts, ids, batch_size=args.batch_size, store_texts=not args.no_texts)
+        index.upload_texts(
+            model,
+            texts,
+            ids,
+            batch_size=args.batch_size,
+            store_texts=not args.no_texts,
+            prompt_name=args.prompt_name,
+            prompt=args.prompt,
+        )
         c = index.shortlist
         print(
             f"uploaded {len(texts)} documents ({index.dim} dims) to {index.backend} collection "

@@ -70,24 +70,31 @@ def encode_texts(
     layers: int | None,
     batch_size: int = 32,
     show_progress: bool | None = False,
+    prompt: str | None = None,
 ) -> np.ndarray:
     """Normalised float32 embeddings of ``texts`` by ``model`` at ``layers`` (full dim), one row each.
 
     ``model`` is any encoder with ``encode(texts, layers=)`` (the torch model, the ONNX encoders; its
     ``batch_size`` and ``show_progress`` are passed if it takes them) or, failing that, ``iter_encode``
-    with ``num_layers`` and ``dim``.
+    with ``num_layers`` and ``dim``. ``prompt`` (None: the model's default prompt) is passed as
+    ``prompt=`` (see :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`).
     """
     texts = check_ordered(texts, "texts")  # a set or dict has no row order: refused, never listed
+    prompted = {"prompt": prompt} if prompt is not None else {}
     if hasattr(model, "encode"):
         options = {"batch_size": batch_size, "show_progress": show_progress}
         params = inspect.signature(model.encode).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             options = {name: value for name, value in options.items() if name in params}
-        emb = model.encode(texts, layers=layers, **options)
+            if prompted and "prompt" not in params:
+                raise InvalidInputError(
+                    f"the model {model_name(model)!r} takes no prompt (its encode has none)"
+                )
+        emb = model.encode(texts, layers=layers, **options, **prompted)
     else:
         k = layers if layers is not None else model.num_layers  # type: ignore[attr-defined]
         batches = model.iter_encode(  # type: ignore[attr-defined]
-            texts, layers=[k], batch_size=batch_size, show_progress=show_progress
+            texts, layers=[k], batch_size=batch_size, show_progress=show_progress, **prompted
         )
         emb = np.concatenate([batch[(k, model.dim)] for batch in batches])  # type: ignore[attr-defined]
     return np.ascontiguousarray(truncate_dims(np.asarray(emb, dtype=np.float32), None, normalize=True))

@@ -51,11 +51,13 @@ Example:
     >>> hits.ids[0], hits.scores[0]
     >>> index.save("my-index"); index = SearchIndex.load("my-index", model=model)
 
-Folder layout written by :meth:`SearchIndex.save` (format version 2)::
+Folder layout written by :meth:`SearchIndex.save` (format version 3)::
 
     manifest.json            format, format_version, model, layers, dim, count, shortlist settings,
                              model_fingerprint (probe texts and settings, or null), shortlist_training
-                             (vectors the shortlist was trained on; optional, older readers ignore it)
+                             (vectors the shortlist was trained on; optional, older readers ignore it),
+                             document_prompt (the prompt the documents were encoded with, or null: the
+                             model's default prompt)
     vectors.npy              (count, dim) float32, normalised full vectors
     ids.json                 list of count strings
     texts.json               list of count document texts (only if the index stores texts)
@@ -67,7 +69,8 @@ Other files a user keeps in the folder (notes, say) are carried over when the in
 Format versions: a reader accepts every version up to its own and refuses newer ones (they may hold
 information it would ignore); a writer always writes the current version. Version 1 (before model
 fingerprints) has no ``model_fingerprint``: it loads, its model is checked by re-encoding stored texts
-(or by name only, with a warning, if it stores none), and saving it writes version 2.
+(or by name only, with a warning, if it stores none), and saving it writes version 3. Version 2 has no
+``document_prompt``: its documents were encoded with the model's default prompt (null).
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ __all__ = [
 ]
 
 FORMAT = "matryoshka2d-search-index"
-FORMAT_VERSION = 2  # 2: model_fingerprint; 1: without it
+FORMAT_VERSION = 3  # 3: document_prompt; 2: model_fingerprint; 1: without it
 
 MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"
@@ -175,6 +178,21 @@ class SearchResult:
         return len(self.ids)
 
 
+def _resolve_prompt(model: object, prompt_name: str | None, prompt: str | None) -> str | None:
+    """The prompt string a call asks for (None: it asks for none, the model's default applies)."""
+    if prompt_name is None and prompt is None:
+        return None
+    resolve = getattr(model, "resolve_prompt", None)
+    if resolve is None:
+        raise InvalidInputError(f"the model {model_name(model)!r} takes no prompts")
+    return resolve(prompt_name, prompt)
+
+
+def _default_prompt(model: object) -> str:
+    """The prompt ``model`` prepends when a call names none."""
+    return getattr(model, "prompt", "") or ""
+
+
 @dataclass(eq=False, repr=False)
 class SearchIndex:
     """Full vectors stored once + a faiss shortlist over their first ``shortlist.dim`` dims.
@@ -191,6 +209,9 @@ class SearchIndex:
         layers: the layer count the vectors were encoded with (None = all layers of the model).
         fingerprint: the producing model's :class:`~matryoshka2d.search.fingerprint.ModelFingerprint`
             (recorded by :meth:`from_model` and the first :meth:`add_texts`; None = unknown).
+        document_prompt: the prompt the documents were encoded with (recorded by the first
+            :meth:`add_texts` given one, e.g. ``prompt_name="document"``; later adds use it); None: the
+            model's default prompt, if it has one.
     """
 
     dim: int
@@ -198,6 +219,7 @@ class SearchIndex:
     model: str | None = None
     layers: int | None = None
     fingerprint: ModelFingerprint | None = None
+    document_prompt: str | None = None
 
     def __post_init__(self) -> None:
         self.dim = check_positive_int(self.dim, "dim")  # plain ints: numpy ones break json and faiss
@@ -208,6 +230,10 @@ class SearchIndex:
             self.layers = check_positive_int(self.layers, "layers")
         if self.fingerprint is not None:
             self._check_fingerprint(self.fingerprint)
+        if self.document_prompt is not None and not isinstance(self.document_prompt, str):
+            raise InvalidInputError(
+                f"document_prompt must be a string or None, got {type(self.document_prompt).__name__}"
+            )
         self._vectors = np.empty((0, self.dim), dtype=np.float32)
         self._ids: list[str] = []
         self._texts: list[str] | None = None  # document texts, if the index stores them
@@ -266,6 +292,8 @@ class SearchIndex:
         batch_size: int = 32,
         show_progress: bool | None = True,
         store_texts: bool = True,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         **shortlist_options,
     ) -> SearchIndex:
         """Encode ``texts`` with ``model`` (at ``layers``, full dim) and index them.
@@ -280,6 +308,7 @@ class SearchIndex:
             layers: encode with the first ``layers`` transformer layers (default: all).
             batch_size, show_progress: passed to the encoder.
             store_texts: keep the texts in the index, so that results (and the CLI) can show them.
+            prompt_name, prompt: the prompt to encode the documents with (see :meth:`add_texts`).
             **shortlist_options: other :class:`ShortlistConfig` fields.
         """
         if layers is not None:
@@ -287,7 +316,14 @@ class SearchIndex:
         config = ShortlistConfig(dim=default_dim(shortlist_dim, model.dim), **shortlist_options)
         index = cls(dim=model.dim, shortlist=config, model=model_name(model), layers=layers)
         index.add_texts(
-            model, texts, ids, batch_size=batch_size, show_progress=show_progress, store_texts=store_texts
+            model,
+            texts,
+            ids,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            store_texts=store_texts,
+            prompt_name=prompt_name,
+            prompt=prompt,
         )
         return index
 
@@ -348,6 +384,8 @@ class SearchIndex:
         batch_size: int = 32,
         show_progress: bool | None = True,
         store_texts: bool = True,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> None:
         """Encode ``texts`` with ``model`` (at the index's ``layers``) and add them.
 
@@ -357,18 +395,42 @@ class SearchIndex:
 
         ``store_texts`` keeps the texts in the index; it only matters for the first add (see :meth:`add`).
 
+        ``prompt_name`` / ``prompt`` choose the documents' prompt (e.g. ``prompt_name="document"`` for a
+        retrieval model whose folder has query and document prompts; :meth:`search_texts` then takes
+        ``prompt_name="query"``); default: the model's default prompt. The first add records it
+        (:attr:`document_prompt`) and later adds use it: asking a filled index for another prompt is
+        refused, as its vectors would not be comparable.
+
         Raises:
             ModelMismatchError: ``model`` is not the index's model.
             InvalidDimError, InvalidLayersError: see :meth:`check_model`.
+            InvalidInputError: an unknown prompt name, or another prompt than the documents' one.
         """
         from matryoshka2d.encoder import check_texts
 
         texts = check_texts(texts)
         new_ids = self._check_new_ids(ids, len(texts))  # fail before the (slow) encoding
+        asked = _resolve_prompt(model, prompt_name, prompt)
+        if self._ids:
+            used = self.document_prompt if self.document_prompt is not None else _default_prompt(model)
+            if asked is not None and asked != used:
+                raise InvalidInputError(
+                    f"the index's documents were encoded with the prompt {used!r}, not {asked!r}: vectors of "
+                    "other prompts would not be comparable; add without a prompt (the index uses its own) "
+                    "or build a new index"
+                )
+            prompt = self.document_prompt
+        else:
+            prompt = asked
         self.check_model(model, record=True)
-        emb = encode_texts(model, texts, self.layers, batch_size=batch_size, show_progress=show_progress)
+        emb = encode_texts(
+            model, texts, self.layers, batch_size=batch_size, show_progress=show_progress, prompt=prompt
+        )
         keep = self._texts is not None if self._ids else store_texts
+        first = not self._ids
         self.add(emb, new_ids, texts if keep else None)
+        if first:
+            self.document_prompt = prompt
         if self.model is None:
             self.model = model_name(model)
 
@@ -425,7 +487,8 @@ class SearchIndex:
         rows = np.unique(
             np.linspace(0, len(self._ids) - 1, num=min(_CHECK_DOCUMENTS, len(self._ids))).astype(int)
         )
-        new = encode_texts(model, [self._texts[i] for i in rows], self.layers, batch_size=len(rows))  # type: ignore[index]
+        documents = [self._texts[i] for i in rows]  # type: ignore[index]
+        new = encode_texts(model, documents, self.layers, batch_size=len(rows), prompt=self.document_prompt)
         agreement = float(np.min(np.einsum("ij,ij->i", np.asarray(self._vectors[rows]), new)))
         if agreement < MIN_PROBE_COSINE:
             built = self.model or "an unknown model"
@@ -530,19 +593,26 @@ class SearchIndex:
         k: int = 10,
         shortlist: int = 200,
         batch_size: int = 32,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         **search_options,
     ) -> SearchResult:
         """Encode query texts with ``model`` (at the index's ``layers``) and :meth:`search`.
 
         ``model`` is checked against the index's model first (once per model object; see
-        :meth:`check_model`): queries encoded by another model would find nonsense.
+        :meth:`check_model`): queries encoded by another model would find nonsense. ``prompt_name`` /
+        ``prompt``: the queries' prompt (e.g. ``"query"``; default: the model's default prompt).
 
         Raises:
             ModelMismatchError: ``model`` is not the index's model.
+            InvalidInputError: an unknown prompt name.
         """
+        prompt = _resolve_prompt(model, prompt_name, prompt)
         self.check_model(model)
         texts = [texts] if isinstance(texts, str) else texts
-        queries = encode_texts(model, texts, self.layers, batch_size=batch_size, show_progress=False)
+        queries = encode_texts(
+            model, texts, self.layers, batch_size=batch_size, show_progress=False, prompt=prompt
+        )
         return self.search(queries, k=k, shortlist=shortlist, **search_options)
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> SearchResult:
@@ -668,6 +738,7 @@ class SearchIndex:
             "shortlist": self.shortlist.to_dict(),
             "model_fingerprint": self.fingerprint.manifest() if self.fingerprint is not None else None,
             "shortlist_training": training,
+            "document_prompt": self.document_prompt,
         }
 
     # ------------------------------------------------------------------ persistence
@@ -755,7 +826,12 @@ class SearchIndex:
                 probe = np.load(_existing(path, FINGERPRINT_FILE))
                 fingerprint = ModelFingerprint.from_manifest(manifest["model_fingerprint"], probe)
             index = cls(
-                dim=dim, shortlist=config, model=manifest.get("model"), layers=layers, fingerprint=fingerprint
+                dim=dim,
+                shortlist=config,
+                model=manifest.get("model"),
+                layers=layers,
+                fingerprint=fingerprint,
+                document_prompt=manifest.get("document_prompt"),
             )
         except (KeyError, TypeError, ValueError, OSError) as e:  # InvalidInputError is a ValueError too
             raise DataFileError(f"{path / MANIFEST_FILE}: malformed manifest ({e})") from None

@@ -1006,6 +1006,8 @@ class QdrantIndex:
         show_progress: bool | None = True,
         store_texts: bool = True,
         chunk_size: int = 8192,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> int:
         """Encode ``texts`` with ``model`` (at the collection's ``layers``) chunk by chunk and upload them.
 
@@ -1020,9 +1022,13 @@ class QdrantIndex:
             show_progress: tqdm progress bar over the texts.
             store_texts: keep the texts in the payload.
             chunk_size: texts encoded (and held) at a time.
+            prompt_name, prompt: the documents' prompt (e.g. ``prompt_name="document"``; default: the
+                model's default prompt). Not recorded: give the same one to every upload, and the
+                queries' one (e.g. ``"query"``) to :meth:`search_texts`.
         """
         from matryoshka2d.encoder import check_texts
 
+        prompt = model.resolve_prompt(prompt_name, prompt)  # checked before any work
         self.check_model(model)
         texts = check_texts(texts)
         doc_ids = self._check_ids(ids, len(texts))
@@ -1038,6 +1044,7 @@ class QdrantIndex:
                 normalize=True,
                 chunk_size=chunk_size,
                 show_progress=False,
+                prompt=prompt,
             ):
                 vectors = batch.embeddings[(layers, model.dim)]
                 stop = batch.start + batch.size
@@ -1289,12 +1296,18 @@ class QdrantIndex:
         k: int = 10,
         shortlist: int = 200,
         batch_size: int = 32,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         **search_options,
     ) -> SearchResult:
-        """Encode query texts with ``model`` (at the collection's ``layers``) and :meth:`search`."""
+        """Encode query texts with ``model`` (at the collection's ``layers``; ``prompt_name`` / ``prompt``:
+        the queries' prompt, default the model's default prompt) and :meth:`search`."""
+        prompt = model.resolve_prompt(prompt_name, prompt)
         self.check_model(model)
         texts = [texts] if isinstance(texts, str) else texts
-        queries = model.encode(texts, layers=self.layers, batch_size=batch_size, show_progress=False)
+        queries = model.encode(
+            texts, layers=self.layers, batch_size=batch_size, show_progress=False, prompt=prompt
+        )
         return self.search(queries, k=k, shortlist=shortlist, **search_options)
 
     def _search_params(self, shortlist: int, ef_search: int | None) -> dict:
