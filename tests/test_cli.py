@@ -394,3 +394,28 @@ def test_eval_retrieval_json(tiny_model_dir, tmp_path, capsys):
     assert (result["num_queries"], result["num_docs"]) == (6, 7)
     assert np.array(result["metrics"]["ndcg@10"]).shape == (2, 2)
     assert f"{result['metrics']['ndcg@10'][1][0]:.4f}" in capsys.readouterr().out
+    # a retrieval model's query and document prompts
+    import shutil
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    argv = [
+        "eval-retrieval",
+        str(folder),
+        "--data",
+        str(pairs),
+        "--layers",
+        "4",
+        "--json",
+        str(out),
+        "--overwrite",
+    ]
+    assert main([*argv, "--query-prompt-name", "query", "--document-prompt-name", "document"]) == 0
+    prompted = json.loads(out.read_text())
+    assert (prompted["query_prompt"], prompted["document_prompt"]) == ("query: ", "passage: ")
+    assert prompted["metrics"]["ndcg@10"][0][0] != result["metrics"]["ndcg@10"][1][0]
+    assert main([*argv, "--query-prompt-name", "queries"]) == 2
+    assert "prompt_name 'queries' is not one of the model's prompts" in capsys.readouterr().err

@@ -191,6 +191,46 @@ def test_grid_cells_equal_direct_evaluation(tiny_model):
         evaluate_retrieval(tiny_model, data, layers=[9])
 
 
+def test_queries_and_documents_get_their_own_prompts(tiny_model_dir, tmp_path):
+    import shutil
+
+    from matryoshka2d import EmbeddingModel
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    model = EmbeddingModel.load(folder)
+    corpus = SENTENCES
+    queries = [SENTENCES[0], *(s + " outside" for s in SENTENCES[1:6])]  # one query is also a document
+    relevant = [[(i + 1) % len(corpus)] for i in range(6)]
+    data = RetrievalData(queries=queries, corpus=corpus, relevant=relevant)
+    result = evaluate_retrieval(
+        model,
+        data,
+        layers=[2],
+        dims=[8],
+        batch_size=64,
+        query_prompt_name="query",
+        document_prompt_name="document",
+    )
+    direct = retrieval_metrics(
+        model.encode(queries, layers=2, dim=8, prompt_name="query"),
+        model.encode(corpus, layers=2, dim=8, prompt_name="document"),
+        relevant,
+        exclude=[[0]] + [[]] * 5,  # the query's own text in the corpus, as without prompts
+    )
+    for name, value in direct.items():
+        assert result.cell(2, 8, name) == pytest.approx(value, abs=1e-6), name
+    assert (result.info["query_prompt"], result.info["document_prompt"]) == ("query: ", "passage: ")
+    plain = evaluate_retrieval(model, data, layers=[2], dims=[8], batch_size=64)
+    assert plain.cell(2, 8, "mrr@10") != pytest.approx(result.cell(2, 8, "mrr@10"), abs=1e-9)
+    assert RetrievalGridResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    with pytest.raises(InvalidInputError, match="prompt_name 'q' is not one of the model's prompts"):
+        evaluate_retrieval(model, data, query_prompt_name="q")
+
+
 def test_bad_recall_at_is_refused_before_encoding(tiny_model, monkeypatch):
     data = RetrievalData(queries=["a cat"], corpus=SENTENCES, relevant=[[0]])
     monkeypatch.setattr(tiny_model, "_encode_chunk", lambda *a, **k: pytest.fail("encoded first"))

@@ -168,7 +168,14 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     data = load_retrieval(args.data, min_score=min_score)  # validate the data before loading the model
     model = load_runtime(args)
     result = evaluate_retrieval(
-        model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True
+        model,
+        data,
+        args.layers,
+        args.dims,
+        batch_size=args.batch_size,
+        show_progress=True,
+        query_prompt_name=args.query_prompt_name,
+        document_prompt_name=args.document_prompt_name,
     )
     print(
         f"retrieval — {args.model} ({runtime_note(model)}) on {args.data} ({len(data.queries)} queries, "
@@ -286,6 +293,14 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", help="write the grids as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace a previous --json file")
+    p.add_argument(
+        "--query-prompt-name",
+        help="the model's prompt for the queries (e.g. query; default: its default prompt, if any)",
+    )
+    p.add_argument(
+        "--document-prompt-name",
+        help="the model's prompt for the documents (e.g. document; default: its default prompt, if any)",
+    )
     p.set_defaults(func=cmd_eval_retrieval)
 
 

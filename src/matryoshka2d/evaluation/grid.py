@@ -249,12 +249,14 @@ def encode_grid(
     dims: Sequence[int],
     batch_size: int = 32,
     show_progress: bool | None = None,
+    prompt: str | None = None,
 ) -> dict[tuple[int, int], np.ndarray]:
     """Embeddings of ``texts`` at every (layers, dim) cell from one streaming pass.
 
     A thin use of ``encoder.iter_encode(texts, layers=layers, dims=dims, normalize=True)``: each cell is
     the layer's pooled output cut to its first ``dim`` values and L2-normalised, exactly as
-    ``encoder.encode(texts, layers=k, dim=d)`` gives it.
+    ``encoder.encode(texts, layers=k, dim=d)`` gives it. ``prompt`` is passed on if given (``""``: the
+    texts are encoded without the model's default prompt).
 
     Returns:
         ``{(k, d): float32 array (len(texts), d)}``; memory is ``len(texts) * len(layers) * sum(dims)``
@@ -269,6 +271,7 @@ def encode_grid(
         batch_size=batch_size,
         normalize=True,
         show_progress=show_progress,
+        **({"prompt": prompt} if prompt is not None else {}),
     )
     for batch in batches:
         for cell in cells:
@@ -286,6 +289,7 @@ def evaluate_grid(
     show_progress: bool | None = None,
     primary: str | None = None,
     info: Mapping[str, Any] | None = None,
+    prompt: str | None = None,
 ) -> GridResult:
     """Encode ``texts`` once and score every (layers, dims) cell with ``score``.
 
@@ -300,12 +304,15 @@ def evaluate_grid(
         show_progress: tqdm bars while encoding and scoring (default: for more than 20 batches).
         primary: the result's default metric (default: the first the score function returns).
         info: extra facts recorded in the result (and its JSON).
+        prompt: passed to :func:`encode_grid` (None: the model's default prompt).
 
     Warns:
         UndefinedMetricWarning: once per metric and reason, naming the cells reported as NaN.
     """
     layers, dims = resolve_grid(encoder, layers, dims)
-    embeddings = encode_grid(encoder, texts, layers, dims, batch_size=batch_size, show_progress=show_progress)
+    embeddings = encode_grid(
+        encoder, texts, layers, dims, batch_size=batch_size, show_progress=show_progress, prompt=prompt
+    )
     show = show_progress if show_progress is not None else len(texts) > 20 * batch_size
     scores: dict[tuple[int, int], Mapping[str, float | Undefined]] = {}
     for cell in tqdm(list(embeddings), desc="Scoring cells", unit="cell", disable=not show):

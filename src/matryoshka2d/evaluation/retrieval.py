@@ -264,6 +264,8 @@ def evaluate_retrieval(
     recall_at: Sequence[int] = (1, 10, 100),
     batch_size: int = 32,
     show_progress: bool | None = None,
+    query_prompt_name: str | None = None,
+    document_prompt_name: str | None = None,
 ) -> GridResult:
     """Retrieval metrics for every (layers, dims) cell, encoding every distinct text once.
 
@@ -277,18 +279,36 @@ def evaluate_retrieval(
         recall_at: cut-offs for recall@k.
         batch_size: encoding batch size.
         show_progress: tqdm bars while encoding and scoring (default: for more than 20 batches).
+        query_prompt_name, document_prompt_name: the model's prompts for queries and for documents (e.g.
+            ``"query"`` and ``"document"`` for a retrieval model; see
+            :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`). Default (both None): every text gets
+            the model's default prompt, if it has one; a text that is both a query and a document is
+            then encoded once, otherwise once per prompt.
 
     Returns:
         a :class:`GridResult` with ``recall@k`` for each ``k``, ``mrr@10`` and ``ndcg@10`` (the default
-        metric), and ``num_queries``/``num_docs`` in its ``info``.
+        metric), and ``num_queries``/``num_docs`` (and the prompts used, if any) in its ``info``.
     """
     recall_at = check_recall_at(recall_at)  # before the (slow) encoding
     if not isinstance(data, RetrievalData):
         data = load_retrieval(data)
-    texts = list(dict.fromkeys(data.queries + data.corpus))
+    info: dict = {"num_queries": len(data.queries), "num_docs": len(data.corpus)}
+    queries, corpus, prompt = data.queries, data.corpus, None
+    if query_prompt_name is not None or document_prompt_name is not None:
+        resolve = getattr(model, "resolve_prompt", None)
+        if resolve is None:
+            raise InvalidInputError(f"{type(model).__name__} takes no prompts")
+        query_prompt, document_prompt = resolve(query_prompt_name), resolve(document_prompt_name)
+        # Each text with its prompt, encoded without another (the same input the tokenizer gets from
+        # encode(text, prompt=...)): one pass over queries and documents, as without prompts.
+        queries = [query_prompt + text for text in queries]
+        corpus = [document_prompt + text for text in corpus]
+        prompt = ""
+        info.update(query_prompt=query_prompt, document_prompt=document_prompt)
+    texts = list(dict.fromkeys(queries + corpus))
     position = {text: i for i, text in enumerate(texts)}
-    query_rows = np.array([position[t] for t in data.queries])
-    corpus_rows = np.array([position[t] for t in data.corpus])
+    query_rows = np.array([position[t] for t in queries])
+    corpus_rows = np.array([position[t] for t in corpus])
     # A query's own text in the corpus (an STS sentence1 that is another pair's sentence2) is the same
     # embedding: rank 1 for any model, judged not relevant. Left out of that query's ranking (unless it
     # is relevant), as BEIR's ignore_identical_ids does.
@@ -312,5 +332,6 @@ def evaluate_retrieval(
         batch_size=batch_size,
         show_progress=show_progress,
         primary="ndcg@10",
-        info={"num_queries": len(data.queries), "num_docs": len(data.corpus)},
+        info=info,
+        prompt=prompt,
     )
