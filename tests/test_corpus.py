@@ -18,7 +18,7 @@ from matryoshka2d import EmbeddingModel
 from matryoshka2d.cli import main
 from matryoshka2d.corpus import CorpusOutputError, embed_corpus, read_cell, read_manifest
 from matryoshka2d.corpus.shards import list_temporaries
-from matryoshka2d.errors import InvalidDimError, InvalidLayersError
+from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError
 
 LAYERS, DIMS = [1, 3], [32, 8]
 
@@ -200,6 +200,34 @@ def test_another_jobs_folder_is_refused_naming_the_difference(tiny_model_dir, co
     corpus.write_text(corpus.read_text(encoding="utf-8") + "one more line\n", encoding="utf-8")
     with pytest.raises(CorpusOutputError, match="inputs"):
         run(tiny_model_dir, corpus, out)
+
+
+def test_a_prompt_is_part_of_the_job(tiny_model_dir, corpus, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "prompted"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    out = tmp_path / "out"
+    assert not run(folder, corpus, out, prompt_name="document", max_shards=2).complete
+    with pytest.raises(CorpusOutputError, match="prompt: 'passage: ' there, 'query: ' now"):
+        run(folder, corpus, out, prompt_name="query")
+    with pytest.raises(CorpusOutputError, match="prompt: 'passage: ' there, None now"):
+        run(folder, corpus, out)  # the model's default prompt (none): another job
+    result = run(folder, corpus, out, prompt="passage: ")  # the same prompt, given as text: resumed
+    assert result.complete and result.skipped_shards == 2
+    assert read_manifest(out)["job"]["prompt"] == "passage: "
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    model = EmbeddingModel.load(folder)
+    ids, emb = read_cell(out, 3, 8)
+    np.testing.assert_allclose(emb, model.encode(lines, layers=3, dim=8, prompt_name="document"), atol=1e-5)
+    assert np.abs(emb - model.encode(lines, layers=3, dim=8)).max() > 1e-3
+    with pytest.raises(InvalidInputError, match="prompt_name 'doc' is not one of the model's prompts"):
+        run(folder, corpus, tmp_path / "other", prompt_name="doc")
+    assert not (tmp_path / "other").exists()
 
 
 def test_output_folders_that_must_not_be_written_are_refused(tiny_model_dir, corpus, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from matryoshka2d.cli.common import batch_parent, int_list, model_parent, positive_int
+from matryoshka2d.cli.common import batch_parent, int_list, model_parent, positive_int, prompt_parent
 
 
 def positive_float(text: str) -> float:
@@ -36,6 +36,8 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         max_shards=args.max_shards,
+        prompt_name=args.prompt_name,
+        prompt=args.prompt,
     )
     cells = ", ".join(f"{c['layers']}x{c['dim']}" for c in result.manifest["cells"])
     state = "finished" if result.complete else "stopped early"
@@ -54,7 +56,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "embed-corpus",
-        parents=[model_parent(), batch_parent()],
+        parents=[model_parent(), batch_parent(), prompt_parent("every text", "document")],
         help="encode a corpus into Parquet shards per (layers, dim), resumable, locally or on Ray",
         description=(
             "One pass over the inputs writes, for every (layers, dim) cell, Parquet shards of "

@@ -92,6 +92,8 @@ class ShardJob:
     batch_size: int
     out: str
     job_id: str
+    #: prepended to every text (the model's ``resolve_prompt`` result); None: its default prompt
+    prompt: str | None = None
 
     @property
     def cells(self) -> list[str]:
@@ -101,8 +103,15 @@ class ShardJob:
 def encode_shard(model, job: ShardJob, shard: ShardSpec) -> dict:
     """Read, encode and write one shard (the unit of work of every engine); returns its commit record."""
     texts, ids = read_shard(job.plan, shard)
+    prompted = {"prompt": job.prompt} if job.prompt is not None else {}
     (batch,) = model.iter_encode(
-        texts, job.layers, job.dims, batch_size=job.batch_size, chunk_size=len(texts), show_progress=False
+        texts,
+        job.layers,
+        job.dims,
+        batch_size=job.batch_size,
+        chunk_size=len(texts),
+        show_progress=False,
+        **prompted,
     )
     return write_shard(Path(job.out), job.job_id, shard, ids, batch.embeddings)
 
@@ -147,6 +156,8 @@ def embed_corpus(
     cpus_per_worker: float = 1,
     max_shards: int | None = None,
     show_progress: bool = True,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
 ) -> CorpusResult:
     """Encode a corpus into Parquet shards of (id, embedding) for every (layers, dim) cell, plus a manifest.
 
@@ -169,6 +180,9 @@ def embed_corpus(
         cpus_per_worker: CPUs (torch threads) per Ray actor.
         max_shards: encode at most this many shards in this run, then stop (the job stays resumable).
         show_progress: a tqdm bar counting rows (with rows/s).
+        prompt_name, prompt: the prompt prepended to every text (e.g. ``prompt_name="document"`` for a
+            retrieval model; see :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`); default: the
+            model's default prompt. Part of the job: a run with another prompt is another job.
 
     Returns:
         :class:`CorpusResult`.
@@ -199,6 +213,7 @@ def embed_corpus(
     _refuse_model_as_output(out, model_path)
     loaded = EmbeddingModel.load(model_path)
     ks, ds = loaded._layer_list(_int_list(layers, "layers")), loaded._dim_list(_int_list(dims, "dims"))
+    asked = None if prompt_name is None and prompt is None else loaded.resolve_prompt(prompt_name, prompt)
     model_info = {"name": str(model), "num_layers": loaded.num_layers, "dim": loaded.dim}
     from matryoshka2d.search.fingerprint import ModelFingerprint
 
@@ -220,10 +235,12 @@ def embed_corpus(
         "batch_size": batch_size,
         "normalize": True,
         "format_version": FORMAT_VERSION,
+        # only when asked for, so that the ids of jobs without one (and their resumption) are unchanged
+        **({"prompt": asked} if asked is not None else {}),
     }
     job_id = job_key(job)
     ref = str(model_path.resolve()) if Path(str(model)).expanduser().is_dir() else str(model)
-    shard_job = ShardJob(ref, plan, ks, ds, batch_size, str(out.resolve()), job_id)
+    shard_job = ShardJob(ref, plan, ks, ds, batch_size, str(out.resolve()), job_id, asked)
     cells = [{"layers": k, "dim": d, "folder": cell_folder(k, d), "rows": plan.rows} for k in ks for d in ds]
     manifest = {
         "format": FORMAT,
