@@ -416,6 +416,15 @@ def test_a_call_picks_a_prompt_as_sentence_transformers_does(tiny_model_dir, tmp
         model.encode(SENTENCES, prompt_name="doc")
     with pytest.raises(InvalidInputError, match="not both"):
         model.encode(SENTENCES, prompt_name="query", prompt="q: ")
+    # as in sentence-transformers 6, "query" and "document" are prompts of every model: "" if undefined
+    np.testing.assert_allclose(
+        plain.encode(SENTENCES, prompt_name="query"), plain.encode(SENTENCES), atol=1e-7
+    )
+    np.testing.assert_allclose(
+        plain.encode(SENTENCES, prompt_name="document"),
+        st_model(tiny_model_dir).encode(SENTENCES, prompt_name="document"),
+        atol=atol,
+    )
     with pytest.raises(InvalidInputError, match="prompt must be a string"):
         model.encode(SENTENCES, prompt=3)
 
@@ -454,6 +463,14 @@ def test_prompt_folders_we_cannot_reproduce_are_refused(tiny_model_dir, tmp_path
     assert pooling["include_prompt"] is False
     with pytest.raises(InvalidInputError, match="include_prompt: false"):
         EmbeddingModel.load(tmp_path / "b-saved").encode(SENTENCES, prompt="q: ")
+    with pytest.raises(ModelLoadError, match="include_prompt=False"):  # built in code: the same rule
+        EmbeddingModel(
+            model.transformer,
+            model.tokenizer,
+            prompts={"q": "q: "},
+            default_prompt_name="q",
+            include_prompt=False,
+        )
     with pytest.raises(ModelLoadError, match="default_prompt_name 'other' is not one of its prompts"):
         EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "c", {"query": "q: "}, "other"))
     bad = prompted_copy(tiny_model_dir, tmp_path / "d", {"query": 3}, None)

@@ -204,6 +204,17 @@ def test_atomic_outputs_are_on_disk_before_their_rename(tmp_path, monkeypatch):
     assert len(written) == 4 and written <= synced
 
 
+def test_a_dangling_link_among_the_users_files_does_not_break_a_save(tmp_path):
+    """Files a user keeps in an output folder are carried over into the new one (see the search index);
+    flushing the new folder must not follow a link whose target is gone."""
+    import os
+
+    with atomic_directory(tmp_path / "d", "thing") as folder:
+        (folder / "a.txt").write_text("a")
+        os.symlink(tmp_path / "gone", folder / "notes.txt")
+    assert (tmp_path / "d" / "notes.txt").is_symlink() and (tmp_path / "d" / "a.txt").read_text() == "a"
+
+
 def _umask_now() -> int:
     import os
 

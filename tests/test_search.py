@@ -417,6 +417,15 @@ def test_documents_and_queries_get_their_prompts(prompted_model, tmp_path):
         loaded.add_texts(model, ["x"], show_progress=False, prompt_name="query")
     with pytest.raises(InvalidInputError, match="prompt_name 'passage' is not one of the model's prompts"):
         loaded.search_texts(model, queries, prompt_name="passage")
+    # built from embeddings: told their prompt, it adds and checks with it
+    vectors = model.encode(docs, prompt_name="document")
+    from_vectors = SearchIndex.from_embeddings(
+        vectors, shortlist_dim=8, texts=docs, document_prompt=model.resolve_prompt("document")
+    )
+    from_vectors.add_texts(model, SENTENCES[9:10], show_progress=False)
+    np.testing.assert_allclose(
+        from_vectors.vectors[-1], model.encode(SENTENCES[9], prompt_name="document"), atol=1e-6
+    )
     # an index without a fingerprint checks a model by re-encoding stored documents: with their prompt
     loaded.fingerprint = None
     loaded._checked.clear()

@@ -237,7 +237,7 @@ BAD_REQUESTS = [
     ({**GOOD, "input": ["a"] * 17}, 400, "input"),  # max_inputs=16
     ({**GOOD, "encoding_format": "int8"}, 400, "encoding_format"),
     ({**GOOD, "truncate": "no"}, 400, "truncate"),
-    ({**GOOD, "prompt_name": "query"}, 400, "prompt_name"),  # this model has no prompts
+    ({**GOOD, "prompt_name": "passage"}, 400, "prompt_name"),  # this model has no such prompt
     ({**GOOD, "prompt_name": 3}, 400, "prompt_name"),
     ({**GOOD, "unknown_field": 1}, 400, "unknown_field"),
     ({"input": ["a"]}, 400, "model"),

@@ -82,6 +82,10 @@ class EmbeddingBatch:
         return self.size
 
 
+#: Prompt names every model has (empty where its folder does not define them), as in sentence-transformers 6.
+IMPLICIT_PROMPTS = {"query": "", "document": ""}
+
+
 class Encoder(abc.ABC):
     """Encoding at any (layers, dims) cell, shared by every backend.
 
@@ -122,6 +126,11 @@ class Encoder(abc.ABC):
         """The text a call prepends: ``prompt`` if given (``""``: none), else the prompt named
         ``prompt_name``, else the model's default prompt (:attr:`prompt`).
 
+        As in sentence-transformers 6, ``"query"`` and ``"document"`` are names of every model: ``""``
+        (no prompt) where the folder does not define them, so the same call serves symmetric models
+        (all-MiniLM-L6-v2) and retrieval models with prompts. Unlike it, giving both is an error (it
+        warns and uses ``prompt``).
+
         Raises:
             InvalidInputError: both given, an unknown name (the message lists the model's prompts), a
                 non-string, or a prompt for a model whose pooling leaves prompt tokens out
@@ -134,12 +143,13 @@ class Encoder(abc.ABC):
                 raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
             text = prompt
         elif prompt_name is not None:
-            if not isinstance(prompt_name, str) or prompt_name not in self.prompts:
-                known = ", ".join(repr(name) for name in sorted(self.prompts)) or "none"
+            prompts = {**IMPLICIT_PROMPTS, **self.prompts}
+            if not isinstance(prompt_name, str) or prompt_name not in prompts:
+                known = ", ".join(repr(name) for name in sorted(prompts))
                 raise InvalidInputError(
                     f"prompt_name {prompt_name!r:.60} is not one of the model's prompts ({known})"
                 )
-            text = self.prompts[prompt_name]
+            text = prompts[prompt_name]
         else:
             return self.prompt  # checked when the model was loaded
         if text and not self.include_prompt:

@@ -269,6 +269,12 @@ class EmbeddingModel(nn.Module, Encoder):
         self.default_prompt_name = default_prompt_name
         self.similarity_fn_name = similarity_fn_name
         self.include_prompt = bool(include_prompt)
+        if self.prompt and not self.include_prompt:  # as read_folder_spec refuses such a folder
+            raise ModelLoadError(
+                f"the pooling leaves the prompt's tokens out (include_prompt=False) and the default prompt "
+                f"{default_prompt_name!r} is prepended to every text; matryoshka2d does not support that "
+                "combination (its embeddings would differ from sentence-transformers')"
+            )
         parent, name = find_layer_stack(transformer)  # fail now, with the class name, if unknown
         self._num_layers = len(getattr(parent, name))  # a fixed fact: running fewer layers changes nothing
         self.transformer = transformer

@@ -476,7 +476,9 @@ def _fsync_tree(folder: Path) -> None:
     """:func:`fsync_path` every file under ``folder``, then every folder, deepest first."""
     for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            fsync_path(os.path.join(root, name))
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # a link (a user's, carried over) is new, its target is not
+                fsync_path(path)
         fsync_path(root)
 
 

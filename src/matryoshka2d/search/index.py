@@ -178,8 +178,9 @@ class SearchResult:
         return len(self.ids)
 
 
-def _resolve_prompt(model: object, prompt_name: str | None, prompt: str | None) -> str | None:
-    """The prompt string a call asks for (None: it asks for none, the model's default applies)."""
+def requested_prompt(model: object, prompt_name: str | None, prompt: str | None) -> str | None:
+    """The prompt string a call asks for (None: it asks for none, the model's default applies); an
+    encoder without prompts is refused only if one is asked for."""
     if prompt_name is None and prompt is None:
         return None
     resolve = getattr(model, "resolve_prompt", None)
@@ -258,6 +259,7 @@ class SearchIndex:
         layers: int | None = None,
         texts: Sequence[str] | None = None,
         fingerprint: ModelFingerprint | None = None,
+        document_prompt: str | None = None,
         **shortlist_options,
     ) -> SearchIndex:
         """An index over precomputed embeddings.
@@ -270,6 +272,8 @@ class SearchIndex:
             texts: the documents' texts, to store and return with results (optional).
             fingerprint: the producing model's fingerprint (``ModelFingerprint.of(model, layers)``), so
                 that later models are checked against it (optional).
+            document_prompt: the prompt the embeddings were encoded with, if not the model's default
+                (e.g. ``model.resolve_prompt("document")``): later :meth:`add_texts` use it.
             **shortlist_options: other :class:`ShortlistConfig` fields (``index``, ``quantization``, ...).
         """
         embeddings = _as_matrix(embeddings, "embeddings")
@@ -277,7 +281,14 @@ class SearchIndex:
             raise InvalidInputError("embeddings is empty: an index needs at least one vector")
         dim = embeddings.shape[1]
         config = ShortlistConfig(dim=default_dim(shortlist_dim, dim), **shortlist_options)
-        index = cls(dim=dim, shortlist=config, model=model, layers=layers, fingerprint=fingerprint)
+        index = cls(
+            dim=dim,
+            shortlist=config,
+            model=model,
+            layers=layers,
+            fingerprint=fingerprint,
+            document_prompt=document_prompt,
+        )
         index.add(embeddings, ids, texts)
         return index
 
@@ -410,7 +421,7 @@ class SearchIndex:
 
         texts = check_texts(texts)
         new_ids = self._check_new_ids(ids, len(texts))  # fail before the (slow) encoding
-        asked = _resolve_prompt(model, prompt_name, prompt)
+        asked = requested_prompt(model, prompt_name, prompt)
         if self._ids:
             used = self.document_prompt if self.document_prompt is not None else _default_prompt(model)
             if asked is not None and asked != used:
@@ -607,7 +618,7 @@ class SearchIndex:
             ModelMismatchError: ``model`` is not the index's model.
             InvalidInputError: an unknown prompt name.
         """
-        prompt = _resolve_prompt(model, prompt_name, prompt)
+        prompt = requested_prompt(model, prompt_name, prompt)
         self.check_model(model)
         texts = [texts] if isinstance(texts, str) else texts
         queries = encode_texts(

@@ -77,9 +77,17 @@ from matryoshka2d.search.index import (
     ShortlistConfig,
     _as_matrix,
     _check_positive_int,
+    requested_prompt,
 )
 from matryoshka2d.truncation import check_layers, truncate_dims
 from matryoshka2d.validation import check_ordered
+
+
+def _prompt_option(model: object, prompt_name: str | None, prompt: str | None) -> dict:
+    """``{"prompt": text}`` for the model's encode when a call asks for a prompt, else ``{}``."""
+    text = requested_prompt(model, prompt_name, prompt)
+    return {"prompt": text} if text is not None else {}
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from matryoshka2d.model import EmbeddingModel
@@ -1028,7 +1036,7 @@ class QdrantIndex:
         """
         from matryoshka2d.encoder import check_texts
 
-        prompt = model.resolve_prompt(prompt_name, prompt)  # checked before any work
+        prompted = _prompt_option(model, prompt_name, prompt)  # checked before any work
         self.check_model(model)
         texts = check_texts(texts)
         doc_ids = self._check_ids(ids, len(texts))
@@ -1044,7 +1052,7 @@ class QdrantIndex:
                 normalize=True,
                 chunk_size=chunk_size,
                 show_progress=False,
-                prompt=prompt,
+                **prompted,
             ):
                 vectors = batch.embeddings[(layers, model.dim)]
                 stop = batch.start + batch.size
@@ -1302,11 +1310,11 @@ class QdrantIndex:
     ) -> SearchResult:
         """Encode query texts with ``model`` (at the collection's ``layers``; ``prompt_name`` / ``prompt``:
         the queries' prompt, default the model's default prompt) and :meth:`search`."""
-        prompt = model.resolve_prompt(prompt_name, prompt)
+        prompted = _prompt_option(model, prompt_name, prompt)
         self.check_model(model)
         texts = [texts] if isinstance(texts, str) else texts
         queries = model.encode(
-            texts, layers=self.layers, batch_size=batch_size, show_progress=False, prompt=prompt
+            texts, layers=self.layers, batch_size=batch_size, show_progress=False, **prompted
         )
         return self.search(queries, k=k, shortlist=shortlist, **search_options)
 

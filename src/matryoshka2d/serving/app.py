@@ -378,6 +378,8 @@ class EmbeddingServer:
             raise ApiError(400, message, param="layers")
         prompt = None  # the model's default prompt
         if req.prompt_name is not None:
+            if not hasattr(model, "resolve_prompt"):  # a backend of the engine interface only
+                raise ApiError(400, "this model takes no prompts", param="prompt_name")
             try:
                 prompt = model.resolve_prompt(req.prompt_name)
             except InvalidInputError as e:
