@@ -172,3 +172,22 @@ def data_path(*parts: str) -> Path:
     from matryoshka2d.data import data_dir
 
     return data_dir().joinpath(*parts)
+
+
+def prompted_copy(src, dst, prompts=None, default=None, include_prompt=True):
+    """A copy of the model folder ``src`` whose config_sentence_transformers.json sets prompts (default: a
+    retrieval model's query and document prompts) and the default prompt name."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config_file = dst / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    prompts = {"query": "query: ", "document": "passage: "} if prompts is None else prompts
+    config.update(prompts=prompts, default_prompt_name=default)
+    config_file.write_text(json.dumps(config))
+    if not include_prompt:
+        pooling_file = dst / "1_Pooling" / "config.json"
+        pooling = json.loads(pooling_file.read_text())
+        pooling_file.write_text(json.dumps({**pooling, "include_prompt": False}))
+    return dst

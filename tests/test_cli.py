@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SENTENCES
+from conftest import SENTENCES, prompted_copy
 
 from matryoshka2d import EmbeddingModel
 from matryoshka2d.cli import main
@@ -41,13 +41,7 @@ def test_encode(tiny_model_dir, tmp_path):
 
 
 def test_encode_with_a_prompt(tiny_model_dir, tmp_path, capsys):
-    import shutil
-
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(SENTENCES) + "\n")
     model = EmbeddingModel.load(folder)
@@ -60,39 +54,12 @@ def test_encode_with_a_prompt(tiny_model_dir, tmp_path, capsys):
             main(["encode", str(folder), "--input", str(texts), "--dim", "8", "--out", str(out), *flags]) == 0
         )
         np.testing.assert_allclose(np.load(out), model.encode(SENTENCES, dim=8, **kwargs), atol=1e-6)
-    assert (
-        main(
-            [
-                "encode",
-                str(folder),
-                "--input",
-                str(texts),
-                "--out",
-                str(tmp_path / "x.npy"),
-                "--prompt-name",
-                "doc",
-            ]
-        )
-        == 2
-    )
-    assert (
-        "prompt_name 'doc' is not one of the model's prompts ('document', 'query')" in capsys.readouterr().err
-    )
+    base = ["encode", str(folder), "--input", str(texts)]
+    assert main([*base, "--out", str(tmp_path / "x.npy"), "--prompt-name", "doc"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt_name 'doc' is not one of the model's prompts ('document', 'query')" in err
     with pytest.raises(SystemExit):  # argparse: not both
-        main(
-            [
-                "encode",
-                str(folder),
-                "--input",
-                str(texts),
-                "--out",
-                str(tmp_path / "y.npy"),
-                "--prompt-name",
-                "query",
-                "--prompt",
-                "q",
-            ]
-        )
+        main([*base, "--out", str(tmp_path / "y.npy"), "--prompt-name", "query", "--prompt", "q"])
     assert not (tmp_path / "x.npy").exists()
 
 
@@ -230,15 +197,9 @@ def test_index_build_and_search(tiny_model_dir, corpus_tsv, tmp_path, capsys):
 
 
 def test_index_and_search_with_document_and_query_prompts(tiny_model_dir, tmp_path, capsys):
-    import shutil
-
     from matryoshka2d.search.index import SearchIndex
 
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     model = EmbeddingModel.load(folder)
     corpus, more = tmp_path / "corpus.txt", tmp_path / "more.txt"
     corpus.write_text("\n".join(SENTENCES[:8]) + "\n")
@@ -395,13 +356,7 @@ def test_eval_retrieval_json(tiny_model_dir, tmp_path, capsys):
     assert np.array(result["metrics"]["ndcg@10"]).shape == (2, 2)
     assert f"{result['metrics']['ndcg@10'][1][0]:.4f}" in capsys.readouterr().out
     # a retrieval model's query and document prompts
-    import shutil
-
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     argv = [
         "eval-retrieval",
         str(folder),

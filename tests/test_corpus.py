@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import WORDS
+from conftest import WORDS, prompted_copy
 
 from matryoshka2d import EmbeddingModel
 from matryoshka2d.cli import main
@@ -203,14 +203,7 @@ def test_another_jobs_folder_is_refused_naming_the_difference(tiny_model_dir, co
 
 
 def test_a_prompt_is_part_of_the_job(tiny_model_dir, corpus, tmp_path):
-    import json
-    import shutil
-
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     out = tmp_path / "out"
     assert not run(folder, corpus, out, prompt_name="document", max_shards=2).complete
     with pytest.raises(CorpusOutputError, match="prompt: 'passage: ' there, 'query: ' now"):

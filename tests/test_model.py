@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, SENTENCES, build_tiny_model
+from conftest import FAMILIES, SENTENCES, build_tiny_model, prompted_copy
 
 from matryoshka2d import (
     EmbeddingModel,
@@ -351,23 +351,6 @@ def test_compile_needs_a_cpu_compiler(tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="C\\+\\+ compiler"):
         model.compile_for_inference()
     assert not model.compiled
-
-
-def prompted_copy(src, dst, prompts, default, include_prompt=True):
-    """A copy of the model folder ``src`` whose config_sentence_transformers.json sets prompts."""
-    import json
-    import shutil
-
-    shutil.copytree(src, dst)
-    config_file = dst / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config.update(prompts=prompts, default_prompt_name=default)
-    config_file.write_text(json.dumps(config))
-    if not include_prompt:
-        pooling_file = dst / "1_Pooling" / "config.json"
-        pooling = json.loads(pooling_file.read_text())
-        pooling_file.write_text(json.dumps({**pooling, "include_prompt": False}))
-    return dst
 
 
 def test_default_prompt_is_prepended_as_sentence_transformers_does(tiny_model_dir, tmp_path):

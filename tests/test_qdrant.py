@@ -11,6 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
+from conftest import prompted_copy
 
 from matryoshka2d.errors import InvalidDimError, InvalidInputError, Matryoshka2dError
 from matryoshka2d.search import QdrantBackendError, QdrantIndex, RetryPolicy, SearchIndex, point_id
@@ -341,18 +342,11 @@ def test_upload_texts_equals_faiss_from_model(tiny_model):
 
 
 def test_upload_and_search_texts_with_prompts_equal_faiss(tiny_model_dir, tmp_path):
-    import json
-    import shutil
-
     from conftest import SENTENCES
 
     from matryoshka2d import EmbeddingModel
 
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     model = EmbeddingModel.load(folder)
     faiss_index = SearchIndex.from_model(
         model, SENTENCES, shortlist_dim=8, show_progress=False, prompt_name="document"

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SENTENCES, data_path, packaged_minilm
+from conftest import SENTENCES, data_path, packaged_minilm, prompted_copy
 
 from matryoshka2d.errors import DataFileError, InvalidInputError, InvalidLayersError
 from matryoshka2d.evaluation.retrieval import (
@@ -192,15 +192,9 @@ def test_grid_cells_equal_direct_evaluation(tiny_model):
 
 
 def test_queries_and_documents_get_their_own_prompts(tiny_model_dir, tmp_path):
-    import shutil
-
     from matryoshka2d import EmbeddingModel
 
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     model = EmbeddingModel.load(folder)
     corpus = SENTENCES
     queries = [SENTENCES[0], *(s + " outside" for s in SENTENCES[1:6])]  # one query is also a document

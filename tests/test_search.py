@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import SENTENCES, build_tiny_model
+from conftest import SENTENCES, build_tiny_model, prompted_copy
 
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
 from matryoshka2d.search.fingerprint import PROBE_TEXTS, ModelFingerprint, ModelMismatchError
@@ -375,15 +375,9 @@ def other_model(tiny_model_dirs):
 @pytest.fixture
 def prompted_model(tiny_model_dir, tmp_path):
     """The tiny model with a retrieval model's prompts (no default one)."""
-    import shutil
-
     from matryoshka2d import EmbeddingModel
 
-    folder = tmp_path / "prompted"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": "passage: "}}))
+    folder = prompted_copy(tiny_model_dir, tmp_path / "prompted")
     return EmbeddingModel.load(folder)
 
 

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import SENTENCES, packaged_minilm
+from conftest import SENTENCES, packaged_minilm, prompted_copy
 from prometheus_client.parser import text_string_to_metric_families
 
 from matryoshka2d import EmbeddingModel, InvalidInputError
@@ -130,14 +130,7 @@ def test_openai_client_matches_offline_encode(client, offline, layers, dims):
 def test_a_request_picks_one_of_the_models_prompts(model_dir, tmp_path):
     """``prompt_name`` (TEI's and sentence-transformers' name): the texts get that prompt instead of the
     default one, token counts include it, and an unknown name is a 400 naming the model's prompts."""
-    import shutil
-
-    folder = tmp_path / "prompted"
-    shutil.copytree(model_dir, folder)
-    config_file = folder / "config_sentence_transformers.json"
-    config = json.loads(config_file.read_text())
-    config.update(prompts={"query": "query: ", "document": "passage: "}, default_prompt_name="query")
-    config_file.write_text(json.dumps(config))
+    folder = prompted_copy(model_dir, tmp_path / "prompted", default="query")
     offline = EmbeddingModel.load(folder)
     with BackgroundServer(make_app(folder)) as running:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0)
