@@ -14,8 +14,10 @@ Truth: exact full-dim search (numpy dot product over all vectors). recall@10 = m
 top 10 found; "same as faiss" = fraction of queries whose top-10 id set equals the faiss SearchIndex's
 (as sets: duplicate vectors score exactly alike and the engines order such ties differently).
 Latency: ms per query for batches of ``--batch-size`` queries, and the median of ``--single`` one-query
-calls; the engines take turns (round-robin, ``--rounds`` rounds; the best round is reported) so that
-load from other processes hits them alike.
+calls; the engines take turns (round-robin, ``--rounds`` rounds) so that load from other processes hits
+them alike. Times are each engine's best round; the ratios to faiss are taken within each round (an
+engine's time over faiss's in the same round) and reported as their median and range, so a round
+disturbed by other load cannot pair one engine's good round with the other's bad one.
 
 Data: the first ``--real`` distinct sentences of ../shared/data (STS Benchmark, SNLI; see
 bench_search.unique_sentences), encoded with the packaged all-MiniLM-L6-v2 (6 layers, 384 dims,
@@ -190,16 +192,16 @@ def main() -> int:
                     ),
                     "ms_batch": min(r["batch"]),
                     "ms_single": min(r["single"]),
-                    "x_faiss_batch": min(r["batch"]) / min(base["batch"]),
-                    "x_faiss_single": min(r["single"]) / min(base["single"]),
+                    **within_round_ratios(r, base),
                     "build_s": build_s,
                 }
                 rows.append(row)
                 print(
                     f"{name:10s} {engine:12s} S={shortlist:<4d} recall@10={row['recall@10']:.4f} "
                     f"same-as-faiss={row['same_as_faiss']:.3f} batch={row['ms_batch']:.2f}ms "
-                    f"({row['x_faiss_batch']:.2f}x faiss) single={row['ms_single']:.2f}ms "
-                    f"({row['x_faiss_single']:.2f}x faiss) build={build_s:.1f}s  [{n} queries]",
+                    f"({row['x_faiss_batch']:.2f}x faiss, {_span(row['x_faiss_batch_range'])}) "
+                    f"single={row['ms_single']:.2f}ms ({row['x_faiss_single']:.2f}x faiss, "
+                    f"{_span(row['x_faiss_single_range'])}) build={build_s:.1f}s  [{n} queries]",
                     flush=True,
                 )
             for idx, _, _ in engines.values():
@@ -212,8 +214,22 @@ def main() -> int:
     if args.json:
         with open(args.json, "a", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps({"date": str(date.today()), **row}) + "\n")
+                f.write(json.dumps({"date": str(date.today()), "machine": machine(), **row}) + "\n")
     return 0
+
+
+def within_round_ratios(times: dict, base: dict) -> dict:
+    """Median and range over rounds of ``times[kind][i] / base[kind][i]`` for batch and single queries."""
+    out = {}
+    for kind in ("batch", "single"):
+        ratios = [a / b for a, b in zip(times[kind], base[kind], strict=True)]
+        out[f"x_faiss_{kind}"] = statistics.median(ratios)
+        out[f"x_faiss_{kind}_range"] = [min(ratios), max(ratios)]
+    return out
+
+
+def _span(bounds: list[float]) -> str:
+    return f"{bounds[0]:.2f}-{bounds[1]:.2f}"
 
 
 if __name__ == "__main__":
