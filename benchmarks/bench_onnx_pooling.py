@@ -4,9 +4,10 @@ One process, one ``OnnxEncoder`` (all-MiniLM-L6-v2, float32 or ``--int8``). Roun
 rounds, each layer count is encoded twice: with the backend's numpy pooling (``pool_numpy``) and with
 torch's ``pool`` swapped in (what the backend did before). torch's OpenMP threads keep spinning for a
 while after each torch operation and competed with ONNX Runtime's next run; the script prints
-sentences/s of both and the ratio numpy / torch per layer count, and each variant's 3-of-6 speed-up.
+sentences/s of both (medians), the ratio numpy / torch per layer count (median and range of the ratios
+taken within each round) and each variant's 3-of-6 speed-up, and writes them as JSON to ``--out``.
 
-    python benchmarks/bench_onnx_pooling.py [--repeats 5] [--int8]
+    python benchmarks/bench_onnx_pooling.py [--repeats 5] [--int8] [--out results.json]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import tempfile
 
 import torch
-from common import header, median, minilm_path, stsb_sentences, timed
+from common import header, machine, median, minilm_path, save_results, stsb_sentences, timed
 
 import matryoshka2d.backends.onnx as onnx_backend
 from matryoshka2d.pooling import pool, pool_numpy
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--int8", action="store_true", help="the int8 graphs instead of float32")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args()
     header("ONNX backend: numpy pooling vs torch pooling")
     layers = [1, 2, 3, 6]
@@ -54,13 +56,31 @@ def main() -> None:
     rate = {key: len(texts) / median(value) for key, value in times.items()}
     setup = f"batch {args.batch_size}, {encoder.backend}, median of {args.repeats}"
     print(f"\n{len(texts)} STSB test sentences, {setup}\n")
-    print("| layers | numpy pooling sent/s | torch pooling sent/s | numpy / torch |")
+    print("| layers | numpy pooling sent/s | torch pooling sent/s | numpy / torch, within rounds (range) |")
     print("|---|---|---|---|")
+    rows = []
     for k in layers:
         fast, slow = rate[("numpy", k)], rate[("torch", k)]
-        print(f"| {k} | {fast:.0f} | {slow:.0f} | {fast / slow:.3f} |")
-    for name in poolers:
-        print(f"{name} pooling: 3 of 6 layers {rate[(name, 3)] / rate[(name, 6)]:.2f}x its 6 layers")
+        ratios = [t / n for n, t in zip(times[("numpy", k)], times[("torch", k)], strict=True)]
+        print(
+            f"| {k} | {fast:.0f} | {slow:.0f} | {median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
+        )
+        rows.append(
+            {
+                "layers": k,
+                "numpy_sentences_per_s": fast,
+                "torch_sentences_per_s": slow,
+                "numpy_over_torch": median(ratios),
+                "numpy_over_torch_per_round": ratios,
+            }
+        )
+    speedups = {name: rate[(name, 3)] / rate[(name, 6)] for name in poolers}
+    for name, value in speedups.items():
+        print(f"{name} pooling: 3 of 6 layers {value:.2f}x its 6 layers")
+    if args.out:
+        report = {"machine": machine(), "setup": setup, "texts": len(texts), "rows": rows}
+        save_results(args.out, {**report, "three_of_six_layers": speedups})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
