@@ -86,6 +86,12 @@ class EmbeddingBatch:
 IMPLICIT_PROMPTS = {"query": "", "document": ""}
 
 
+def prompt_option(prompt: str | None) -> dict[str, str]:
+    """``{"prompt": prompt}`` for an encoder call, or ``{}`` for None (the model's default prompt): so that
+    a call asking for no prompt works with encoders (or engine backends) that take none."""
+    return {"prompt": prompt} if prompt is not None else {}
+
+
 class Encoder(abc.ABC):
     """Encoding at any (layers, dims) cell, shared by every backend.
 

@@ -39,6 +39,7 @@ from matryoshka2d.corpus.shards import (
     write_manifest,
     write_shard,
 )
+from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.validation import check_positive_int
 
@@ -103,7 +104,6 @@ class ShardJob:
 def encode_shard(model, job: ShardJob, shard: ShardSpec) -> dict:
     """Read, encode and write one shard (the unit of work of every engine); returns its commit record."""
     texts, ids = read_shard(job.plan, shard)
-    prompted = {"prompt": job.prompt} if job.prompt is not None else {}
     (batch,) = model.iter_encode(
         texts,
         job.layers,
@@ -111,7 +111,7 @@ def encode_shard(model, job: ShardJob, shard: ShardSpec) -> dict:
         batch_size=job.batch_size,
         chunk_size=len(texts),
         show_progress=False,
-        **prompted,
+        **prompt_option(job.prompt),
     )
     return write_shard(Path(job.out), job.job_id, shard, ids, batch.embeddings)
 
@@ -236,7 +236,7 @@ def embed_corpus(
         "normalize": True,
         "format_version": FORMAT_VERSION,
         # only when asked for, so that the ids of jobs without one (and their resumption) are unchanged
-        **({"prompt": asked} if asked is not None else {}),
+        **prompt_option(asked),
     }
     job_id = job_key(job)
     ref = str(model_path.resolve()) if Path(str(model)).expanduser().is_dir() else str(model)

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
 from matryoshka2d.truncation import check_dim, check_layers
 
@@ -271,7 +272,7 @@ def encode_grid(
         batch_size=batch_size,
         normalize=True,
         show_progress=show_progress,
-        **({"prompt": prompt} if prompt is not None else {}),
+        **prompt_option(prompt),
     )
     for batch in batches:
         for cell in cells:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.truncation import truncate_dims
 from matryoshka2d.validation import check_ordered
@@ -80,7 +81,7 @@ def encode_texts(
     ``prompt=`` (see :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`).
     """
     texts = check_ordered(texts, "texts")  # a set or dict has no row order: refused, never listed
-    prompted = {"prompt": prompt} if prompt is not None else {}
+    prompted = prompt_option(prompt)
     if hasattr(model, "encode"):
         options = {"batch_size": batch_size, "show_progress": show_progress}
         params = inspect.signature(model.encode).parameters

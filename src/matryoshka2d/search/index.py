@@ -438,10 +438,8 @@ class SearchIndex:
             model, texts, self.layers, batch_size=batch_size, show_progress=show_progress, prompt=prompt
         )
         keep = self._texts is not None if self._ids else store_texts
-        first = not self._ids
         self.add(emb, new_ids, texts if keep else None)
-        if first:
-            self.document_prompt = prompt
+        self.document_prompt = prompt  # what the first add records; later adds used it (or None, as before)
         if self.model is None:
             self.model = model_name(model)
 

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import (
     DataFileError,
     InvalidDimError,
@@ -84,9 +85,8 @@ from matryoshka2d.validation import check_ordered
 
 
 def _prompt_option(model: object, prompt_name: str | None, prompt: str | None) -> dict:
-    """``{"prompt": text}`` for the model's encode when a call asks for a prompt, else ``{}``."""
-    text = requested_prompt(model, prompt_name, prompt)
-    return {"prompt": text} if text is not None else {}
+    """:func:`~matryoshka2d.encoder.prompt_option` of the prompt a call asks for (``{}``: none asked)."""
+    return prompt_option(requested_prompt(model, prompt_name, prompt))
 
 
 if TYPE_CHECKING:  # pragma: no cover

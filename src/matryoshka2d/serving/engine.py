@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from matryoshka2d.encoder import padded_width
+from matryoshka2d.encoder import padded_width, prompt_option
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError
 from matryoshka2d.truncation import truncate_dims
 from matryoshka2d.validation import check_positive_int
@@ -217,10 +217,8 @@ class BatchingEngine:
         Raises:
             InputTooLongError: with ``truncate=False``, for the first text longer than ``max_seq_length``.
         """
-        if prompt is None:  # the call of backends that take no prompt
-            encoded = self.model.tokenize(list(texts), padding=False)
-        else:
-            encoded = self.model.tokenize(list(texts), padding=False, prompt=prompt)
+        # no prompt argument when none is asked for: backends of the engine interface may take none
+        encoded = self.model.tokenize(list(texts), padding=False, **prompt_option(prompt))
         encoded = {key: list(value) for key, value in encoded.items()}
         lengths = [len(ids) for ids in encoded["input_ids"]]
         if not truncate:
@@ -239,8 +237,7 @@ class BatchingEngine:
         with self._length_lock:
             if self._length_tokenizer is None:
                 self._length_tokenizer = copy.deepcopy(self.model.tokenizer)
-            # what tokenize() tokenises
-            (text,) = self.model.tokenizer_input([text], *([prompt] if prompt is not None else []))
+            (text,) = self.model.tokenizer_input([text], **prompt_option(prompt))  # what tokenize() tokenises
             ids = self._length_tokenizer(text, truncation=False, verbose=False)["input_ids"]
         return len(ids)
 
