@@ -1,7 +1,8 @@
 """m2d serve against Infinity (infinity-emb): throughput and latency over loopback, one server at a time.
 
-all-MiniLM-L6-v2, 2 CPU threads per server, STS Benchmark test sentences, requests of 1..32 texts (fixed
-seed), closed-loop clients at concurrency 1, 8 and 32. Measured, in this order:
+all-MiniLM-L6-v2, 2 CPU threads per server (ours: by default 2 workers of 1 thread), STS Benchmark test
+sentences, requests of 1..32 texts (fixed seed), closed-loop clients at concurrency 1, 8 and 32.
+Measured, in this order:
 
 1. ``m2d serve`` (torch float32, batch mode ``grouped``), ``m2d serve --backend onnx`` and ``m2d serve
    --dtype bfloat16`` at layers 6, 3, 1, plus a mixed-layer load (layers 1/3/6 per request) at
@@ -32,7 +33,9 @@ plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that eng
 ``bf16`` is ``m2d serve --dtype bfloat16`` against Infinity's torch engine with ``--dtype bfloat16`` (with
 ``--compiled`` also both with ``--compile``): the fastest torch path on a CPU with native bfloat16.
 ``pad`` is ours only: ``m2d serve --dtype bfloat16`` (batch widths padded to a multiple of 8, its default
-on a CPU) against the same with ``--pad-multiple 1`` (with ``--compiled`` also both compiled).
+on a CPU) against the same with ``--pad-multiple 1`` (with ``--compiled`` also both compiled). ``workers``
+is ours only too: ``--dtype bfloat16`` and ``--backend onnx-int8`` with their default of 2 workers of 1
+thread each against ``--workers 1`` (one worker of 2 threads, the default before 2026-12-06).
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -314,11 +317,11 @@ def flag_suffix(extra: list[str] | None) -> str:
 def m2d_server(mode: str, extra: list[str] | None = None) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(minilm_path()), "--port", str(port)]
+    # No --threads: the server splits the THREADS cores (OMP_NUM_THREADS in thread_env) among its
+    # workers, by default 2 workers of 1 thread (``--kinds workers`` compares that with 1 worker of 2).
     command += [
         "--served-model-name",
         NAME,
-        "--threads",
-        str(THREADS),
         "--batch-mode",
         mode,
         "--log-level",
@@ -490,6 +493,10 @@ def interleaved(
         servers["m2d bf16"] = m2d_server("grouped", bf16)
         if compiled:
             servers["m2d bf16 compiled"] = m2d_server("grouped", [*bf16, "--compile"])
+    if "workers" in kinds:
+        for label, kind in (("bf16", bf16), ("int8", ["--backend", "onnx-int8"])):
+            servers[f"m2d {label} 2 workers"] = m2d_server("grouped", kind)
+            servers[f"m2d {label} 1 worker"] = m2d_server("grouped", [*kind, "--workers", "1"])
     if "pad" in kinds:
         servers["m2d bf16 pad 8"] = m2d_server("grouped", [*bf16, "--pad-multiple", "8"])
         servers["m2d bf16 pad 1"] = m2d_server("grouped", [*bf16, "--pad-multiple", "1"])
@@ -569,6 +576,18 @@ def interleaved(
             ("m2d bf16 compiled", "6"),
             1.8,
         ),
+        "m2d bf16 2 workers / 1 worker": (("m2d bf16 2 workers", "6"), ("m2d bf16 1 worker", "6"), 1.0),
+        "m2d bf16 2 workers / 1 worker, layers 3": (
+            ("m2d bf16 2 workers", "3"),
+            ("m2d bf16 1 worker", "3"),
+            1.0,
+        ),
+        "m2d int8 2 workers / 1 worker": (("m2d int8 2 workers", "6"), ("m2d int8 1 worker", "6"), 1.0),
+        "m2d int8 2 workers / 1 worker, layers 3": (
+            ("m2d int8 2 workers", "3"),
+            ("m2d int8 1 worker", "3"),
+            1.0,
+        ),
         "m2d bf16 pad 8 / pad 1": (("m2d bf16 pad 8", "6"), ("m2d bf16 pad 1", "6"), 1.0),
         "m2d bf16 pad 8 / pad 1, layers 3": (("m2d bf16 pad 8", "3"), ("m2d bf16 pad 1", "3"), 1.0),
         "m2d bf16 compiled pad 8 / pad 1": (
@@ -646,15 +665,17 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad: comma-separated), "
-        "the others not started",
+        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers: "
+        "comma-separated), the others not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad"}:
-        parser.error(f"--kinds takes torch, onnx, int8, bf16, pad (comma-separated), got {args.kinds!r}")
+    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers"}:
+        parser.error(
+            f"--kinds takes torch, onnx, int8, bf16, pad, workers (comma-separated), got {args.kinds!r}"
+        )
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
         f"machine: {machine()}; {THREADS} threads per server; requests of 1..32 STSB test sentences",

@@ -374,3 +374,22 @@ def test_eval_retrieval_json(tiny_model_dir, tmp_path, capsys):
     assert prompted["metrics"]["ndcg@10"][0][0] != result["metrics"]["ndcg@10"][1][0]
     assert main([*argv, "--query-prompt-name", "queries"]) == 2
     assert "prompt_name 'queries' is not one of the model's prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "workers,threads,cores,expected",
+    [
+        (None, None, 2, (2, 1)),  # the default: two workers of half the cores each
+        (None, None, 8, (2, 4)),
+        (None, None, 1, (1, 1)),
+        (None, 1, 2, (2, 1)),
+        (None, 2, 2, (1, 2)),  # threads for every core: one worker
+        (1, None, 2, (1, 2)),
+        (3, None, 8, (3, 2)),
+        (4, None, 2, (4, 1)),
+    ],
+)
+def test_serve_worker_plan(workers, threads, cores, expected):
+    from matryoshka2d.cli.serve import worker_plan
+
+    assert worker_plan(workers, threads, cores) == expected

@@ -82,6 +82,12 @@ def server(model_dir):
         yield running
 
 
+@pytest.fixture(scope="module")
+def two_worker_server(model_dir):
+    with BackgroundServer(make_app(model_dir, workers=2)) as running:
+        yield running
+
+
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
@@ -173,7 +179,9 @@ def test_models_and_health(server, client):
 
 
 # ---------------------------------------------------------------- concurrency
-def test_32_concurrent_clients_mixed_cells(server, offline):
+@pytest.mark.parametrize("which", ["server", "two_worker_server"])
+def test_32_concurrent_clients_mixed_cells(which, offline, request):
+    server = request.getfixturevalue(which)
     rng = random.Random(0)
     jobs = []
     for client_id in range(32):
@@ -510,6 +518,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
         "1",
         "--sort-window",
         "16",
+        "--workers",
+        "2",
         "--threads",
         "1",
         "--log-level",
@@ -536,6 +546,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
         assert [r.status_code for r in responses] == [200] * 4
         assert all(len(r.json()["data"]) == len(texts) for r in responses)
         assert proc.wait(30) == 0
+        assert "(torch; 2 workers of 1 thread)" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -718,6 +729,47 @@ def test_larger_sort_window_pads_less(offline):
     assert wide == 4 * sum(lengths)  # long with long, short with short: no padding at all
 
 
+class PairedModel(GatedModel):
+    """Each forward pass waits until another one is running beside it (a barrier of 2), and records the
+    thread that ran it: a pass that nobody joins within 10 s fails."""
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        super().__init__(model)
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.threads: list[str] = []
+
+    def forward(self, features, layers):
+        self.barrier.wait()
+        self.threads.append(threading.current_thread().name)
+        return self.model.forward(features, layers)
+
+
+def test_two_workers_share_a_lone_request(offline):
+    """With 2 workers, one request's 6 rows are cut into 2 batches that run at the same time on both
+    workers (each worker has half the cores: one worker alone would take twice as long)."""
+    paired = PairedModel(offline)
+    engine = BatchingEngine(paired, workers=2).start()
+    try:
+        got = engine.encode(SENTENCES[:6], 4, 16)
+    finally:
+        engine.stop(10)
+    np.testing.assert_allclose(got, offline.encode(SENTENCES[:6], layers=4, dim=16), atol=1e-5)
+    assert sorted(paired.threads) == ["m2d-engine-0", "m2d-engine-1"]
+
+
+@pytest.mark.parametrize(
+    "workers,small,large",
+    [(1, [6], [32, 32, 32, 4]), (2, [3, 3], [32, 32, 32, 4]), (4, [2, 2, 2], [25, 25, 25, 25])],
+)
+def test_a_small_window_is_cut_into_a_batch_per_worker(offline, workers, small, large):
+    """Batches of at most ceil(rows / workers) rows (and max_batch_size): every worker gets a share."""
+    engine = BatchingEngine(offline, max_batch_size=32, workers=workers)  # _take called by hand
+    engine.submit(engine.prepare(SENTENCES[:6]), 4, 8)
+    assert sorted((len(b) for b in engine._batches(engine._take())), reverse=True) == small
+    engine.submit(engine.prepare((SENTENCES * 20)[:100]), 4, 8)
+    assert [len(b) for b in engine._batches(engine._take())] == large
+
+
 def test_engine_queue_bound_and_stop(offline):
     gated = GatedModel(offline)
     engine = BatchingEngine(gated, max_batch_tokens=64, max_queue_texts=4).start()
@@ -732,6 +784,24 @@ def test_engine_queue_bound_and_stop(offline):
     gated.gate.set()
     stopper.join(10)
     assert running.future.result(1).shape == (1, 32) and queued.future.result(1).shape == (4, 8)
+
+
+def test_stop_with_two_workers_runs_every_batch_already_cut(offline):
+    """Batches cut from a take wait in a list shared by the workers: stopping runs them all first."""
+    gated = GatedModel(offline)
+    engine = BatchingEngine(gated, max_batch_size=2, workers=2).start()
+    gated.gate.clear()
+    jobs = [engine.submit(engine.prepare(texts), 4, 8) for texts in (SENTENCES[:7], SENTENCES[:3])]
+    assert gated.waiting.wait(10)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    gated.gate.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and gated.rows == 10
+    for job, n in zip(jobs, (7, 3)):
+        np.testing.assert_allclose(
+            job.future.result(1), offline.encode(SENTENCES[:n], layers=4, dim=8), atol=1e-5
+        )
 
 
 class FailingModel(GatedModel):

@@ -31,8 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"--dtype {args.dtype} is for the torch runtime; --runtime {args.runtime} computes in "
             "float32 (int8 weights for onnx-int8)"
         )
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    workers, threads = worker_plan(args.workers, args.threads, torch.get_num_threads())
+    torch.set_num_threads(threads)  # before the engine's threads start: they take this count
     name = args.served_model_name or _default_name(args.model)
     config = ServeConfig(
         model_name=name,
@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         sort_window=args.sort_window,
         max_queue_texts=args.max_queue_texts,
-        workers=args.workers,
+        workers=workers,
         batch_mode=args.batch_mode,
         pad_multiple=args.pad_multiple,
         api_key=args.api_key,
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def load():
         return load_encoder(
-            args.model, backend=args.runtime, dtype=args.dtype, threads=args.threads, compile=args.compile
+            args.model, backend=args.runtime, dtype=args.dtype, threads=threads, compile=args.compile
         )
 
     app = create_app(config, load, on_load_error=on_load_error)
@@ -73,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout or None,
     )
     print(
-        f"m2d serve: {args.model} ({args.runtime}) as '{name}' on http://{args.host}:{args.port}/v1",
+        f"m2d serve: {args.model} ({args.runtime}; {workers} worker{'s' if workers > 1 else ''} of "
+        f"{threads} thread{'s' if threads > 1 else ''}) as '{name}' on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
     run_until_signal(server)  # SIGTERM: in-flight requests finish, then exit 0
@@ -152,11 +153,17 @@ def register(sub) -> None:
         help="round each batch's padded width up to a multiple of this (default: 8 for torch bfloat16 on a "
         "CPU with a right-padding tokenizer, where oneDNN builds kernels per input shape; else 1)",
     )
-    p.add_argument("--workers", type=positive_int, default=1, help="engine worker threads (default 1)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        help="engine worker threads, each running its own forward passes (default: 2 on a CPU with 2 or "
+        "more cores, each with half of them: measured 1.3x the throughput of one worker for bfloat16 and "
+        "int8 on 2 cores; 1 if --threads takes more than half the cores)",
+    )
     p.add_argument(
         "--threads",
         type=positive_int,
-        help="CPU threads of torch or ONNX Runtime (default: the runtime's choice)",
+        help="CPU threads of torch or ONNX Runtime per worker (default: the cores divided among the workers)",
     )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument(
@@ -185,3 +192,18 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def worker_plan(workers: int | None, threads: int | None, cores: int) -> tuple[int, int]:
+    """The engine's worker threads and each one's runtime threads, for what was given (None: choose).
+
+    By default the cores are split between two workers, each running its own forward passes with half of
+    them: on 2 cores, 2 workers of 1 thread served 1.3x the sentences of 1 worker of 2 threads for
+    bfloat16 and ONNX int8 (1.0-1.06x for float32; small batches parallelise poorly across threads).
+    ``cores`` is the runtime's default thread count (``torch.get_num_threads()``; OMP_NUM_THREADS).
+    """
+    if workers is None:
+        workers = 2 if cores >= 2 and (threads is None or 2 * threads <= cores) else 1
+    if threads is None:
+        threads = max(1, cores // workers)
+    return workers, threads
