@@ -382,6 +382,7 @@ def test_eval_retrieval_json(tiny_model_dir, tmp_path, capsys):
         (None, None, 2, (2, 1)),  # the default: two workers of half the cores each
         (None, None, 8, (2, 4)),
         (None, None, 1, (1, 1)),
+        (None, None, 3, (1, 3)),  # an odd count: one worker, no core idle
         (None, 1, 2, (2, 1)),
         (None, 2, 2, (1, 2)),  # threads for every core: one worker
         (1, None, 2, (1, 2)),
@@ -393,3 +394,14 @@ def test_serve_worker_plan(workers, threads, cores, expected):
     from matryoshka2d.cli.serve import worker_plan
 
     assert worker_plan(workers, threads, cores) == expected
+
+
+@pytest.mark.parametrize(
+    "runtime,workers,threads,expected",
+    [("torch", 2, 4, 4), ("onnx", 2, 1, 1), ("onnx-int8", 2, 4, 7), ("onnx", 1, 8, 8), ("onnx", 3, 2, 4)],
+)
+def test_serve_backend_threads(runtime, workers, threads, expected):
+    """ONNX Runtime's pool is shared by concurrent runs, each adding its caller: workers x threads in all."""
+    from matryoshka2d.cli.serve import backend_threads
+
+    assert backend_threads(runtime, workers, threads) == expected

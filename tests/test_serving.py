@@ -39,6 +39,7 @@ class GatedModel:
         self.gate.set()
         self.waiting = threading.Event()
         self.rows = 0
+        self._rows_lock = threading.Lock()  # several engine workers may count at once
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -46,7 +47,8 @@ class GatedModel:
     def forward(self, features, layers):
         self.waiting.set()
         assert self.gate.wait(30)
-        self.rows += len(features["input_ids"])
+        with self._rows_lock:
+            self.rows += len(features["input_ids"])
         return self.model.forward(features, layers)
 
 
@@ -556,10 +558,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
 def test_sigterm_does_not_wait_for_ever_on_a_stalled_client(model_dir):
     port = free_port()
     command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), "--port", str(port)]
-    command += ["--threads", "1", "--log-level", "warning", "--drain-timeout", "1"]
-    proc = subprocess.Popen(
-        command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    command += ["--log-level", "warning", "--drain-timeout", "1"]  # default workers: 2 cores -> 2 of 1 thread
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url)
@@ -573,6 +574,7 @@ def test_sigterm_does_not_wait_for_ever_on_a_stalled_client(model_dir):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
             assert time.monotonic() - start < 15
+        assert "(torch; 2 workers of 1 thread)" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -759,15 +761,33 @@ def test_two_workers_share_a_lone_request(offline):
 
 @pytest.mark.parametrize(
     "workers,small,large",
-    [(1, [6], [32, 32, 32, 4]), (2, [3, 3], [32, 32, 32, 4]), (4, [2, 2, 2], [25, 25, 25, 25])],
+    [(1, [6], [32, 32, 32, 4]), (2, [3, 3], [32, 32, 32, 4]), (4, [2, 2, 1, 1], [32, 32, 32, 4])],
 )
-def test_a_small_window_is_cut_into_a_batch_per_worker(offline, workers, small, large):
-    """Batches of at most ceil(rows / workers) rows (and max_batch_size): every worker gets a share."""
+def test_a_small_take_is_cut_into_a_batch_per_worker(offline, workers, small, large):
+    """Fewer batches than workers: the largest are halved until every worker has one."""
     engine = BatchingEngine(offline, max_batch_size=32, workers=workers)  # _take called by hand
     engine.submit(engine.prepare(SENTENCES[:6]), 4, 8)
     assert sorted((len(b) for b in engine._batches(engine._take())), reverse=True) == small
-    engine.submit(engine.prepare((SENTENCES * 20)[:100]), 4, 8)
+    engine.submit(engine.prepare((SENTENCES * 20)[:100]), 4, 8)  # batches enough: cut by max_batch_size
     assert [len(b) for b in engine._batches(engine._take())] == large
+    for k in (1, 2, 4):  # grouped: a batch per layer count already, 3 for 4 workers: one more
+        engine.submit(engine.prepare(SENTENCES[:4]), k, 8)
+    batches = engine._batches(engine._take())
+    assert sorted((len(b) for b in batches), reverse=True) == ([4, 4, 2, 2] if workers == 4 else [4, 4, 4])
+    assert all(len({job.layers for job, _ in b}) == 1 for b in batches)
+
+
+def test_three_workers_all_wake_for_one_take(offline):
+    """A take cut into 3 batches wakes both idle workers: the three passes run at once (a barrier of 3)."""
+    paired = PairedModel(offline)
+    paired.barrier = threading.Barrier(3, timeout=10)
+    engine = BatchingEngine(paired, workers=3).start()
+    try:
+        got = engine.encode(SENTENCES[:6], 2, 8)
+    finally:
+        engine.stop(10)
+    np.testing.assert_allclose(got, offline.encode(SENTENCES[:6], layers=2, dim=8), atol=1e-5)
+    assert sorted(paired.threads) == ["m2d-engine-0", "m2d-engine-1", "m2d-engine-2"]
 
 
 def test_engine_queue_bound_and_stop(offline):

@@ -4,8 +4,8 @@ Requests are tokenised when they arrive (:meth:`BatchingEngine.prepare`, any thr
 (one row per text). A worker thread takes up to ``sort_window`` rows first-in first-out, sorts them by
 length and cuts them into batches whose padded size (rows x padded width) stays within the budget; the
 batches go to a shared list that every worker runs from, so several workers share one window's batches
-(and a window of few rows is cut into at least one batch per worker, so that a lone request is not run
-by one worker while the others wait).
+(and a window of few rows is cut into one batch per worker, so that a lone request is not run by one
+worker while the others wait).
 Requests asking for different layer counts share batches: in ``"shared"`` mode one forward pass runs to
 the deepest layer count of the batch and every shallower exit is pooled from that same pass (the
 backend's ``forward(features, layers=[...])`` primitive); in ``"grouped"`` mode a batch is split by layer
@@ -203,7 +203,7 @@ class BatchingEngine:
 
     @property
     def queued_texts(self) -> int:
-        """Texts waiting for a worker."""
+        """Texts waiting for a worker to take them (a take already cut into batches is not counted)."""
         return self._queued_texts
 
     @property
@@ -325,8 +325,9 @@ class BatchingEngine:
     def _batches(self, rows: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
         """Rows sorted longest first, cut so that rows x padded width <= max_batch_tokens.
 
-        With several workers a group of few rows is cut into one batch per worker (at most
-        ``ceil(rows / workers)`` rows a batch), so that every worker has a share of a lone request.
+        With several workers, a take that gives fewer batches than workers has its largest batches halved
+        until there is one per worker (or every batch is one row), so that every worker has a share of a
+        lone request.
         """
         groups = [rows]
         if self.mode == "grouped":
@@ -337,11 +338,12 @@ class BatchingEngine:
         batches = []
         for group in groups:
             group = sorted(group, key=lambda row: -row[0].prepared.lengths[row[1]])
-            max_rows = min(self.max_batch_size, -(-len(group) // self.workers))
             batch: list[tuple[Job, int]] = []
             width = 0  # the padded width of the batch: its first (longest) row's, rounded up
             for row in group:
-                if batch and ((len(batch) + 1) * width > self.max_batch_tokens or len(batch) >= max_rows):
+                if batch and (
+                    (len(batch) + 1) * width > self.max_batch_tokens or len(batch) >= self.max_batch_size
+                ):
                     batches.append(batch)
                     batch = []
                 if not batch:
@@ -349,6 +351,13 @@ class BatchingEngine:
                 batch.append(row)
             if batch:
                 batches.append(batch)
+        while len(batches) < self.workers:  # halves of a sorted batch stay sorted and within the budget
+            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            batch = batches[largest]
+            if len(batch) < 2:
+                break
+            half = (len(batch) + 1) // 2
+            batches[largest : largest + 1] = [batch[:half], batch[half:]]
         return batches
 
     def _padded_width(self, longest: int) -> int:
