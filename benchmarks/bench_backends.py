@@ -13,6 +13,9 @@ Spearman (x 100, cosine) comes from the embeddings of its own timed run.
   onnxruntime); without it they are skipped.
 - matryoshka2d: ``load_encoder(backend=torch|onnx|onnx-int8, dtype=float32|bfloat16)`` at 6, 3 and 1
   layers of one loaded model.
+- ``--workers`` adds ours in bf16 and ONNX int8 with ``encode(workers=2)`` (the texts cut in two parts
+  encoded at once, each on half the threads: ``m2d encode --workers 2``) and sentence-transformers bf16
+  given the same by hand (its ``encode`` on each half from two threads of half the threads each).
 - ``--compiled`` adds ours with ``compile=True`` (``m2d encode --compile``: torch.compile with frozen
   weights, every layer count compiled before timing) in float32 and bfloat16, and sentence-transformers
   bf16 with the same compilation done by hand (``torch.compile(st[0].auto_model, dynamic=True)`` with
@@ -63,6 +66,9 @@ def _load_variant(variant: str, job: dict, threads: int):
     """A function texts, layers -> embeddings (numpy float32) for ``variant``."""
     import torch
 
+    workers = 2 if variant.endswith("-2w") else 1  # two parts at once, each on half the threads
+    variant = variant.removesuffix("-2w")
+    threads = max(1, threads // workers)
     torch.set_num_threads(threads)
     model_path, batch = job["model"], job["batch_size"]
     if variant.startswith("st-"):
@@ -91,9 +97,20 @@ def _load_variant(variant: str, job: dict, threads: int):
                 kwargs["file_name"] = job["st_int8_file"]
             st = SentenceTransformer(job["st_onnx_folder"], device="cpu", backend="onnx", model_kwargs=kwargs)
 
-        def run(texts, layers):
-            out = st.encode(texts, batch_size=batch, convert_to_tensor=True)
-            return out.float().cpu().numpy()
+        def run_one(texts):
+            return st.encode(texts, batch_size=batch, convert_to_tensor=True).float().cpu().numpy()
+
+        if workers == 1:
+            return lambda texts, layers: run_one(texts)
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numpy as np
+
+        pool = ThreadPoolExecutor(workers)
+
+        def run(texts, layers):  # the same by hand: the two halves at once
+            half = len(texts) // 2
+            return np.concatenate(list(pool.map(run_one, [texts[:half], texts[half:]])))
 
         return run
     sys.path.insert(0, str(HERE.parent / "src"))
@@ -108,12 +125,16 @@ def _load_variant(variant: str, job: dict, threads: int):
         "m2d-onnx-int8": ("onnx-int8", "float32"),
     }[variant]
     compiled = variant.endswith("-compiled")
-    encoder = load_encoder(model_path, backend=backend, dtype=dtype, threads=threads, compile=compiled)
+    # ONNX Runtime: the parts share one pool per session, each run adding its caller (as m2d serve sizes it)
+    runtime_threads = threads if backend == "torch" else workers * (threads - 1) + 1
+    encoder = load_encoder(
+        model_path, backend=backend, dtype=dtype, threads=runtime_threads, compile=compiled
+    )
     if backend != "torch" or compiled:
         encoder.warm_up()  # build every per-layer graph (ONNX or compiled) before timing
 
     def run(texts, layers):
-        return encoder.encode(texts, layers=layers, batch_size=batch)
+        return encoder.encode(texts, layers=layers, batch_size=batch, workers=workers)
 
     return run
 
@@ -217,6 +238,12 @@ def main() -> None:
     )
     parser.add_argument("--out", help="also write the throughput table as JSON here")
     parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="add ours in bf16 and ONNX int8 with encode(workers=2) (two parts at once, half the threads "
+        "each), and sentence-transformers bf16 given the same by hand (two threads, a half each)",
+    )
+    parser.add_argument(
         "--model",
         choices=("minilm", "mpnet"),
         default="minilm",
@@ -272,8 +299,11 @@ def main() -> None:
         print("sentence-transformers ONNX variants skipped: no --st-onnx-python")
     if args.compiled:
         variants += [("st-bf16-compiled", sys.executable, [n])]
+    if args.workers:
+        variants += [("st-bf16-2w", sys.executable, [n])]
     ours = ["m2d-fp32", "m2d-bf16", "m2d-onnx", "m2d-onnx-int8"]
     ours += ["m2d-fp32-compiled", "m2d-bf16-compiled"] if args.compiled else []
+    ours += ["m2d-bf16-2w", "m2d-onnx-int8-2w"] if args.workers else []
     variants += [(v, sys.executable, [n, n // 2, 1]) for v in ours]
     job_file = Path(tempfile.mkstemp(suffix=".json", dir=WORK)[1])
     job_file.write_text(json.dumps(job))

@@ -436,3 +436,31 @@ def test_onnx_applies_the_folders_default_prompt(tiny_model_dir, tmp_path):
     onnx = OnnxEncoder(folder, cache_dir=tmp_path / "cache")
     assert onnx.prompt == "query: "
     assert np.abs(onnx.encode(SENTENCES, layers=2) - torch_model.encode(SENTENCES, layers=2)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_workers_give_the_embeddings_of_one_worker(tiny_model_dir, tmp_path, backend):
+    """Parts of a chunk encoded at once on 2-3 threads (one runtime thread each): the same embeddings in
+    input order, at every requested cell, with a prompt too."""
+    import torch
+
+    if backend == "torch":
+        encoder = EmbeddingModel.load(tiny_model_dir)
+    else:
+        encoder = OnnxEncoder(tiny_model_dir, cache_dir=tmp_path / "cache", threads=1)
+    texts = [f"{s} {i}" for i, s in enumerate(SENTENCES * 3)]
+    expected = encoder.encode_layers(texts, layers=[1, 4], batch_size=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for workers in (2, 3):
+            got = encoder.encode_layers(texts, layers=[1, 4], batch_size=4, workers=workers)
+            for k in (1, 4):
+                np.testing.assert_allclose(got[k], expected[k], atol=1e-5)
+            np.testing.assert_allclose(
+                encoder.encode(texts, layers=2, dim=8, prompt="query: ", workers=workers),
+                encoder.encode(texts, layers=2, dim=8, prompt="query: "),
+                atol=1e-5,
+            )
+    finally:
+        torch.set_num_threads(threads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,44 @@ def test_zero_dimensional_arrays_are_one_layer_count_or_dim():
 def test_bytes_are_refused_with_a_hint_to_decode(data):
     with pytest.raises(InvalidInputError, match="decode it to str first"):
         CountingEncoder().encode(data)
+
+
+class PairedEncoder(CountingEncoder):
+    """Each chunk waits until another one is being encoded beside it (a barrier of 2, 10 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=10)
+
+    def _encode_chunk(self, texts, layers, batch_size, prompt=None):
+        self.barrier.wait()
+        return super()._encode_chunk(texts, layers, batch_size, prompt)
+
+
+def test_workers_encode_the_parts_of_a_chunk_at_once_in_input_order():
+    """workers=2: the chunk is cut in two parts encoded at the same time (the barrier would time out
+    otherwise), each part on its own; the result is in input order, as with one worker."""
+    texts = ["a" * n for n in (5, 1, 4, 2, 3, 6, 7)]
+    enc = PairedEncoder()
+    got = enc.encode(texts, layers=2, normalize=False, workers=2)
+    assert sorted(n for n, _ in enc.chunks) == [3, 4]
+    np.testing.assert_array_equal(got, CountingEncoder().encode(texts, layers=2, normalize=False))
+    layers = enc.encode_layers(texts, layers=[1, 3], workers=2)
+    assert layers[3][:, 0].tolist() == [3 * len(t) for t in texts]
+
+
+@pytest.mark.parametrize("workers,texts", [(3, ["x" * n for n in range(1, 8)]), (4, ["one"])])
+def test_workers_more_than_texts_or_uneven_parts(workers, texts):
+    enc = CountingEncoder()
+    batches = list(enc.iter_encode(texts, layers=[1, 2], dims=[2, 6], workers=workers, chunk_size=5))
+    assert [b.start for b in batches] == list(range(0, len(texts), 5))
+    for cell in ((1, 2), (2, 6)):
+        got = np.concatenate([b[cell] for b in batches])
+        np.testing.assert_allclose(got, CountingEncoder().encode(texts, *cell))
+    assert sum(n for n, _ in enc.chunks) == len(texts) and all(n > 0 for n, _ in enc.chunks)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, "2", True])
+def test_workers_must_be_a_positive_int(workers):
+    with pytest.raises(InvalidInputError, match="workers"):
+        CountingEncoder().encode(["a", "b"], workers=workers)

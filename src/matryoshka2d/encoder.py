@@ -11,6 +11,8 @@ server accept every backend and treat them alike.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import contextlib
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
@@ -263,6 +265,7 @@ class Encoder(abc.ABC):
         show_progress: bool | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        workers: int = 1,
     ) -> Iterator[EmbeddingBatch]:
         """Stream embeddings of any number of texts at several (layers, dim) cells from one forward pass.
 
@@ -285,6 +288,13 @@ class Encoder(abc.ABC):
                 ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
             prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
                 prompt). Default (neither): the model's default prompt, if it has one.
+            workers: encode each chunk as this many parts at once, each on its own thread (default 1).
+                Give each part its share of the cores: ``torch.set_num_threads(cores // workers)`` before
+                the call for torch (threads that already ran torch ops keep their count),
+                ``load_encoder(..., threads=1)`` for ONNX Runtime on 2 cores (``m2d encode --workers``
+                does both); otherwise the parts compete for the cores. Small batches use many threads
+                poorly: on 2 cores, 2 workers of 1 thread encoded 1.33x the sentences of 1 worker of 2
+                threads in bfloat16 and 1.5x in ONNX int8 (``benchmarks/bench_backends.py``).
 
         Yields:
             :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
@@ -299,16 +309,20 @@ class Encoder(abc.ABC):
         prompt = self.resolve_prompt(prompt_name, prompt)
         chunk_size = check_positive_int(chunk_size, "chunk_size")
         batch_size = check_positive_int(batch_size, "batch_size")
+        workers = check_positive_int(workers, "workers")
         total = len(texts) if hasattr(texts, "__len__") else None  # type: ignore[arg-type]
         if show_progress is None:
             show_progress = total is None or total > 20 * batch_size
         iterator = iter(texts)
         start = 0
-        with tqdm(total=total, desc="Encoding", unit="text", disable=not show_progress) as bar:
+        with (
+            tqdm(total=total, desc="Encoding", unit="text", disable=not show_progress) as bar,
+            _worker_pool(workers) as pool,
+        ):
             while chunk := [
                 check_text(t, start + i) for i, t in enumerate(itertools.islice(iterator, chunk_size))
             ]:
-                pooled = self._encode_chunk(chunk, ks, batch_size, prompt)
+                pooled = self._encode_parts(chunk, ks, batch_size, prompt, pool, workers)
                 cells = {(k, d): truncate_dims(pooled[k], d, normalize) for k in ks for d in ds}
                 yield EmbeddingBatch(
                     start, len(chunk), {c: np.ascontiguousarray(e) for c, e in cells.items()}
@@ -317,6 +331,27 @@ class Encoder(abc.ABC):
                 bar.update(len(chunk))
         if start == 0:
             raise InvalidInputError("texts is empty: nothing to encode")
+
+    def _encode_parts(
+        self,
+        chunk: list[str],
+        layers: list[int],
+        batch_size: int,
+        prompt: str | None,
+        pool: concurrent.futures.ThreadPoolExecutor | None,
+        workers: int,
+    ) -> dict[int, np.ndarray]:
+        """:meth:`_encode_chunk` of ``chunk`` cut into ``workers`` contiguous parts run at once on ``pool``
+        (each part sorted by length and batched on its own), in input order."""
+        if pool is None or len(chunk) < 2:
+            return self._encode_chunk(chunk, layers, batch_size, prompt)
+        bounds = np.linspace(0, len(chunk), min(workers, len(chunk)) + 1).astype(int)
+        futures = [
+            pool.submit(self._encode_chunk, chunk[a:b], layers, batch_size, prompt)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        parts = [future.result() for future in futures]
+        return {k: np.concatenate([part[k] for part in parts]) for k in layers}
 
     def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
         if layers is None:
@@ -350,6 +385,7 @@ class Encoder(abc.ABC):
         show_progress: bool | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        workers: int = 1,
     ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised embeddings of every requested layer count, from one pass over the data.
 
@@ -362,6 +398,7 @@ class Encoder(abc.ABC):
                 ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
             prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
                 prompt). Default (neither): the model's default prompt, if it has one.
+            workers: parts encoded at once, each on its own thread (see :meth:`iter_encode`).
 
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}``.
@@ -369,13 +406,17 @@ class Encoder(abc.ABC):
         texts = check_texts(texts)
         ks = self._layer_list(layers if layers is not None else range(1, self.num_layers + 1))
         batch_size = check_positive_int(batch_size, "batch_size")
+        workers = check_positive_int(workers, "workers")
         prompt = self.resolve_prompt(prompt_name, prompt)
         parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         show = len(texts) > 20 * batch_size if show_progress is None else show_progress
-        with tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show) as bar:
+        with (
+            tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show) as bar,
+            _worker_pool(workers) as pool,
+        ):
             for start in range(0, len(texts), DEFAULT_CHUNK_SIZE):
                 chunk = texts[start : start + DEFAULT_CHUNK_SIZE]
-                for k, emb in self._encode_chunk(chunk, ks, batch_size, prompt).items():
+                for k, emb in self._encode_parts(chunk, ks, batch_size, prompt, pool, workers).items():
                     parts[k].append(emb)
                 bar.update(len(chunk))
         return {k: np.concatenate(v) for k, v in parts.items()}
@@ -390,6 +431,7 @@ class Encoder(abc.ABC):
         show_progress: bool | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        workers: int = 1,
     ) -> np.ndarray:
         """Embed texts using the first ``layers`` transformer layers and the first ``dim`` dimensions.
 
@@ -408,6 +450,7 @@ class Encoder(abc.ABC):
                 ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
             prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
                 prompt). Default (neither): the model's default prompt, if it has one.
+            workers: parts encoded at once, each on its own thread (see :meth:`iter_encode`).
 
         Returns:
             float32 array of shape ``(len(texts), dim)``.
@@ -428,10 +471,21 @@ class Encoder(abc.ABC):
             show_progress=show_progress,
             prompt_name=prompt_name,
             prompt=prompt,
+            workers=workers,
         )
         parts = [batch[(k, d)] for batch in batches]
         emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return emb[0] if single else emb
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor | None]:
+    """Threads for ``workers`` parts of a chunk at once (None for one: the calling thread runs it)."""
+    if workers == 1:
+        yield None
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="m2d-encode") as pool:
+        yield pool
 
 
 def lower_case(texts: Sequence[str], tokenizer) -> list[str]:
