@@ -402,6 +402,27 @@ def test_serve_worker_plan(workers, threads, cores, expected):
 )
 def test_serve_backend_threads(runtime, workers, threads, expected):
     """ONNX Runtime's pool is shared by concurrent runs, each adding its caller: workers x threads in all."""
-    from matryoshka2d.cli.serve import backend_threads
+    from matryoshka2d.cli.common import backend_threads
 
     assert backend_threads(runtime, workers, threads) == expected
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
+    """--workers 2: the texts in two parts encoded at once, each with half of torch's threads (set for the
+    process, as a command may) and ONNX Runtime sessions sized for both; the same embeddings."""
+    import torch
+
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES * 3) + "\n")
+    base = ["encode", str(tiny_model_dir), "--input", str(texts), "--layers", "3", "--runtime", runtime]
+    try:
+        torch.set_num_threads(2)
+        assert main([*base, "--out", str(tmp_path / "one.npy")]) == 0
+        assert main([*base, "--workers", "2", "--out", str(tmp_path / "two.npy")]) == 0
+        assert torch.get_num_threads() == 1  # 2 threads for 2 workers
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)

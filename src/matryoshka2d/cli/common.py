@@ -146,8 +146,9 @@ def runtime_parent(aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     return p
 
 
-def load_runtime(args: argparse.Namespace, model: str | None = None):
-    """Load ``model`` (default ``args.model``) with ``args.runtime``/``args.dtype``.
+def load_runtime(args: argparse.Namespace, model: str | None = None, threads: int | None = None):
+    """Load ``model`` (default ``args.model``) with ``args.runtime``/``args.dtype`` (and, for ONNX
+    Runtime, ``threads`` intra-op threads; default: its own choice).
 
     Commands name the choice in their summary line (:func:`runtime_note`), after the work, so that
     nothing is printed before it (an error stays one line on stderr).
@@ -162,11 +163,35 @@ def load_runtime(args: argparse.Namespace, model: str | None = None):
         backend=getattr(args, "runtime", "torch"),
         dtype=getattr(args, "dtype", "float32"),
         compile=getattr(args, "compile", False),
+        threads=threads if getattr(args, "runtime", "torch") != "torch" else None,
     )
     return encoder
+
+
+def split_threads(runtime: str, workers: int) -> int | None:
+    """For ``workers`` parts encoded at once (``encode(workers=)``): give each torch's threads divided by
+    ``workers`` (``torch.set_num_threads``: this process's setting, for a command) and return the thread
+    count to load the backend with (None for one worker: the runtime's own choice)."""
+    if workers == 1:
+        return None
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    torch.set_num_threads(threads)
+    return backend_threads(runtime, workers, threads)
 
 
 def runtime_note(encoder) -> str:
     """``"torch bfloat16"``, ``"onnx-int8 int8"``, ...: how an encoder ran, for summary lines."""
     compiled = " compiled" if getattr(encoder, "compiled", False) else ""
     return f"{encoder.backend} {encoder.precision}{compiled}"
+
+
+def backend_threads(runtime: str, workers: int, threads: int) -> int:
+    """The thread count to load the backend with, for ``workers`` workers of ``threads`` threads.
+
+    torch: ``threads`` (each worker thread gets its own OpenMP team of that size). ONNX Runtime: a session
+    has one intra-op pool that concurrent runs share, each run adding its calling thread, so ``workers x
+    threads`` in all is a pool of ``workers x (threads - 1) + 1``.
+    """
+    return threads if runtime == "torch" else workers * (threads - 1) + 1

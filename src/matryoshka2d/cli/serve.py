@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from matryoshka2d.cli.common import int_list, model_parent, positive_int, runtime_parent
+from matryoshka2d.cli.common import backend_threads, int_list, model_parent, positive_int, runtime_parent
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -210,13 +210,3 @@ def worker_plan(workers: int | None, threads: int | None, cores: int) -> tuple[i
     if threads is None:
         threads = max(1, cores // workers)
     return workers, threads
-
-
-def backend_threads(runtime: str, workers: int, threads: int) -> int:
-    """The thread count to load the backend with, for ``workers`` workers of ``threads`` threads.
-
-    torch: ``threads`` (each worker thread gets its own OpenMP team of that size). ONNX Runtime: a session
-    has one intra-op pool that concurrent runs share, each run adding its calling thread, so ``workers x
-    threads`` in all is a pool of ``workers x (threads - 1) + 1``.
-    """
-    return threads if runtime == "torch" else workers * (threads - 1) + 1
