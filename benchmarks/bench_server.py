@@ -36,8 +36,6 @@ plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that eng
 on a CPU) against the same with ``--pad-multiple 1`` (with ``--compiled`` also both compiled). ``workers``
 is ours only too: ``--dtype bfloat16`` and ``--backend onnx-int8`` with their default of 2 workers of 1
 thread each against ``--workers 1`` (one worker of 2 threads, the default before 2026-12-06).
-``replicas`` gives the peer the same: ours bf16 against Infinity's torch engine in bf16 as it is and with
-two replicas of 1 thread each (``--device-id 0,1`` on a CPU, ``OMP_NUM_THREADS=1``).
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -252,12 +250,12 @@ def run_load(
 
 
 # ---------------------------------------------------------------- servers
-def thread_env(threads: int = THREADS) -> dict:
+def thread_env() -> dict:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(THREADS),
+        "MKL_NUM_THREADS": str(THREADS),
         "TOKENIZERS_PARALLELISM": "false",
     }
 
@@ -265,13 +263,11 @@ def thread_env(threads: int = THREADS) -> dict:
 class Server:
     """A server subprocess; ready once an embeddings request succeeds."""
 
-    def __init__(
-        self, name: str, command: list[str], port: int, cwd: Path | None = None, threads: int = THREADS
-    ) -> None:
+    def __init__(self, name: str, command: list[str], port: int, cwd: Path | None = None) -> None:
         self.name, self.port = name, port
         self.log = open(f"/tmp/bench-server-{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            command, cwd=cwd, env=thread_env(threads), stdout=self.log, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=thread_env(), stdout=self.log, stderr=subprocess.STDOUT
         )
         self.started = time.perf_counter()
 
@@ -334,7 +330,7 @@ def m2d_server(mode: str, extra: list[str] | None = None) -> Server:
     return Server(f"m2d-{mode}{flag_suffix(extra)}", command + (extra or []), port)
 
 
-def infinity_server(engine: str, extra: list[str] | None = None, threads: int = THREADS) -> Server | None:
+def infinity_server(engine: str, extra: list[str] | None = None) -> Server | None:
     binary = INFINITY_VENV / "bin" / "infinity_emb"
     if not binary.exists():
         print(f"  (Infinity not installed at {INFINITY_VENV}: run benchmarks/infinity/setup.sh)")
@@ -349,7 +345,6 @@ def infinity_server(engine: str, extra: list[str] | None = None, threads: int = 
             + common_args
             + (extra or []),
             port,
-            threads=threads,
         )
     if not (ONNX_DIR / "model.onnx").exists():
         print(f"  exporting MiniLM to ONNX for Infinity's optimum engine: {ONNX_DIR}", flush=True)
@@ -498,11 +493,6 @@ def interleaved(
         servers["m2d bf16"] = m2d_server("grouped", bf16)
         if compiled:
             servers["m2d bf16 compiled"] = m2d_server("grouped", [*bf16, "--compile"])
-    if "replicas" in kinds:  # the peer given our trick: 2 replicas of its torch engine, 1 thread each
-        servers.setdefault("m2d bf16", m2d_server("grouped", bf16))
-        replicas = infinity_server("torch", [*bf16, "--device-id", "0,1"], threads=THREADS // 2)
-        if replicas is not None:
-            servers["infinity-torch bf16 2 replicas"] = replicas
     if "workers" in kinds:
         for label, kind in (("bf16", bf16), ("int8", ["--backend", "onnx-int8"])):
             servers[f"m2d {label} 2 workers"] = m2d_server("grouped", kind)
@@ -515,12 +505,12 @@ def interleaved(
             servers["m2d bf16 compiled pad 1"] = m2d_server(
                 "grouped", [*bf16, "--compile", "--pad-multiple", "1"]
             )
-    engines = [("torch", None), ("onnx", None), ("int8", None), ("bf16", bf16), ("replicas", bf16)]
+    engines = [("torch", None), ("onnx", None), ("int8", None), ("bf16", bf16)]
     engines += [("torch", ["--compile"]), ("bf16", [*bf16, "--compile"])] if compiled else []
     for kind, extra in engines:
-        if kind not in kinds or (kind == "replicas" and "bf16" in kinds):  # the same server as bf16's
+        if kind not in kinds:
             continue
-        server = infinity_server("torch" if kind in ("bf16", "replicas") else kind, extra)
+        server = infinity_server("torch" if kind == "bf16" else kind, extra)
         if server is not None:
             servers[server.name] = server
     try:
@@ -585,16 +575,6 @@ def interleaved(
             ("m2d bf16 compiled", "3"),
             ("m2d bf16 compiled", "6"),
             1.8,
-        ),
-        "m2d bf16 / infinity-torch bf16 2 replicas": (
-            ("m2d bf16", "6"),
-            ("infinity-torch bf16 2 replicas", "6"),
-            1.3,
-        ),
-        "infinity-torch bf16 2 replicas / 1": (
-            ("infinity-torch bf16 2 replicas", "6"),
-            ("infinity-torch-dtype-bfloat16", "6"),
-            1.0,
         ),
         "m2d bf16 2 workers / 1 worker": (("m2d bf16 2 workers", "6"), ("m2d bf16 1 worker", "6"), 1.0),
         "m2d bf16 2 workers / 1 worker, layers 3": (
@@ -685,16 +665,16 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers, replicas: "
+        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers: "
         "comma-separated), the others not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers", "replicas"}:
+    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers"}:
         parser.error(
-            f"--kinds takes torch, onnx, int8, bf16, pad, workers, replicas (comma-separated), got {args.kinds!r}"
+            f"--kinds takes torch, onnx, int8, bf16, pad, workers (comma-separated), got {args.kinds!r}"
         )
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
