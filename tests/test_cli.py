@@ -418,6 +418,22 @@ def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(SENTENCES * 3) + "\n")
     base = ["encode", str(tiny_model_dir), "--input", str(texts), "--layers", "3", "--runtime", runtime]
+    import matryoshka2d.backends
+    import matryoshka2d.encoder
+
+    loads, pools = [], []
+    load_encoder, worker_pool = matryoshka2d.backends.load_encoder, matryoshka2d.encoder._worker_pool
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs.get("threads"))
+        return load_encoder(*args, **kwargs)
+
+    def spy_pool(workers):
+        pools.append(workers)
+        return worker_pool(workers)
+
+    monkeypatch.setattr(matryoshka2d.backends, "load_encoder", spy_load)
+    monkeypatch.setattr(matryoshka2d.encoder, "_worker_pool", spy_pool)
     try:
         torch.set_num_threads(2)
         assert main([*base, "--out", str(tmp_path / "one.npy")]) == 0
@@ -425,4 +441,6 @@ def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
         assert torch.get_num_threads() == 1  # 2 threads for 2 workers
     finally:
         torch.set_num_threads(threads)
+    # ONNX Runtime: one session pool for both parts (2 x (1 - 1) + 1 threads); torch: threads set above
+    assert loads == [None, 1 if runtime == "onnx" else None] and pools == [1, 2]
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ class CountingEncoder(Encoder):
     def tokenize(self, texts, padding=True, prompt=None):
         return {"input_ids": [[len(t)] for t in texts]}
 
-    def _encode_chunk(self, texts, layers, batch_size, prompt=None):
+    def _encode_chunk(self, texts, layers, batch_size, prompt=None, cancel=None):
         self.chunks.append((len(texts), list(layers)))
         base = np.array([[len(t), 1, 2, 3, 4, 5] for t in texts], dtype=np.float32)
         return {k: base * k for k in layers}
@@ -125,9 +126,9 @@ class PairedEncoder(CountingEncoder):
         super().__init__()
         self.barrier = threading.Barrier(2, timeout=10)
 
-    def _encode_chunk(self, texts, layers, batch_size, prompt=None):
+    def _encode_chunk(self, texts, layers, batch_size, prompt=None, cancel=None):
         self.barrier.wait()
-        return super()._encode_chunk(texts, layers, batch_size, prompt)
+        return super()._encode_chunk(texts, layers, batch_size, prompt, cancel)
 
 
 def test_workers_encode_the_parts_of_a_chunk_at_once_in_input_order():
@@ -157,3 +158,32 @@ def test_workers_more_than_texts_or_uneven_parts(workers, texts):
 def test_workers_must_be_a_positive_int(workers):
     with pytest.raises(InvalidInputError, match="workers"):
         CountingEncoder().encode(["a", "b"], workers=workers)
+
+
+class FailingPartEncoder(CountingEncoder):
+    """The part holding text "boom" fails at once; the other encodes slowly, batch by batch, until the
+    cancel event asks it to stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches_run = 0
+
+    def _encode_chunk(self, texts, layers, batch_size, prompt=None, cancel=None):
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        for _ in range(0, len(texts), batch_size):
+            if cancel is not None and cancel.is_set():
+                break
+            self.batches_run += 1
+            time.sleep(0.05)
+        return super()._encode_chunk(texts, layers, batch_size, prompt, cancel)
+
+
+def test_an_error_in_one_part_stops_the_others_after_their_current_batch():
+    """Without the cancel event the healthy part would run its 100 batches (5 s) before the error."""
+    enc = FailingPartEncoder()
+    texts = ["boom"] + ["x"] * 199  # parts: "boom" + 99 texts, and 100 texts of 1 batch each
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom"):
+        enc.encode(texts, batch_size=1, workers=2)
+    assert time.monotonic() - start < 2 and enc.batches_run < 20

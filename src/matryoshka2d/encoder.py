@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
@@ -239,7 +240,12 @@ class Encoder(abc.ABC):
 
     @abc.abstractmethod
     def _encode_chunk(
-        self, texts: list[str], layers: list[int], batch_size: int, prompt: str | None = None
+        self,
+        texts: list[str],
+        layers: list[int],
+        batch_size: int,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
 
@@ -248,6 +254,8 @@ class Encoder(abc.ABC):
             layers: checked, sorted, distinct layer counts in ``1..num_layers``.
             batch_size: texts per forward pass.
             prompt: prepended to every text (:meth:`resolve_prompt`'s result; None: the default prompt).
+            cancel: set when the result is no longer wanted (another part of a chunk failed or the caller
+                was interrupted, see ``workers``): stop between batches and return anything.
 
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}`` for every ``k`` in ``layers``.
@@ -292,9 +300,14 @@ class Encoder(abc.ABC):
                 Give each part its share of the cores: ``torch.set_num_threads(cores // workers)`` before
                 the call for torch (threads that already ran torch ops keep their count),
                 ``load_encoder(..., threads=1)`` for ONNX Runtime on 2 cores (``m2d encode --workers``
-                does both); otherwise the parts compete for the cores. Small batches use many threads
-                poorly: on 2 cores, 2 workers of 1 thread encoded 1.33x the sentences of 1 worker of 2
-                threads in bfloat16 and 1.5x in ONNX int8 (``benchmarks/bench_backends.py``).
+                does both; on more cores, an ONNX Runtime session's one pool is shared by the parts, each
+                adding its calling thread: ``threads = workers x (t - 1) + 1`` for ``t`` threads a part);
+                otherwise the parts compete for the cores. Small batches use many threads poorly: on 2
+                cores, 2 workers of 1 thread encoded 1.37x the sentences of 1 worker of 2 threads in
+                bfloat16 and 1.45x in ONNX int8 (``benchmarks/bench_backends.py --workers``). Parts are
+                equal in texts, not tokens; onnx-int8 values move by ~1e-4 with the batches (dynamic
+                quantisation). An error in a part, or Ctrl-C, stops the others after their current
+                batch.
 
         Yields:
             :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
@@ -346,11 +359,16 @@ class Encoder(abc.ABC):
         if pool is None or len(chunk) < 2:
             return self._encode_chunk(chunk, layers, batch_size, prompt)
         bounds = np.linspace(0, len(chunk), min(workers, len(chunk)) + 1).astype(int)
+        cancel = threading.Event()
         futures = [
-            pool.submit(self._encode_chunk, chunk[a:b], layers, batch_size, prompt)
+            pool.submit(self._encode_chunk, chunk[a:b], layers, batch_size, prompt, cancel)
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
-        parts = [future.result() for future in futures]
+        try:
+            parts = [future.result() for future in futures]
+        except BaseException:  # an error in one part, or Ctrl-C: the others stop after their current batch
+            cancel.set()
+            raise
         return {k: np.concatenate([part[k] for part in parts]) for k in layers}
 
     def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:

@@ -743,7 +743,12 @@ class EmbeddingModel(nn.Module, Encoder):
     # ------------------------------------------------------------------ inference
     # iter_encode, encode and encode_layers come from Encoder, built on this one method.
     def _encode_chunk(
-        self, texts: list[str], layers: list[int], batch_size: int, prompt: str | None = None
+        self,
+        texts: list[str],
+        layers: list[int],
+        batch_size: int,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
 
@@ -755,6 +760,8 @@ class EmbeddingModel(nn.Module, Encoder):
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
+                if cancel is not None and cancel.is_set():
+                    break  # another part failed or was interrupted: nobody reads this one
                 idx = order[start : start + batch_size]
                 for k, emb in self.forward(self.pad(encoded, idx), layers).items():
                     out[k][idx] = emb.float().cpu().numpy()

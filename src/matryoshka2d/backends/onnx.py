@@ -197,12 +197,19 @@ class OnnxEncoder(Encoder):
         return {k: emb @ self._rotations_t[k] if k in self._rotations_t else emb for k, emb in pooled.items()}
 
     def _encode_chunk(
-        self, texts: list[str], layers: list[int], batch_size: int, prompt: str | None = None
+        self,
+        texts: list[str],
+        layers: list[int],
+        batch_size: int,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[int, np.ndarray]:
         encoded = self.tokenize(texts, padding=False, prompt=prompt)
         order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
         for start in range(0, len(texts), batch_size):
+            if cancel is not None and cancel.is_set():
+                break  # another part failed or was interrupted: nobody reads this one
             idx = order[start : start + batch_size]
             for k, pooled in self.forward(self.pad(encoded, idx), layers).items():
                 out[k][idx] = pooled
@@ -229,10 +236,10 @@ class OnnxEncoder(Encoder):
                 if self.threads:
                     options.intra_op_num_threads = self.threads
                 options.log_severity_level = 3
-                # ONNX Runtime's threads busy-wait after each run by default; here the pooling that follows
-                # runs on torch's threads, and the spinning threads took the cores from it: measured on 2
-                # cores, spinning off made 1 of 6 layers 1.5x faster and int8 at full size 1.36x
-                # (docs/BENCHMARKS.md).
+                # ONNX Runtime's threads busy-wait after each run by default; the pooling that follows (then
+                # on torch's threads, now numpy) and the next batch's padding lost the cores to them:
+                # measured on 2 cores, spinning off made 1 of 6 layers 1.5x faster and int8 at full size
+                # 1.36x (docs/BENCHMARKS.md).
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 # Under the lock until the session has mapped its files: other processes may build (or
                 # rebuild a damaged cache) in the same folder.
