@@ -115,6 +115,7 @@ def _load_variant(variant: str, job: dict, threads: int):
         return run
     sys.path.insert(0, str(HERE.parent / "src"))
     from matryoshka2d.backends import load_encoder
+    from matryoshka2d.cli.common import backend_threads
 
     backend, dtype = {
         "m2d-fp32": ("torch", "float32"),
@@ -125,8 +126,7 @@ def _load_variant(variant: str, job: dict, threads: int):
         "m2d-onnx-int8": ("onnx-int8", "float32"),
     }[variant]
     compiled = variant.endswith("-compiled")
-    # ONNX Runtime: the parts share one pool per session, each run adding its caller (as m2d serve sizes it)
-    runtime_threads = threads if backend == "torch" else workers * (threads - 1) + 1
+    runtime_threads = backend_threads(backend, workers, threads)  # as m2d serve and m2d encode size it
     encoder = load_encoder(
         model_path, backend=backend, dtype=dtype, threads=runtime_threads, compile=compiled
     )

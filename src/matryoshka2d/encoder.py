@@ -1,8 +1,9 @@
 """The interface every inference backend implements: encode at any (layers, dims) cell.
 
 A backend (the torch :class:`~matryoshka2d.model.EmbeddingModel`, the ONNX Runtime
-:class:`~matryoshka2d.backends.onnx.OnnxEncoder`) only provides :meth:`Encoder._encode_chunk`: full-size,
-un-normalised, float32 pooled embeddings of a list of texts for several layer counts, in input order.
+:class:`~matryoshka2d.backends.onnx.OnnxEncoder`) only provides tokenising and ``forward``: full-size,
+un-normalised, float32 pooled embeddings of one padded batch for several layer counts (or overrides
+:meth:`Encoder._encode_chunk`, which sorts a list of texts by length and batches it).
 Streaming (:meth:`Encoder.iter_encode`), :meth:`Encoder.encode`, :meth:`Encoder.encode_layers`, dim
 truncation, normalisation and input checks are shared here, so grid evaluation, the search index and the
 server accept every backend and treat them alike.
@@ -113,8 +114,9 @@ class Encoder(abc.ABC):
       (``prompt_name=``) or gives one (``prompt=``); ``include_prompt`` (bool): False if the pooling
       leaves the prompt's tokens out, which is supported only without a prompt.
 
-    and implements :meth:`tokenize` and :meth:`_encode_chunk`. Every public method is safe to call from
-    many threads at once if :meth:`_encode_chunk` is.
+    and implements :meth:`tokenize` and ``forward(features, layers)`` (see :meth:`_encode_batch`), or
+    overrides :meth:`_encode_chunk`. Every public method is safe to call from many threads at once if
+    those are.
     """
 
     num_layers: int
@@ -238,7 +240,6 @@ class Encoder(abc.ABC):
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         return pad_rows(encoded, rows, self.tokenizer.pad_token_id, left, multiple, self.max_seq_length)
 
-    @abc.abstractmethod
     def _encode_chunk(
         self,
         texts: list[str],
@@ -247,7 +248,8 @@ class Encoder(abc.ABC):
         prompt: str | None = None,
         cancel: threading.Event | None = None,
     ) -> dict[int, np.ndarray]:
-        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
+        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order:
+        tokenised, sorted by length and run ``batch_size`` at a time through :meth:`_encode_batch`.
 
         Args:
             texts: checked strings (at most ``chunk_size`` of :meth:`iter_encode`).
@@ -260,6 +262,24 @@ class Encoder(abc.ABC):
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}`` for every ``k`` in ``layers``.
         """
+        encoded = self.tokenize(texts, padding=False, prompt=prompt)
+        order = sort_longest_first(encoded["input_ids"])
+        out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
+        for start in range(0, len(texts), batch_size):
+            if cancel is not None and cancel.is_set():
+                break  # another part failed or was interrupted: nobody reads this one
+            idx = order[start : start + batch_size]
+            for k, pooled in self._encode_batch(encoded, idx, layers).items():
+                out[k][idx] = pooled
+        return out
+
+    def _encode_batch(
+        self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], layers: list[int]
+    ) -> dict[int, np.ndarray]:
+        """Pooled float32 embeddings (numpy) of ``rows`` of :meth:`tokenize` output (``padding=False``) for
+        every layer count: :meth:`pad`, then the backend's ``forward`` (which a backend then provides, as
+        the server's engine calls it too), unless the backend overrides this."""
+        return self.forward(self.pad(encoded, rows), layers)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ shared inference
     def iter_encode(

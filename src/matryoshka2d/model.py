@@ -741,31 +741,19 @@ class EmbeddingModel(nn.Module, Encoder):
         return {k: self._rotate(k, pool(states[k].float(), mask, self.pooling_mode)) for k in wanted}
 
     # ------------------------------------------------------------------ inference
-    # iter_encode, encode and encode_layers come from Encoder, built on this one method.
-    def _encode_chunk(
-        self,
-        texts: list[str],
-        layers: list[int],
-        batch_size: int,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
+    # iter_encode, encode and encode_layers come from Encoder, which batches texts through this method.
+    def _encode_batch(
+        self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], layers: list[int]
     ) -> dict[int, np.ndarray]:
-        """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order.
+        """Pooled float32 embeddings (numpy) of ``rows`` of :meth:`tokenize` output for every layer count.
 
-        Gradients are never recorded; the model's train/eval mode is used as it is (loaded models are in
-        eval mode). Safe from many threads at once (see :func:`~matryoshka2d.truncation.layer_view`).
+        Gradients are never recorded (padded inside ``inference_mode`` too, as the server's engine does:
+        compiled graphs see the same tensors); the model's train/eval mode is used as it is (loaded models
+        are in eval mode). Safe from many threads at once (see :func:`~matryoshka2d.truncation.layer_view`).
         """
-        encoded = self.tokenize(texts, padding=False, prompt=prompt)
-        order = sort_longest_first(encoded["input_ids"])
-        out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                if cancel is not None and cancel.is_set():
-                    break  # another part failed or was interrupted: nobody reads this one
-                idx = order[start : start + batch_size]
-                for k, emb in self.forward(self.pad(encoded, idx), layers).items():
-                    out[k][idx] = emb.float().cpu().numpy()
-        return out
+            pooled = self.forward(self.pad(encoded, rows), layers)
+            return {k: emb.float().cpu().numpy() for k, emb in pooled.items()}
 
     # ------------------------------------------------------------------ export
     def truncate(self, layers: int | None = None, dim: int | None = None) -> EmbeddingModel:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matryoshka2d.encoder import Encoder, sort_longest_first
+from matryoshka2d.encoder import Encoder
 from matryoshka2d.errors import ModelLoadError, first_line
 from matryoshka2d.export.int8_outliers import calibration_feeds, read_outlier_record
 from matryoshka2d.export.onnx import (
@@ -195,25 +195,6 @@ class OnnxEncoder(Encoder):
         mask = feed["attention_mask"]
         pooled = {k: pool_numpy(hidden, mask, self.pooling_mode) for k, hidden in zip(wanted, outputs)}
         return {k: emb @ self._rotations_t[k] if k in self._rotations_t else emb for k, emb in pooled.items()}
-
-    def _encode_chunk(
-        self,
-        texts: list[str],
-        layers: list[int],
-        batch_size: int,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> dict[int, np.ndarray]:
-        encoded = self.tokenize(texts, padding=False, prompt=prompt)
-        order = sort_longest_first(encoded["input_ids"])
-        out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
-        for start in range(0, len(texts), batch_size):
-            if cancel is not None and cancel.is_set():
-                break  # another part failed or was interrupted: nobody reads this one
-            idx = order[start : start + batch_size]
-            for k, pooled in self.forward(self.pad(encoded, idx), layers).items():
-                out[k][idx] = pooled
-        return out
 
     # ------------------------------------------------------------------ graphs
     def graph_path(self, layers: int, quantized: bool | None = None) -> Path:
