@@ -493,3 +493,105 @@ def test_forward_takes_one_layer_count_and_checks_its_features(tiny_model):
         tiny_model.forward({"input_ids": features["input_ids"]})
     with pytest.raises(InvalidInputError, match="input_ids and attention_mask"):
         tiny_model.forward(features["input_ids"])
+
+
+# ---------------------------------------------------------------------- unpadded tokenising
+TRICKY_TEXTS = [
+    "Héllo Wörld, naïve café!",  # accents stripped and lower-cased by BERT's normaliser
+    "the [SEP] and [MASK] tokens written in the text",
+    "",
+    "   spaces   around   ",
+    "中文 and emoji 🙂 mixed",
+    " ".join(["word"] * 200),  # past max_seq_length: truncated
+]
+
+
+def hf_unpadded(model, texts):
+    """What the tokenizer's own call gives (the path every padded call still takes)."""
+    tokenizer_texts = model.tokenizer_input(texts)
+    return dict(model.tokenizer(tokenizer_texts, truncation=True, max_length=model.max_seq_length))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_tokenize_equals_the_tokenizers_own_call(tiny_model_dirs, family):
+    model = EmbeddingModel.load(tiny_model_dirs[family])
+    texts = TRICKY_TEXTS + SENTENCES
+    got = model.tokenize(texts, padding=False)
+    assert list(got) == list(hf_unpadded(model, texts))  # the same keys, in the same order
+    assert got == hf_unpadded(model, texts)
+    assert max(len(ids) for ids in got["input_ids"]) == model.max_seq_length
+
+
+def test_unpadded_tokenize_of_a_real_tokenizer_in_parts_on_threads(monkeypatch):
+    """MiniLM's tokenizer (BERT normaliser, ~30k word pieces); a long list is cut into parts tokenised on
+    torch's thread count of threads, joined back in input order."""
+    from concurrent import futures
+
+    from conftest import packaged_minilm
+
+    model = EmbeddingModel.load(packaged_minilm())
+    texts = [f"{i}: {TRICKY_TEXTS[i % len(TRICKY_TEXTS)]} {SENTENCES[i % len(SENTENCES)]}" for i in range(1300)]
+    started = []
+    real_pool = futures.ThreadPoolExecutor
+
+    def counting_pool(workers, *args, **kwargs):
+        started.append(workers)
+        return real_pool(workers, *args, **kwargs)
+
+    monkeypatch.setattr(futures, "ThreadPoolExecutor", counting_pool)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    got = model.tokenize(texts, padding=False)
+    assert started == [1]  # 1,300 texts: two parts of >= 512 (the caller runs one), not three
+    assert got == hf_unpadded(model, texts)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert model.tokenize(texts, padding=False) == got and started == [1]  # one thread: one call
+
+
+def test_unpadded_tokenize_follows_changed_settings(tiny_model):
+    texts = [" ".join(["word"] * 30), "the [SEP] token"]
+    first = tiny_model.tokenize(texts, padding=False)["input_ids"]
+    tiny_model.max_seq_length = 8
+    assert tiny_model.tokenize(texts, padding=False) == hf_unpadded(tiny_model, texts)
+    assert len(tiny_model.tokenize(texts, padding=False)["input_ids"][0]) == 8 < len(first[0])
+    tiny_model.tokenizer.truncation_side = "left"
+    tiny_model.tokenizer.split_special_tokens = True
+    assert tiny_model.tokenize(texts, padding=False) == hf_unpadded(tiny_model, texts)
+    assert tiny_model.tokenize(texts, padding=False)["input_ids"][1] != first[1]  # [SEP] split now
+
+
+def test_unpadded_tokenize_from_many_threads_beside_padded_calls(tiny_model):
+    """No lock: the private copy is never changed, while padded calls keep switching the shared
+    tokenizer's state (a fast tokenizer raises "Already borrowed" if one is changed while in use)."""
+    import threading
+
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} {i}" for i in range(40)]
+    expected = hf_unpadded(tiny_model, texts)
+    padded_expected = tiny_model.tokenize(texts[:3])["input_ids"]
+    errors, barrier = [], threading.Barrier(8)
+
+    def unpadded():
+        if tiny_model.tokenize(texts, padding=False) != expected:
+            errors.append("wrong ids")
+
+    def padded():
+        if not torch.equal(tiny_model.tokenize(texts[:3])["input_ids"], padded_expected):
+            errors.append("wrong padded ids")
+
+    def repeat(call):
+        barrier.wait()
+        try:
+            for _ in range(60):
+                call()
+        except Exception as e:  # e.g. RuntimeError("Already borrowed") from the tokenizers library
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=repeat, args=(unpadded,)) for _ in range(6)] + [
+        threading.Thread(target=repeat, args=(padded,)) for _ in range(2)
+    ]
+    try:
+        for t in threads:
+            t.start()
+    finally:
+        for t in threads:
+            t.join()
+    assert errors == []

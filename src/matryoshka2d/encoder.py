@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextlib
+import copy
 import itertools
 import re
 import threading
@@ -29,6 +30,8 @@ from matryoshka2d.validation import check_positive_int
 
 # Texts tokenised and sorted by length together: enough to batch similar lengths, small enough for memory.
 DEFAULT_CHUNK_SIZE = 8192
+# Fewer texts than this per thread are tokenised in one call: starting threads would cost what they save.
+MIN_TEXTS_PER_TOKENIZER_THREAD = 512
 
 
 def check_texts_iterable(texts: object) -> None:
@@ -212,11 +215,18 @@ class Encoder(abc.ABC):
     ) -> dict:
         """The shared body of every backend's :meth:`tokenize`: lower-case if asked, truncate, tokenise.
 
-        A fast tokenizer switches its own truncation/padding state per call, so calls are serialised with
-        the backend's ``_tokenizer_lock``. ``padding=True`` gives ``tensor_type`` arrays ("pt", "np")
-        padded to the longest text, ``padding=False`` plain id lists (to sort by length and pad per batch).
+        ``padding=True`` gives ``tensor_type`` arrays ("pt", "np") padded to the longest text; a fast
+        tokenizer switches its own truncation/padding state per call, so those calls are serialised with
+        the backend's ``_tokenizer_lock``. ``padding=False`` gives plain id lists (to sort by length and pad
+        per batch), the same as the tokenizer's own call, from a private copy of a fast tokenizer's backend
+        set up once (:meth:`_unpadded_backend`): no lock, so many threads tokenise at once, and a long list
+        is cut into parts tokenised on :meth:`_tokenizer_threads` threads (the tokenizers library releases
+        the GIL).
         """
         texts = self.tokenizer_input(texts, prompt)
+        backend = None if padding else self._unpadded_backend()
+        if backend is not None:
+            return self._tokenize_unpadded(backend, texts)
         with self._tokenizer_lock:
             encoded = self.tokenizer(
                 texts,
@@ -226,6 +236,61 @@ class Encoder(abc.ABC):
                 return_tensors=tensor_type if padding else None,
             )
         return dict(encoded)
+
+    def _tokenizer_threads(self) -> int:
+        """Threads a long list of texts is tokenised on: the backend's own thread count (1 here)."""
+        return 1
+
+    def _unpadded_backend(self):
+        """A private copy of the fast tokenizer's backend (a ``tokenizers.Tokenizer``) set to what
+        ``tokenizer(texts, truncation=True, max_length=max_seq_length)`` sets: truncation at
+        ``max_seq_length`` on the tokenizer's truncation side, no padding, its ``split_special_tokens``.
+        Never changed after, so any number of threads encode with it at once. Rebuilt when the tokenizer
+        object or those settings change (e.g. ``model.max_seq_length = 128``); None for a slow tokenizer.
+        """
+        tokenizer = self.tokenizer
+        settings = (
+            self.max_seq_length,
+            getattr(tokenizer, "truncation_side", "right"),
+            bool(getattr(tokenizer, "split_special_tokens", False)),
+        )
+        cached = getattr(self, "_unpadded_cache", None)  # (tokenizer, settings, backend copy or None)
+        if cached is not None and cached[0] is tokenizer and cached[1] == settings:
+            return cached[2]
+        shared = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        private = None
+        if shared is not None:
+            with self._tokenizer_lock:  # another thread's padded call may be switching its state
+                private = copy.deepcopy(shared)
+            max_length, side, split = settings
+            private.enable_truncation(max_length, stride=0, strategy="longest_first", direction=side)
+            private.no_padding()
+            private.encode_special_tokens = split
+        self._unpadded_cache = (tokenizer, settings, private)
+        return private
+
+    def _tokenize_unpadded(self, backend, texts: list[str]) -> dict[str, list[list[int]]]:
+        """``texts`` encoded by :meth:`_unpadded_backend` ``backend`` into the lists the tokenizer's own
+        call returns (the keys of its ``model_input_names``), in parts on several threads if long."""
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets
+        parts = max(1, min(self._tokenizer_threads(), len(texts) // MIN_TEXTS_PER_TOKENIZER_THREAD))
+        if parts == 1:
+            encodings = encode(texts)
+        else:
+            bounds = np.linspace(0, len(texts), parts + 1).astype(int)
+            pieces = [texts[a:b] for a, b in itertools.pairwise(bounds)]
+            with concurrent.futures.ThreadPoolExecutor(parts - 1) as pool:
+                rest = [pool.submit(encode, piece) for piece in pieces[1:]]
+                encodings = encode(pieces[0])
+                for future in rest:
+                    encodings += future.result()
+        names = self.tokenizer.model_input_names
+        out = {"input_ids": [e.ids for e in encodings]}
+        if "token_type_ids" in names:
+            out["token_type_ids"] = [e.type_ids for e in encodings]
+        if "attention_mask" in names:
+            out["attention_mask"] = [e.attention_mask for e in encodings]
+        return out
 
     def pad(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], multiple: int = 1

@@ -677,6 +677,10 @@ class EmbeddingModel(nn.Module, Encoder):
         """
         return self._run_tokenizer(texts, padding, "pt", prompt)
 
+    def _tokenizer_threads(self) -> int:
+        """torch's thread count (``torch.set_num_threads``): a long list is tokenised in that many parts."""
+        return torch.get_num_threads()
+
     def pad(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], multiple: int = 1
     ) -> dict[str, torch.Tensor]:

@@ -166,6 +166,12 @@ class OnnxEncoder(Encoder):
     def precision(self) -> str:
         return "int8" if self.quantize else "float32"
 
+    def _tokenizer_threads(self) -> int:
+        """The sessions' thread count (``threads``; default: the cores this process may use)."""
+        if self.threads:
+            return self.threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
     def tokenize(self, texts: Sequence[str], padding: bool = True, prompt: str | None = None) -> dict:
         """Tokenise a batch, truncated to ``max_seq_length``, ``prompt`` (default: the model's default
         prompt) prepended: numpy arrays if ``padding``, else lists."""
