@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
-def worker(layer_counts: list[int], batch_size: int, threads: int, clock: str) -> None:
+def worker(layer_counts: list[int], batch_size: int, threads: int, clock: str, dtype: str) -> None:
     """Load MiniLM, then answer each stdin line "k" with the seconds one encode at k layers took."""
     import time
 
@@ -39,7 +39,7 @@ def worker(layer_counts: list[int], batch_size: int, threads: int, clock: str) -
     from matryoshka2d import EmbeddingModel
 
     torch.set_num_threads(threads)
-    model = EmbeddingModel.load(minilm_path())
+    model = EmbeddingModel.load(minilm_path(), dtype=dtype)
     texts = stsb_sentences("test")
     model.encode(texts[:64], batch_size=batch_size, show_progress=False)  # warm up
     print(json.dumps({"ready": len(texts)}), flush=True)
@@ -60,7 +60,7 @@ def start(src: Path, args) -> subprocess.Popen:
         "--batch-size",
         str(args.batch_size),
     ]
-    command += ["--threads", str(args.threads), "--clock", args.clock]
+    command += ["--threads", str(args.threads), "--clock", args.clock, "--dtype", args.dtype]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -85,11 +85,12 @@ def main() -> None:
         help="wall: elapsed time (needs a quiet machine); cpu: the worker's CPU time, which other jobs on a "
         "busy machine disturb much less (use with --threads 1)",
     )
+    parser.add_argument("--dtype", default="float32", help="what both load: float32, bfloat16, auto")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     layer_counts = [int(k) for k in args.layers.split(",")]
     if args.worker:
-        worker(layer_counts, args.batch_size, args.threads, args.clock)
+        worker(layer_counts, args.batch_size, args.threads, args.clock, args.dtype)
         return
     if args.baseline_src is None:
         parser.error("--baseline-src is required")
@@ -109,12 +110,15 @@ def main() -> None:
         proc.stdin.close()
         proc.wait()
     print(f"\n{n} STSB test sentences, batch {args.batch_size}, {args.threads} threads, ", end="")
-    print(f"median of {args.repeats}, {args.clock} clock")
-    print("| layers | baseline (sent/s) | this (sent/s) | this / baseline |")
-    print("|---|---|---|---|")
+    print(f"median of {args.repeats}, {args.clock} clock, {args.dtype}")
+    first = layer_counts[0]
+    print(f"| layers | baseline (sent/s) | this (sent/s) | this / baseline | x {first} layers: baseline, this |")
+    print("|---|---|---|---|---|")
+    speed = {key: n / median(seconds) for key, seconds in times.items()}
     for k in layer_counts:
-        before, after = n / median(times[("baseline", k)]), n / median(times[("this", k)])
-        print(f"| {k} | {before:.1f} | {after:.1f} | {after / before:.3f} |")
+        before, after = speed[("baseline", k)], speed[("this", k)]
+        own = f"{before / speed[('baseline', first)]:.3f}, {after / speed[('this', first)]:.3f}"
+        print(f"| {k} | {before:.1f} | {after:.1f} | {after / before:.3f} | {own} |")
 
 
 if __name__ == "__main__":
