@@ -22,14 +22,14 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
-def worker(layer_counts: list[int], batch_size: int, threads: int, clock: str, dtype: str) -> None:
+def worker(args) -> None:
     """Load MiniLM, then answer each stdin line "k" with the seconds one encode at k layers took."""
     import time
 
     import torch
     from common import minilm_path, stsb_sentences
 
-    now = time.process_time if clock == "cpu" else time.perf_counter
+    now = time.process_time if args.clock == "cpu" else time.perf_counter
 
     def timed(fn) -> float:
         start = now()
@@ -38,14 +38,21 @@ def worker(layer_counts: list[int], batch_size: int, threads: int, clock: str, d
 
     from matryoshka2d import EmbeddingModel
 
-    torch.set_num_threads(threads)
-    model = EmbeddingModel.load(minilm_path(), dtype=dtype)
+    torch.set_num_threads(max(1, args.threads // args.workers))  # each worker's share of the threads
+    model = EmbeddingModel.load(minilm_path(), dtype=args.dtype)
     texts = stsb_sentences("test")
-    model.encode(texts[:64], batch_size=batch_size, show_progress=False)  # warm up
+    if args.sorted:
+        texts.sort(key=len)  # a file sorted by length
+    batch_size, workers = args.batch_size, args.workers
+    model.encode(texts[:64], batch_size=batch_size, show_progress=False, workers=workers)  # warm up
     print(json.dumps({"ready": len(texts)}), flush=True)
     for line in sys.stdin:
         k = int(line)
-        seconds = timed(lambda k=k: model.encode(texts, layers=k, batch_size=batch_size, show_progress=False))
+        seconds = timed(
+            lambda k=k: model.encode(
+                texts, layers=k, batch_size=batch_size, show_progress=False, workers=workers
+            )
+        )
         print(json.dumps({"seconds": seconds}), flush=True)
 
 
@@ -59,7 +66,10 @@ def start(src: Path, args) -> subprocess.Popen:
         args.layers,
         "--batch-size",
         str(args.batch_size),
+        "--workers",
+        str(args.workers),
     ]
+    command += ["--sorted"] if args.sorted else []
     command += ["--threads", str(args.threads), "--clock", args.clock, "--dtype", args.dtype]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -86,11 +96,15 @@ def main() -> None:
         "busy machine disturb much less (use with --threads 1)",
     )
     parser.add_argument("--dtype", default="float32", help="what both load: float32, bfloat16, auto")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="encode(workers=N), each with threads / N torch threads"
+    )
+    parser.add_argument("--sorted", action="store_true", help="texts sorted by length (a sorted file)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     layer_counts = [int(k) for k in args.layers.split(",")]
     if args.worker:
-        worker(layer_counts, args.batch_size, args.threads, args.clock, args.dtype)
+        worker(args)
         return
     if args.baseline_src is None:
         parser.error("--baseline-src is required")
@@ -110,9 +124,11 @@ def main() -> None:
         proc.stdin.close()
         proc.wait()
     print(f"\n{n} STSB test sentences, batch {args.batch_size}, {args.threads} threads, ", end="")
-    print(f"median of {args.repeats}, {args.clock} clock, {args.dtype}")
+    order = ", sorted by length" if args.sorted else ""
+    print(f"median of {args.repeats}, {args.clock} clock, {args.dtype}, workers={args.workers}{order}")
     first = layer_counts[0]
-    print(f"| layers | baseline (sent/s) | this (sent/s) | this / baseline | x {first} layers: baseline, this |")
+    print("| layers | baseline (sent/s) | this (sent/s) | this / baseline ", end="")
+    print(f"| x {first} layers: baseline, this |")
     print("|---|---|---|---|---|")
     speed = {key: n / median(seconds) for key, seconds in times.items()}
     for k in layer_counts:

@@ -23,7 +23,7 @@ class CountingEncoder(Encoder):
     def tokenize(self, texts, padding=True, prompt=None):
         return {"input_ids": [[len(t)] for t in texts]}
 
-    def _encode_chunk(self, texts, layers, batch_size, prompt=None, cancel=None):
+    def _encode_chunk(self, texts, layers, batch_size, prompt=None, pool=None, workers=1):
         self.chunks.append((len(texts), list(layers)))
         base = np.array([[len(t), 1, 2, 3, 4, 5] for t in texts], dtype=np.float32)
         return {k: base * k for k in layers}
@@ -119,39 +119,89 @@ def test_bytes_are_refused_with_a_hint_to_decode(data):
         CountingEncoder().encode(data)
 
 
-class PairedEncoder(CountingEncoder):
-    """Each chunk waits until another one is being encoded beside it (a barrier of 2, 10 s)."""
+class BatchEncoder(Encoder):
+    """A backend with the shared chunk loop: tokenising records the parts, each batch calls ``on_batch``
+    with its texts and records (thread, texts); text t pools to ``[len(t), 1, 2, 3, 4, 5] * k``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.barrier = threading.Barrier(2, timeout=10)
+    num_layers, dim, hidden_size, max_seq_length, name_or_path = 3, 6, 6, 16, "batches"
 
-    def _encode_chunk(self, texts, layers, batch_size, prompt=None, cancel=None):
-        self.barrier.wait()
-        return super()._encode_chunk(texts, layers, batch_size, prompt, cancel)
+    def __init__(self, on_batch=None) -> None:
+        self.on_batch = on_batch
+        self.tokenized: list[tuple[str, int]] = []
+        self.batches: list[tuple[str, tuple[str, ...]]] = []
+        self._lock = threading.Lock()
+
+    def tokenize(self, texts, padding=True, prompt=None):
+        with self._lock:
+            self.tokenized.append((threading.current_thread().name, len(texts)))
+        return {"input_ids": [[1] * len(t) for t in texts], "text": list(texts)}
+
+    def _encode_batch(self, encoded, rows, layers):
+        texts = tuple(encoded["text"][i] for i in rows)
+        if self.on_batch is not None:
+            self.on_batch(texts)
+        with self._lock:
+            self.batches.append((threading.current_thread().name, texts))
+        base = np.array([[len(t), 1, 2, 3, 4, 5] for t in texts], dtype=np.float32)
+        return {k: base * k for k in layers}
 
 
-def test_workers_encode_the_parts_of_a_chunk_at_once_in_input_order():
-    """workers=2: the chunk is cut in two parts encoded at the same time (the barrier would time out
-    otherwise), each part on its own; the result is in input order, as with one worker."""
-    texts = ["a" * n for n in (5, 1, 4, 2, 3, 6, 7)]
-    enc = PairedEncoder()
-    got = enc.encode(texts, layers=2, normalize=False, workers=2)
-    assert sorted(n for n, _ in enc.chunks) == [3, 4]
-    np.testing.assert_array_equal(got, CountingEncoder().encode(texts, layers=2, normalize=False))
-    layers = enc.encode_layers(texts, layers=[1, 3], workers=2)
+def test_workers_run_the_batches_of_one_worker_at_once_in_input_order():
+    """workers=2: tokenised in two parts at once, then the batches of one sorted list (the same as with
+    one worker) run on both threads at the same time (the barrier would time out otherwise)."""
+    texts = [f"{'a' * (n % 9 + 1)} {n}" for n in range(40)]
+    one = BatchEncoder()
+    expected = one.encode(texts, layers=2, normalize=False, batch_size=4)
+    barrier = threading.Barrier(2, timeout=10)
+    first_two = []
+
+    def meet(batch):
+        with one._lock:
+            first_two.append(batch)
+            wait = len(first_two) <= 2
+        if wait:
+            barrier.wait()
+
+    two = BatchEncoder(on_batch=meet)
+    got = two.encode(texts, layers=2, normalize=False, batch_size=4, workers=2)
+    np.testing.assert_array_equal(got, expected)
+    assert sorted(t for _, t in two.batches) == sorted(t for _, t in one.batches)  # the same batches
+    assert len({name for name, _ in two.batches}) == 2  # run by two threads
+    assert sorted(n for _, n in two.tokenized) == [20, 20]
+    assert all(name.startswith("m2d-encode") for name, _ in two.tokenized)
+    layers = two.encode_layers(texts, layers=[1, 3], workers=2)
     assert layers[3][:, 0].tolist() == [3 * len(t) for t in texts]
 
 
+def test_a_worker_on_a_slow_batch_leaves_the_rest_to_the_others():
+    """The first (longest) batch blocks until every other batch is done: only workers that take the next
+    batch of one shared list finish (parts fixed in advance would leave batches behind the blocked one)."""
+    texts = [f"text {'x' * n}" for n in range(30)]  # sorted shortest first: the longest batch is last
+    others_done = threading.Event()
+    count = [0]
+
+    def on_batch(batch):
+        if any(len(t) == len("text ") + 29 for t in batch):
+            assert others_done.wait(timeout=5), "the other batches were left behind the slow one"
+            return
+        count[0] += 1
+        if count[0] == 30 // 3 - 1:
+            others_done.set()
+
+    enc = BatchEncoder(on_batch=on_batch)
+    got = enc.encode(texts, layers=1, normalize=False, batch_size=3, workers=2)
+    assert got[:, 0].tolist() == [len(t) for t in texts]
+
+
 @pytest.mark.parametrize("workers,texts", [(3, ["x" * n for n in range(1, 8)]), (4, ["one"])])
-def test_workers_more_than_texts_or_uneven_parts(workers, texts):
-    enc = CountingEncoder()
+def test_workers_more_than_texts_or_batches(workers, texts):
+    enc = BatchEncoder()
     batches = list(enc.iter_encode(texts, layers=[1, 2], dims=[2, 6], workers=workers, chunk_size=5))
     assert [b.start for b in batches] == list(range(0, len(texts), 5))
     for cell in ((1, 2), (2, 6)):
         got = np.concatenate([b[cell] for b in batches])
         np.testing.assert_allclose(got, CountingEncoder().encode(texts, *cell))
-    assert sum(n for n, _ in enc.chunks) == len(texts) and all(n > 0 for n, _ in enc.chunks)
+    assert sorted(t for _, batch in enc.batches for t in batch) == sorted(texts)
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, "2", True])
@@ -160,30 +210,20 @@ def test_workers_must_be_a_positive_int(workers):
         CountingEncoder().encode(["a", "b"], workers=workers)
 
 
-class FailingPartEncoder(CountingEncoder):
-    """The part holding text "boom" fails at once; the other encodes slowly, batch by batch, until the
-    cancel event asks it to stop."""
+def test_an_error_in_one_worker_stops_the_others_after_their_current_batch():
+    """Without the stop event the healthy worker would run its ~200 batches (10 s) before the error."""
+    ran = []
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.batches_run = 0
-
-    def _encode_chunk(self, texts, layers, batch_size, prompt=None, cancel=None):
-        if "boom" in texts:
+    def on_batch(batch):
+        if "boom" in batch[0]:
+            time.sleep(0.1)  # the other worker has started its first batch
             raise RuntimeError("boom")
-        for _ in range(0, len(texts), batch_size):
-            if cancel is not None and cancel.is_set():
-                break
-            self.batches_run += 1
-            time.sleep(0.05)
-        return super()._encode_chunk(texts, layers, batch_size, prompt, cancel)
+        ran.append(batch)
+        time.sleep(0.05)
 
-
-def test_an_error_in_one_part_stops_the_others_after_their_current_batch():
-    """Without the cancel event the healthy part would run its 100 batches (5 s) before the error."""
-    enc = FailingPartEncoder()
-    texts = ["boom"] + ["x"] * 199  # parts: "boom" + 99 texts, and 100 texts of 1 batch each
+    enc = BatchEncoder(on_batch=on_batch)
+    texts = ["boom!"] + ["x"] * 199  # "boom!" is the longest: the first batch taken
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="boom"):
         enc.encode(texts, batch_size=1, workers=2)
-    assert time.monotonic() - start < 2 and enc.batches_run < 20
+    assert time.monotonic() - start < 2 and 1 <= len(ran) < 20

@@ -530,7 +530,8 @@ def test_unpadded_tokenize_of_a_real_tokenizer_in_parts_on_threads(monkeypatch):
     from conftest import packaged_minilm
 
     model = EmbeddingModel.load(packaged_minilm())
-    texts = [f"{i}: {TRICKY_TEXTS[i % len(TRICKY_TEXTS)]} {SENTENCES[i % len(SENTENCES)]}" for i in range(1300)]
+    tricky, plain = TRICKY_TEXTS, SENTENCES
+    texts = [f"{i}: {tricky[i % len(tricky)]} {plain[i % len(plain)]}" for i in range(1300)]
     started = []
     real_pool = futures.ThreadPoolExecutor
 

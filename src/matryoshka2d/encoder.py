@@ -257,7 +257,8 @@ class Encoder(abc.ABC):
         cached = getattr(self, "_unpadded_cache", None)  # (tokenizer, settings, backend copy or None)
         if cached is not None and cached[0] is tokenizer and cached[1] == settings:
             return cached[2]
-        shared = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        fast = getattr(tokenizer, "is_fast", False)
+        shared = getattr(tokenizer, "backend_tokenizer", None) if fast else None
         private = None
         if shared is not None:
             with self._tokenizer_lock:  # another thread's padded call may be switching its state
@@ -311,32 +312,79 @@ class Encoder(abc.ABC):
         layers: list[int],
         batch_size: int,
         prompt: str | None = None,
-        cancel: threading.Event | None = None,
+        pool: concurrent.futures.ThreadPoolExecutor | None = None,
+        workers: int = 1,
     ) -> dict[int, np.ndarray]:
         """Full-size, un-normalised pooled embeddings of ``texts`` for every layer count, in input order:
         tokenised, sorted by length and run ``batch_size`` at a time through :meth:`_encode_batch`.
+
+        With ``workers`` threads of ``pool``, the texts are tokenised in that many parts at once, then
+        each worker takes the next batch of the one sorted list until none is left: the batches are the
+        same as with one worker (so are the embeddings, up to the runtime's thread count), and a worker
+        that drew long batches takes fewer. An error in one worker, or Ctrl-C, stops the others after
+        their current batch.
 
         Args:
             texts: checked strings (at most ``chunk_size`` of :meth:`iter_encode`).
             layers: checked, sorted, distinct layer counts in ``1..num_layers``.
             batch_size: texts per forward pass.
             prompt: prepended to every text (:meth:`resolve_prompt`'s result; None: the default prompt).
-            cancel: set when the result is no longer wanted (another part of a chunk failed or the caller
-                was interrupted, see ``workers``): stop between batches and return anything.
+            pool: threads for ``workers`` > 1 (None: the calling thread does everything).
+            workers: batches run at once.
 
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}`` for every ``k`` in ``layers``.
         """
-        encoded = self.tokenize(texts, padding=False, prompt=prompt)
+        encoded = self._tokenize_in_parts(texts, prompt, pool, workers)
         order = sort_longest_first(encoded["input_ids"])
         out = {k: np.empty((len(texts), self.hidden_size), dtype=np.float32) for k in layers}
-        for start in range(0, len(texts), batch_size):
-            if cancel is not None and cancel.is_set():
-                break  # another part failed or was interrupted: nobody reads this one
-            idx = order[start : start + batch_size]
-            for k, pooled in self._encode_batch(encoded, idx, layers).items():
-                out[k][idx] = pooled
+        starts = iter(range(0, len(texts), batch_size))
+        take, stop = threading.Lock(), threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                with take:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                idx = order[start : start + batch_size]
+                for k, pooled in self._encode_batch(encoded, idx, layers).items():
+                    out[k][idx] = pooled  # rows of no other batch: no lock needed
+
+        runners = 1 if pool is None else min(workers, -(-len(texts) // batch_size))
+        if runners == 1:
+            run()
+            return out
+        futures = [pool.submit(run) for _ in range(runners)]
+        try:
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            for future in futures:
+                future.result()  # raises the first error, if any
+        except BaseException:  # an error in a worker, or Ctrl-C here
+            stop.set()  # the others stop after their current batch
+            concurrent.futures.wait(futures)
+            raise
         return out
+
+    def _tokenize_in_parts(
+        self,
+        texts: list[str],
+        prompt: str | None,
+        pool: concurrent.futures.ThreadPoolExecutor | None,
+        workers: int,
+    ) -> dict[str, list[list[int]]]:
+        """:meth:`tokenize` (``padding=False``) of ``texts``, cut into ``workers`` parts tokenised at once
+        on ``pool`` (each worker's runtime may have a single thread) and joined in input order."""
+        if pool is None or workers == 1 or len(texts) < 2 * workers:
+            return self.tokenize(texts, padding=False, prompt=prompt)
+        bounds = np.linspace(0, len(texts), workers + 1).astype(int)
+        parts = list(
+            pool.map(
+                lambda ab: self.tokenize(texts[ab[0] : ab[1]], padding=False, prompt=prompt),
+                itertools.pairwise(bounds),
+            )
+        )
+        return {key: [row for part in parts for row in part[key]] for key in parts[0]}
 
     def _encode_batch(
         self, encoded: Mapping[str, Sequence[Sequence[int]]], rows: Sequence[int], layers: list[int]
@@ -381,18 +429,19 @@ class Encoder(abc.ABC):
                 ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
             prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
                 prompt). Default (neither): the model's default prompt, if it has one.
-            workers: encode each chunk as this many parts at once, each on its own thread (default 1).
-                Give each part its share of the cores: ``torch.set_num_threads(cores // workers)`` before
-                the call for torch (threads that already ran torch ops keep their count),
+            workers: forward passes run at once, each on its own thread (default 1): each chunk is
+                tokenised in that many parts at once, then every worker takes the next batch of the one
+                list sorted by length, so the batches (and the embeddings, up to the runtime's thread
+                count) are those of one worker and a worker drawing long batches takes fewer. Give each
+                worker its share of the cores: ``torch.set_num_threads(cores // workers)`` before the
+                call for torch (threads that already ran torch ops keep their count),
                 ``load_encoder(..., threads=1)`` for ONNX Runtime on 2 cores (``m2d encode --workers``
-                does both; on more cores, an ONNX Runtime session's one pool is shared by the parts, each
-                adding its calling thread: ``threads = workers x (t - 1) + 1`` for ``t`` threads a part);
-                otherwise the parts compete for the cores. Small batches use many threads poorly: on 2
-                cores, 2 workers of 1 thread encoded 1.37x the sentences of 1 worker of 2 threads in
-                bfloat16 and 1.45x in ONNX int8 (``benchmarks/bench_backends.py --workers``). Parts are
-                equal in texts, not tokens; onnx-int8 values move by ~1e-4 with the batches (dynamic
-                quantisation). An error in a part, or Ctrl-C, stops the others after their current
-                batch.
+                does both; on more cores, an ONNX Runtime session's one pool is shared by the workers,
+                each adding its calling thread: ``threads = workers x (t - 1) + 1`` for ``t`` threads a
+                worker); otherwise they compete for the cores. Small batches use many threads poorly: on
+                2 cores, 2 workers of 1 thread encoded 1.37x the sentences of 1 worker of 2 threads in
+                bfloat16 and 1.45x in ONNX int8 (``benchmarks/bench_backends.py --workers``). An error in
+                a worker, or Ctrl-C, stops the others after their current batch.
 
         Yields:
             :class:`EmbeddingBatch` per chunk: ``batch[(layers, dim)]`` is a float32 array
@@ -420,7 +469,7 @@ class Encoder(abc.ABC):
             while chunk := [
                 check_text(t, start + i) for i, t in enumerate(itertools.islice(iterator, chunk_size))
             ]:
-                pooled = self._encode_parts(chunk, ks, batch_size, prompt, pool, workers)
+                pooled = self._encode_chunk(chunk, ks, batch_size, prompt, pool, workers)
                 cells = {(k, d): truncate_dims(pooled[k], d, normalize) for k in ks for d in ds}
                 yield EmbeddingBatch(
                     start, len(chunk), {c: np.ascontiguousarray(e) for c, e in cells.items()}
@@ -429,32 +478,6 @@ class Encoder(abc.ABC):
                 bar.update(len(chunk))
         if start == 0:
             raise InvalidInputError("texts is empty: nothing to encode")
-
-    def _encode_parts(
-        self,
-        chunk: list[str],
-        layers: list[int],
-        batch_size: int,
-        prompt: str | None,
-        pool: concurrent.futures.ThreadPoolExecutor | None,
-        workers: int,
-    ) -> dict[int, np.ndarray]:
-        """:meth:`_encode_chunk` of ``chunk`` cut into ``workers`` contiguous parts run at once on ``pool``
-        (each part sorted by length and batched on its own), in input order."""
-        if pool is None or len(chunk) < 2:
-            return self._encode_chunk(chunk, layers, batch_size, prompt)
-        bounds = np.linspace(0, len(chunk), min(workers, len(chunk)) + 1).astype(int)
-        cancel = threading.Event()
-        futures = [
-            pool.submit(self._encode_chunk, chunk[a:b], layers, batch_size, prompt, cancel)
-            for a, b in zip(bounds[:-1], bounds[1:])
-        ]
-        try:
-            parts = [future.result() for future in futures]
-        except BaseException:  # an error in one part, or Ctrl-C: the others stop after their current batch
-            cancel.set()
-            raise
-        return {k: np.concatenate([part[k] for part in parts]) for k in layers}
 
     def _layer_list(self, layers: int | Sequence[int] | None) -> list[int]:
         if layers is None:
@@ -501,7 +524,7 @@ class Encoder(abc.ABC):
                 ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
             prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
                 prompt). Default (neither): the model's default prompt, if it has one.
-            workers: parts encoded at once, each on its own thread (see :meth:`iter_encode`).
+            workers: forward passes run at once, each on its own thread (see :meth:`iter_encode`).
 
         Returns:
             ``{k: float32 array of shape (len(texts), hidden_size)}``.
@@ -519,7 +542,7 @@ class Encoder(abc.ABC):
         ):
             for start in range(0, len(texts), DEFAULT_CHUNK_SIZE):
                 chunk = texts[start : start + DEFAULT_CHUNK_SIZE]
-                for k, emb in self._encode_parts(chunk, ks, batch_size, prompt, pool, workers).items():
+                for k, emb in self._encode_chunk(chunk, ks, batch_size, prompt, pool, workers).items():
                     parts[k].append(emb)
                 bar.update(len(chunk))
         return {k: np.concatenate(v) for k, v in parts.items()}
@@ -553,7 +576,7 @@ class Encoder(abc.ABC):
                 ``"query"`` for a retrieval model), as sentence-transformers' ``encode(prompt_name=)``.
             prompt: a prompt string to prepend instead (``""``: none, even if the model has a default
                 prompt). Default (neither): the model's default prompt, if it has one.
-            workers: parts encoded at once, each on its own thread (see :meth:`iter_encode`).
+            workers: forward passes run at once, each on its own thread (see :meth:`iter_encode`).
 
         Returns:
             float32 array of shape ``(len(texts), dim)``.
@@ -583,7 +606,7 @@ class Encoder(abc.ABC):
 
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor | None]:
-    """Threads for ``workers`` parts of a chunk at once (None for one: the calling thread runs it)."""
+    """Threads for ``workers`` batches at once (None for one: the calling thread runs them)."""
     if workers == 1:
         yield None
         return
