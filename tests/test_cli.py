@@ -409,7 +409,7 @@ def test_serve_backend_threads(runtime, workers, threads, expected):
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
-    """--workers 2: the texts in two parts encoded at once, each with half of torch's threads (set for the
+    """--workers 2: two batches encoded at once, each with half of torch's threads (set for the
     process, as a command may) and ONNX Runtime sessions sized for both; the same embeddings."""
     import torch
 
@@ -441,6 +441,6 @@ def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
         assert torch.get_num_threads() == 1  # 2 threads for 2 workers
     finally:
         torch.set_num_threads(threads)
-    # ONNX Runtime: one session pool for both parts (2 x (1 - 1) + 1 threads); torch: threads set above
+    # ONNX Runtime: one session pool for both workers (2 x (1 - 1) + 1 threads); torch: threads set above
     assert loads == [None, 1 if runtime == "onnx" else None] and pools == [1, 2]
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)

@@ -210,20 +210,26 @@ def test_workers_must_be_a_positive_int(workers):
         CountingEncoder().encode(["a", "b"], workers=workers)
 
 
-def test_an_error_in_one_worker_stops_the_others_after_their_current_batch():
-    """Without the stop event the healthy worker would run its ~200 batches (10 s) before the error."""
-    ran = []
+@pytest.mark.parametrize("failing", [0, 1])
+def test_an_error_in_one_worker_stops_the_others_after_their_current_batch(failing):
+    """The first batch of the first (0) or the second (1) thread to start fails: whichever worker that is,
+    the other stops after its current batch instead of running the ~200 others (10 s) first."""
+    ran, threads, lock = [], [], threading.Lock()
 
     def on_batch(batch):
-        if "boom" in batch[0]:
-            time.sleep(0.1)  # the other worker has started its first batch
+        with lock:
+            name = threading.current_thread().name
+            first_batch = name not in threads
+            if first_batch:
+                threads.append(name)
+        if first_batch and threads.index(name) == failing:
+            time.sleep(0.1)  # the other worker is encoding meanwhile
             raise RuntimeError("boom")
         ran.append(batch)
         time.sleep(0.05)
 
     enc = BatchEncoder(on_batch=on_batch)
-    texts = ["boom!"] + ["x"] * 199  # "boom!" is the longest: the first batch taken
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="boom"):
-        enc.encode(texts, batch_size=1, workers=2)
+        enc.encode(["x"] * 200, batch_size=1, workers=2)
     assert time.monotonic() - start < 2 and 1 <= len(ran) < 20

@@ -596,3 +596,33 @@ def test_unpadded_tokenize_from_many_threads_beside_padded_calls(tiny_model):
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_unpadded_tokenize_follows_changes_to_the_tokenizer_itself(tiny_model):
+    """Added tokens, a new normaliser or post-processor after the first call: the private copy is rebuilt."""
+    from tokenizers import normalizers, processors
+
+    texts = ["newword and the TOKEN", "café"]
+    tiny_model.tokenize(texts, padding=False)  # builds the private copy
+    tiny_model.tokenizer.add_tokens(["newword"])
+    assert tiny_model.tokenize(texts, padding=False) == hf_unpadded(tiny_model, texts)
+    backend = tiny_model.tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])
+    assert tiny_model.tokenize(texts, padding=False) == hf_unpadded(tiny_model, texts)
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
+    got = tiny_model.tokenize(texts, padding=False)
+    assert got == hf_unpadded(tiny_model, texts) and got["input_ids"][0][-1] != 3  # no [SEP] now
+
+
+def test_a_tokenizer_with_a_custom_python_component_still_tokenises(tiny_model):
+    """A custom pre-tokeniser cannot be copied (or compared): the tokenizer's own call is used."""
+    from tokenizers import pre_tokenizers
+
+    class Whitespace:
+        def pre_tokenize(self, pretok):
+            pretok.split(lambda i, s: s.split(" ", "removed"))
+
+    tiny_model.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(Whitespace())
+    texts = ["the cat", "a dog runs"]
+    assert tiny_model.tokenize(texts, padding=False) == hf_unpadded(tiny_model, texts)
+    assert tiny_model.encode(texts).shape == (2, tiny_model.dim)

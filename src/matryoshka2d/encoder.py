@@ -3,7 +3,8 @@
 A backend (the torch :class:`~matryoshka2d.model.EmbeddingModel`, the ONNX Runtime
 :class:`~matryoshka2d.backends.onnx.OnnxEncoder`) only provides tokenising and ``forward``: full-size,
 un-normalised, float32 pooled embeddings of one padded batch for several layer counts (or overrides
-:meth:`Encoder._encode_chunk`, which sorts a list of texts by length and batches it).
+:meth:`Encoder._encode_batch`, which pads the rows of one batch and runs ``forward``); the chunk loop
+(tokenise, sort by length, batch, workers) is shared.
 Streaming (:meth:`Encoder.iter_encode`), :meth:`Encoder.encode`, :meth:`Encoder.encode_layers`, dim
 truncation, normalisation and input checks are shared here, so grid evaluation, the search index and the
 server accept every backend and treat them alike.
@@ -117,8 +118,8 @@ class Encoder(abc.ABC):
       (``prompt_name=``) or gives one (``prompt=``); ``include_prompt`` (bool): False if the pooling
       leaves the prompt's tokens out, which is supported only without a prompt.
 
-    and implements :meth:`tokenize` and ``forward(features, layers)`` (see :meth:`_encode_batch`), or
-    overrides :meth:`_encode_chunk`. Every public method is safe to call from many threads at once if
+    and implements :meth:`tokenize` and ``forward(features, layers)`` (or overrides
+    :meth:`_encode_batch`). Every public method is safe to call from many threads at once if
     those are.
     """
 
@@ -245,29 +246,43 @@ class Encoder(abc.ABC):
         """A private copy of the fast tokenizer's backend (a ``tokenizers.Tokenizer``) set to what
         ``tokenizer(texts, truncation=True, max_length=max_seq_length)`` sets: truncation at
         ``max_seq_length`` on the tokenizer's truncation side, no padding, its ``split_special_tokens``.
-        Never changed after, so any number of threads encode with it at once. Rebuilt when the tokenizer
-        object or those settings change (e.g. ``model.max_seq_length = 128``); None for a slow tokenizer.
+        Never changed after, so any number of threads encode with it at once.
+
+        Rebuilt when the tokenizer object, those settings, its vocabulary size (added tokens) or its
+        normaliser, pre-tokeniser or post-processor change (e.g. ``model.max_seq_length = 128``,
+        ``tokenizer.add_tokens``). None (the tokenizer's own call, under the lock) for a slow tokenizer
+        and for one with a custom Python component, which cannot be copied.
         """
         tokenizer = self.tokenizer
-        settings = (
-            self.max_seq_length,
-            getattr(tokenizer, "truncation_side", "right"),
-            bool(getattr(tokenizer, "split_special_tokens", False)),
+        shared = (
+            getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         )
-        cached = getattr(self, "_unpadded_cache", None)  # (tokenizer, settings, backend copy or None)
-        if cached is not None and cached[0] is tokenizer and cached[1] == settings:
+        if shared is None:
+            return None
+        try:
+            state = (
+                self.max_seq_length,
+                getattr(tokenizer, "truncation_side", "right"),
+                bool(getattr(tokenizer, "split_special_tokens", False)),
+                shared.get_vocab_size(),
+                *(None if part is None else part.__getstate__() for part in _pipeline(shared)),
+            )
+        except Exception:  # a custom component (e.g. a Python pre-tokeniser) has no state to compare
+            return None
+        cached = getattr(self, "_unpadded_cache", None)  # (tokenizer, state, backend copy or None)
+        if cached is not None and cached[0] is tokenizer and cached[1] == state:
             return cached[2]
-        fast = getattr(tokenizer, "is_fast", False)
-        shared = getattr(tokenizer, "backend_tokenizer", None) if fast else None
-        private = None
-        if shared is not None:
+        try:
             with self._tokenizer_lock:  # another thread's padded call may be switching its state
                 private = copy.deepcopy(shared)
-            max_length, side, split = settings
+        except Exception:  # cannot be pickled: keep using the tokenizer's own call
+            private = None
+        if private is not None:
+            max_length, side, split = state[:3]
             private.enable_truncation(max_length, stride=0, strategy="longest_first", direction=side)
             private.no_padding()
             private.encode_special_tokens = split
-        self._unpadded_cache = (tokenizer, settings, private)
+        self._unpadded_cache = (tokenizer, state, private)
         return private
 
     def _tokenize_unpadded(self, backend, texts: list[str]) -> dict[str, list[list[int]]]:
@@ -342,14 +357,18 @@ class Encoder(abc.ABC):
         take, stop = threading.Lock(), threading.Event()
 
         def run() -> None:
-            while not stop.is_set():
-                with take:
-                    start = next(starts, None)
-                if start is None:
-                    return
-                idx = order[start : start + batch_size]
-                for k, pooled in self._encode_batch(encoded, idx, layers).items():
-                    out[k][idx] = pooled  # rows of no other batch: no lock needed
+            try:
+                while not stop.is_set():
+                    with take:
+                        start = next(starts, None)
+                    if start is None:
+                        return
+                    idx = order[start : start + batch_size]
+                    for k, pooled in self._encode_batch(encoded, idx, layers).items():
+                        out[k][idx] = pooled  # rows of no other batch: no lock needed
+            except BaseException:
+                stop.set()  # the others stop after their current batch
+                raise
 
         runners = 1 if pool is None else min(workers, -(-len(texts) // batch_size))
         if runners == 1:
@@ -357,11 +376,10 @@ class Encoder(abc.ABC):
             return out
         futures = [pool.submit(run) for _ in range(runners)]
         try:
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
             for future in futures:
-                future.result()  # raises the first error, if any
-        except BaseException:  # an error in a worker, or Ctrl-C here
-            stop.set()  # the others stop after their current batch
+                future.result()  # a worker's error (it has stopped the others), if any
+        except BaseException:  # that error, or Ctrl-C here
+            stop.set()
             concurrent.futures.wait(futures)
             raise
         return out
@@ -647,6 +665,11 @@ def padded_width(longest: int, multiple: int = 1, max_width: int | None = None) 
     multiple = check_positive_int(multiple, "multiple")
     rounded = -(-longest // multiple) * multiple
     return rounded if max_width is None else max(longest, min(rounded, max_width))
+
+
+def _pipeline(backend) -> tuple:
+    """The parts of a ``tokenizers.Tokenizer`` besides its vocabulary that decide the ids of a text."""
+    return backend.normalizer, backend.pre_tokenizer, backend.post_processor
 
 
 def pad_rows(

@@ -169,7 +169,7 @@ def load_runtime(args: argparse.Namespace, model: str | None = None, threads: in
 
 
 def split_threads(runtime: str, workers: int) -> int | None:
-    """For ``workers`` parts encoded at once (``encode(workers=)``): give each torch's threads divided by
+    """For ``workers`` batches encoded at once (``encode(workers=)``): give each torch's threads divided by
     ``workers`` (``torch.set_num_threads``: this process's setting, for a command) and return the thread
     count to load the backend with (None for one worker: the runtime's own choice)."""
     if workers == 1:

@@ -105,7 +105,7 @@ def register(sub) -> None:
         "--workers",
         type=positive_int,
         default=1,
-        help="encode this many parts of the texts at once, each with the cores divided among them "
+        help="run this many batches at once, each with the cores divided among them "
         "(default 1; on 2 cores 2 encoded 1.3-1.5x the sentences in bfloat16 and onnx-int8)",
     )
     p.set_defaults(func=cmd_encode)
