@@ -114,8 +114,7 @@ def _load_variant(variant: str, job: dict, threads: int):
 
         return run
     sys.path.insert(0, str(HERE.parent / "src"))
-    from matryoshka2d.backends import load_encoder
-    from matryoshka2d.cli.common import backend_threads
+    from matryoshka2d.backends import backend_threads, load_encoder
 
     backend, dtype = {
         "m2d-fp32": ("torch", "float32"),

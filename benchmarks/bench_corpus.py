@@ -10,6 +10,7 @@ Each configuration runs as its own process (a fresh Python, and for Ray a fresh 
 user would run it), configurations in round-robin order when ``--repeats`` > 1:
 
 * ``local``: ``--engine local`` (torch uses both cores);
+* ``local2``: ``--engine local --workers 2`` (two batches at once, one torch thread each);
 * ``ray1``: ``--engine ray --workers 1 --cpus-per-worker 2`` (one actor, two torch threads);
 * ``ray2``: ``--engine ray --workers 2 --cpus-per-worker 1`` (two actors, one thread each).
 
@@ -49,6 +50,7 @@ from matryoshka2d.data import data_dir, read_rows  # noqa: E402
 
 CONFIGS = {
     "local": ["--engine", "local"],
+    "local2": ["--engine", "local", "--workers", "2"],
     "ray1": ["--engine", "ray", "--workers", "1", "--cpus-per-worker", "2"],
     "ray2": ["--engine", "ray", "--workers", "2", "--cpus-per-worker", "1"],
 }
@@ -61,7 +63,7 @@ from matryoshka2d.corpus import embed_corpus
 a = build_parser().parse_args(sys.argv[1:])
 r = embed_corpus(a.model, a.input, a.out, layers=a.layers, dims=a.dims, shard_rows=a.shard_rows,
                  batch_size=a.batch_size, engine=a.engine, workers=a.workers,
-                 cpus_per_worker=a.cpus_per_worker, show_progress=False)
+                 cpus_per_worker=a.cpus_per_worker, runtime=a.runtime, dtype=a.dtype, show_progress=False)
 print(json.dumps({"seconds": r.seconds, "plan_seconds": r.plan_seconds, "rows": r.rows,
                   "encoded_rows": r.encoded_rows, "complete": r.complete}))
 """
@@ -148,7 +150,7 @@ class TreeMemory:
 def run_config(name: str, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
     argv = ["embed-corpus", minilm(), "--input", str(corpus), "--out", str(out), "--layers", args.layers]
     argv += ["--dims", args.dims, "--shard-rows", str(args.shard_rows), "--batch-size", str(args.batch_size)]
-    argv += CONFIGS[name]
+    argv += ["--runtime", args.runtime, "--dtype", args.dtype] + CONFIGS[name]
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", RUNNER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -172,7 +174,9 @@ def main() -> None:
     parser.add_argument("--dims", default="64,384")
     parser.add_argument("--shard-rows", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--configs", default="local,ray1,ray2")
+    parser.add_argument("--configs", default="local,ray1,ray2", help=f"some of {','.join(CONFIGS)}")
+    parser.add_argument("--runtime", default="torch", help="torch, onnx or onnx-int8 (every config)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (every config)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "corpus.jsonl"))
     args = parser.parse_args()
@@ -184,7 +188,8 @@ def main() -> None:
     corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
     print(
         f"corpus: {args.rows} rows = {len(base)} distinct STSB/SNLI sentences repeated "
-        f"{args.rows / len(base):.1f}x; layers {args.layers} x dims {args.dims}; {args.shard_rows} rows/shard"
+        f"{args.rows / len(base):.1f}x; layers {args.layers} x dims {args.dims}; {args.shard_rows} rows/shard; "
+        f"runtime {args.runtime}, dtype {args.dtype}"
     )
     names = args.configs.split(",")
     runs: list[dict] = []

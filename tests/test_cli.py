@@ -402,7 +402,7 @@ def test_serve_worker_plan(workers, threads, cores, expected):
 )
 def test_serve_backend_threads(runtime, workers, threads, expected):
     """ONNX Runtime's pool is shared by concurrent runs, each adding its caller: workers x threads in all."""
-    from matryoshka2d.cli.common import backend_threads
+    from matryoshka2d.backends import backend_threads
 
     assert backend_threads(runtime, workers, threads) == expected
 

@@ -343,3 +343,58 @@ def test_minilm_two_layer_counts_from_one_pass_equal_encode(tmp_path):
         np.testing.assert_allclose(
             read_cell(tmp_path / "out", k, d)[1], model.encode(sentences, k, d), atol=1e-5
         )
+
+
+def test_the_runtime_and_dtype_are_part_of_the_job(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    """ONNX Runtime's vectors equal torch's; a job started with one runtime or dtype is not resumed with
+    another (the vectors differ slightly), and "auto" is recorded as what it chose."""
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    expected = EmbeddingModel.load(tiny_model_dir).encode(lines, layers=3, dim=8)
+    out = tmp_path / "onnx"
+    assert not run(tiny_model_dir, corpus, out, runtime="onnx", max_shards=1).complete
+    with pytest.raises(CorpusOutputError, match="runtime: 'onnx' there, None now"):
+        run(tiny_model_dir, corpus, out)  # torch float32: another job
+    result = run(tiny_model_dir, corpus, out, runtime="onnx", dtype="auto")  # resumed
+    assert result.complete and result.skipped_shards == 1
+    manifest = read_manifest(out)
+    assert manifest["job"]["runtime"] == "onnx" and manifest["model"]["precision"] == "float32"
+    np.testing.assert_allclose(read_cell(out, 3, 8)[1], expected, atol=1e-5)
+
+    bf16 = tmp_path / "bf16"
+    run(tiny_model_dir, corpus, bf16, dtype="bfloat16")
+    assert read_manifest(bf16)["job"]["precision"] == "bfloat16"
+    vectors = read_cell(bf16, 3, 8)[1]
+    assert 1e-6 < np.abs(vectors - expected).max() < 0.05
+    with pytest.raises(CorpusOutputError, match="precision: 'bfloat16' there, 'float32' now"):
+        run(tiny_model_dir, corpus, bf16, runtime="onnx")
+    assert "runtime" not in read_manifest(run(tiny_model_dir, corpus, tmp_path / "fp32").out)["job"]
+
+
+def test_local_workers_write_the_vectors_of_one(tiny_model_dir, corpus, tmp_path):
+    """workers=2 on the local engine: the same batches on two threads, each with half of torch's threads
+    for the run only; the same job (a run with one worker resumes it)."""
+    import torch
+
+    torch.set_num_threads(2)
+    one = run(tiny_model_dir, corpus, tmp_path / "one")
+    out = tmp_path / "two"
+    assert not run(tiny_model_dir, corpus, out, workers=2, max_shards=2).complete
+    assert torch.get_num_threads() == 2
+    result = run(tiny_model_dir, corpus, out, workers=1)
+    assert (
+        result.complete and result.skipped_shards == 2 and result.manifest["job_id"] == one.manifest["job_id"]
+    )
+    for k, d in ((1, 32), (3, 8)):
+        np.testing.assert_allclose(read_cell(out, k, d)[1], read_cell(one.out, k, d)[1], atol=1e-6)
+
+
+def test_cli_runtime_and_local_workers(tiny_model_dir, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["embed-corpus", str(tiny_model_dir), "--input", str(corpus), "--out", str(out)]
+    assert main(argv + ["--dims", "8", "--runtime", "onnx-int8", "--workers", "2"]) == 0
+    assert "engine local, onnx-int8 int8" in capsys.readouterr().out
+    assert read_manifest(out)["job"]["runtime"] == "onnx-int8"
+    assert main(argv + ["--dims", "8", "--runtime", "onnx", "--dtype", "bfloat16"]) == 2
+    assert "dtype 'bfloat16' is for the torch backend" in capsys.readouterr().err

@@ -93,3 +93,20 @@ def test_an_address_without_a_cluster_is_refused_quickly():
     with pytest.raises(InvalidInputError, match="--ray-address 127.0.0.1:9: no Ray cluster answers there"):
         _check_reachable("127.0.0.1:9")
     _check_reachable("auto")  # left to Ray, which knows where a local cluster is
+
+
+def test_an_actor_loads_the_jobs_runtime(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    """The Ray actor (built here without Ray) loads what the driver chose, with its threads for ONNX."""
+    import dataclasses
+
+    from matryoshka2d.corpus.inputs import expand_inputs, plan_corpus
+    from matryoshka2d.corpus.job import ShardJob
+    from matryoshka2d.corpus.ray_engine import ShardEncoder
+
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    plan = plan_corpus(expand_inputs([str(corpus)]), shard_rows=10_000)
+    job = ShardJob(str(tiny_model_dir), plan, [4], [8], 32, str(tmp_path / "out"), "id", None, "onnx-int8")
+    actor = ShardEncoder(job, threads=1)
+    assert actor.model.backend == "onnx-int8" and actor.model.threads == 1
+    actor = ShardEncoder(dataclasses.replace(job, runtime="torch", dtype="bfloat16"), threads=1)
+    assert actor.model.backend == "torch" and actor.model.precision == "bfloat16"

@@ -19,7 +19,7 @@ from matryoshka2d.errors import InvalidInputError
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
-__all__ = ["BACKENDS", "load_encoder"]
+__all__ = ["BACKENDS", "backend_threads", "load_encoder"]
 
 
 def load_encoder(
@@ -68,3 +68,13 @@ def load_encoder(
     from matryoshka2d.backends.onnx import OnnxEncoder
 
     return OnnxEncoder(name_or_path, quantize="int8" if backend == "onnx-int8" else None, threads=threads)
+
+
+def backend_threads(runtime: str, workers: int, threads: int) -> int:
+    """The thread count to load the backend with, for ``workers`` workers of ``threads`` threads.
+
+    torch: ``threads`` (each worker thread gets its own OpenMP team of that size). ONNX Runtime: a session
+    has one intra-op pool that concurrent runs share, each run adding its calling thread, so ``workers x
+    threads`` in all is a pool of ``workers x (threads - 1) + 1``.
+    """
+    return threads if runtime == "torch" else workers * (threads - 1) + 1

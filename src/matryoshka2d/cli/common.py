@@ -176,6 +176,8 @@ def split_threads(runtime: str, workers: int) -> int | None:
         return None
     import torch
 
+    from matryoshka2d.backends import backend_threads
+
     threads = max(1, torch.get_num_threads() // workers)
     torch.set_num_threads(threads)
     return backend_threads(runtime, workers, threads)
@@ -185,13 +187,3 @@ def runtime_note(encoder) -> str:
     """``"torch bfloat16"``, ``"onnx-int8 int8"``, ...: how an encoder ran, for summary lines."""
     compiled = " compiled" if getattr(encoder, "compiled", False) else ""
     return f"{encoder.backend} {encoder.precision}{compiled}"
-
-
-def backend_threads(runtime: str, workers: int, threads: int) -> int:
-    """The thread count to load the backend with, for ``workers`` workers of ``threads`` threads.
-
-    torch: ``threads`` (each worker thread gets its own OpenMP team of that size). ONNX Runtime: a session
-    has one intra-op pool that concurrent runs share, each run adding its calling thread, so ``workers x
-    threads`` in all is a pool of ``workers x (threads - 1) + 1``.
-    """
-    return threads if runtime == "torch" else workers * (threads - 1) + 1

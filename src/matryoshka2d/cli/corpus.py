@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from matryoshka2d.cli.common import batch_parent, int_list, model_parent, positive_int, prompt_parent
+from matryoshka2d.cli.common import (
+    batch_parent,
+    int_list,
+    model_parent,
+    positive_int,
+    prompt_parent,
+    runtime_parent,
+)
 
 
 def positive_float(text: str) -> float:
@@ -38,6 +45,9 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         max_shards=args.max_shards,
         prompt_name=args.prompt_name,
         prompt=args.prompt,
+        runtime=args.runtime,
+        dtype=args.dtype,
+        compile=args.compile,
     )
     cells = ", ".join(f"{c['layers']}x{c['dim']}" for c in result.manifest["cells"])
     state = "finished" if result.complete else "stopped early"
@@ -45,7 +55,8 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     print(f"output: {result.out}")
     print(
         f"this run: encoded {result.encoded_shards} shard(s), {result.encoded_rows} rows in "
-        f"{result.seconds:.1f} s ({result.rows_per_second:.0f} rows/s, engine {result.engine}); "
+        f"{result.seconds:.1f} s ({result.rows_per_second:.0f} rows/s, engine {result.engine}, "
+        f"{result.manifest['model']['runtime']} {result.manifest['model']['precision']}); "
         f"kept {result.skipped_shards} finished shard(s)"
     )
     if not result.complete:
@@ -56,7 +67,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "embed-corpus",
-        parents=[model_parent(), batch_parent(), prompt_parent("every text", "document")],
+        parents=[model_parent(), batch_parent(), prompt_parent("every text", "document"), runtime_parent()],
         help="encode a corpus into Parquet shards per (layers, dim), resumable, locally or on Ray",
         description=(
             "One pass over the inputs writes, for every (layers, dim) cell, Parquet shards of "
@@ -86,13 +97,15 @@ def register(sub) -> None:
     p.add_argument(
         "--workers",
         type=positive_int,
-        help="Ray actors, one model each (default: cluster CPUs / cpus-per-worker)",
+        help="local: batches encoded at once, each with the cores divided among them (default 1; on 2 "
+        "cores 2 encode ~1.4x the rows in bfloat16 and onnx-int8); ray: actors, one model each (default: "
+        "cluster CPUs / cpus-per-worker)",
     )
     p.add_argument(
         "--cpus-per-worker",
         type=positive_float,
         default=1.0,
-        help="CPUs (torch threads) per Ray actor (default 1)",
+        help="CPUs (torch or ONNX Runtime threads) per Ray actor (default 1)",
     )
     p.add_argument(
         "--max-shards", type=positive_int, help="encode at most this many shards now, then stop (resumable)"

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from matryoshka2d.cli.common import backend_threads, int_list, model_parent, positive_int, runtime_parent
+from matryoshka2d.cli.common import int_list, model_parent, positive_int, runtime_parent
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_load_error(error: BaseException) -> None:
         failed.append(error)
         server.should_exit = True
+
+    from matryoshka2d.backends import backend_threads
 
     runtime_threads = backend_threads(args.runtime, workers, threads)
 

@@ -25,7 +25,7 @@ from matryoshka2d.corpus.inputs import ShardSpec
 from matryoshka2d.errors import InvalidInputError, Matryoshka2dError, first_line
 
 #: Environment variables the workers get from the driver when set there (offline hub, tokenizers).
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "M2D_DATA_DIR")
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "M2D_DATA_DIR", "M2D_CACHE_DIR")
 
 
 class ShardEncoder:
@@ -33,17 +33,24 @@ class ShardEncoder:
 
     Args:
         job: the :class:`~matryoshka2d.corpus.job.ShardJob`.
-        threads: torch threads for this actor (its CPU share).
+        threads: torch or ONNX Runtime threads for this actor (its CPU share).
     """
 
     def __init__(self, job, threads: int) -> None:
         import torch
 
-        from matryoshka2d.model import EmbeddingModel
+        from matryoshka2d.backends import load_encoder
 
-        torch.set_num_threads(max(1, threads))
+        threads = max(1, threads)
+        torch.set_num_threads(threads)
         self.job = job
-        self.model = EmbeddingModel.load(job.model)
+        self.model = load_encoder(
+            job.model,
+            backend=job.runtime,
+            dtype=job.dtype,
+            compile=job.compile,
+            threads=threads if job.runtime != "torch" else None,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encode the shards in ``batch["shard"]``; a user-facing error is returned as data, not raised.
