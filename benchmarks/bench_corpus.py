@@ -188,8 +188,8 @@ def main() -> None:
     corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
     print(
         f"corpus: {args.rows} rows = {len(base)} distinct STSB/SNLI sentences repeated "
-        f"{args.rows / len(base):.1f}x; layers {args.layers} x dims {args.dims}; {args.shard_rows} rows/shard; "
-        f"runtime {args.runtime}, dtype {args.dtype}"
+        f"{args.rows / len(base):.1f}x; layers {args.layers} x dims {args.dims}; "
+        f"{args.shard_rows} rows/shard; runtime {args.runtime}, dtype {args.dtype}"
     )
     names = args.configs.split(",")
     runs: list[dict] = []
