@@ -98,7 +98,7 @@ def register(sub) -> None:
         "--workers",
         type=positive_int,
         help="local: batches encoded at once, each with the cores divided among them (default 1; on 2 "
-        "cores 2 encode ~1.4x the rows in bfloat16 and onnx-int8); ray: actors, one model each (default: "
+        "cores 2 encoded 1.26x the rows in bfloat16); ray: actors, one model each (default: "
         "cluster CPUs / cpus-per-worker)",
     )
     p.add_argument(

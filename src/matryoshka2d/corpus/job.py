@@ -190,7 +190,7 @@ def embed_corpus(
         engine: ``local`` (this process) or ``ray`` (Ray Data actors, see :mod:`.ray_engine`).
         ray_address: Ray cluster to join (``auto``, ``ray://host:10001``); default: start a local Ray.
         workers: local: batches encoded at once in this process, each with torch's threads divided
-            among them (default 1; on 2 cores 2 encode ~1.4x the rows in bfloat16 and onnx-int8, see
+            among them (default 1; on 2 cores 2 encoded 1.26x the rows in bfloat16, see
             :meth:`~matryoshka2d.encoder.Encoder.iter_encode`); ray: actors, one model each (default:
             the cluster's CPUs / ``cpus_per_worker``).
         cpus_per_worker: CPUs (torch or ONNX Runtime threads) per Ray actor.
