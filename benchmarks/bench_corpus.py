@@ -63,7 +63,8 @@ from matryoshka2d.corpus import embed_corpus
 a = build_parser().parse_args(sys.argv[1:])
 r = embed_corpus(a.model, a.input, a.out, layers=a.layers, dims=a.dims, shard_rows=a.shard_rows,
                  batch_size=a.batch_size, engine=a.engine, workers=a.workers,
-                 cpus_per_worker=a.cpus_per_worker, runtime=a.runtime, dtype=a.dtype, show_progress=False)
+                 cpus_per_worker=a.cpus_per_worker, runtime=a.runtime, dtype=a.dtype, compile=a.compile,
+                 show_progress=False)
 print(json.dumps({"seconds": r.seconds, "plan_seconds": r.plan_seconds, "rows": r.rows,
                   "encoded_rows": r.encoded_rows, "complete": r.complete}))
 """

@@ -19,6 +19,7 @@ from matryoshka2d.cli import main
 from matryoshka2d.corpus import CorpusOutputError, embed_corpus, read_cell, read_manifest
 from matryoshka2d.corpus.shards import list_temporaries
 from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.search.fingerprint import ModelFingerprint
 
 LAYERS, DIMS = [1, 3], [32, 8]
 
@@ -398,3 +399,32 @@ def test_cli_runtime_and_local_workers(tiny_model_dir, corpus, tmp_path, capsys,
     assert read_manifest(out)["job"]["runtime"] == "onnx-int8"
     assert main(argv + ["--dims", "8", "--runtime", "onnx", "--dtype", "bfloat16"]) == 2
     assert "dtype 'bfloat16' is for the torch backend" in capsys.readouterr().err
+
+
+def test_compile_is_part_of_the_job_and_applied_after_the_fingerprints(
+    tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    """Compiled float32 differs from eager in the last bits: another job. The model is compiled once, after
+    the fingerprints (which run every layer count), not before (a graph per layer count for nothing)."""
+    calls = []
+    real_of = ModelFingerprint.of
+
+    def spy_compile(self, *args, **kwargs):
+        calls.append("compile")
+        return self  # the compiling itself is tested in test_model.py
+
+    def spy_fingerprint(model, layers=None, *args, **kwargs):
+        calls.append(f"fingerprint {layers}")
+        return real_of(model, layers, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingModel, "compile_for_inference", spy_compile)
+    monkeypatch.setattr(ModelFingerprint, "of", spy_fingerprint)
+    out = tmp_path / "out"
+    result = run(tiny_model_dir, corpus, out, compile=True, max_shards=1)
+    assert calls == ["fingerprint 1", "fingerprint 3", "compile"]
+    assert result.manifest["job"]["compiled"] is True and result.manifest["model"]["compiled"] is True
+    with pytest.raises(CorpusOutputError, match="compiled: True there, None now"):
+        run(tiny_model_dir, corpus, out)
+    with pytest.raises(InvalidInputError, match="compile is for the torch backend"):
+        run(tiny_model_dir, corpus, tmp_path / "onnx", runtime="onnx", compile=True)
+    assert not (tmp_path / "onnx").exists()

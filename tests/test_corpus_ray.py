@@ -110,3 +110,24 @@ def test_an_actor_loads_the_jobs_runtime(tiny_model_dir, corpus, tmp_path, monke
     assert actor.model.backend == "onnx-int8" and actor.model.threads == 1
     actor = ShardEncoder(dataclasses.replace(job, runtime="torch", dtype="bfloat16"), threads=1)
     assert actor.model.backend == "torch" and actor.model.precision == "bfloat16"
+
+
+def test_an_actor_on_a_cpu_with_other_int8_kernels_refuses_the_shards(
+    tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    """onnx-int8 picks its kernels from the CPU: a node that picks others than the driver reports an error
+    for each shard instead of writing vectors that differ by ~4e-4."""
+    from matryoshka2d.corpus.inputs import expand_inputs, plan_corpus
+    from matryoshka2d.corpus.job import ShardJob
+    from matryoshka2d.corpus.ray_engine import ShardEncoder
+
+    monkeypatch.setenv("M2D_CACHE_DIR", str(tmp_path / "cache"))
+    plan = plan_corpus(expand_inputs([str(corpus)]), shard_rows=10_000)
+    args = (str(tiny_model_dir), plan, [4], [8], 32, str(tmp_path / "out"), "id", None, "onnx-int8")
+    here = ShardEncoder(ShardJob(*args), threads=1).model.preset
+    same = ShardEncoder(ShardJob(*args, int8_preset=here), threads=1)
+    assert same.refusal is None
+    other = ShardEncoder(ShardJob(*args, int8_preset="another-cpu"), threads=1)
+    reply = other({"shard": np.array([0])})
+    assert list(reply["error"]) == ["InvalidInputError"] and "'another-cpu'" in reply["message"][0]
+    assert not (tmp_path / "out").exists()

@@ -56,7 +56,8 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     print(
         f"this run: encoded {result.encoded_shards} shard(s), {result.encoded_rows} rows in "
         f"{result.seconds:.1f} s ({result.rows_per_second:.0f} rows/s, engine {result.engine}, "
-        f"{result.manifest['model']['runtime']} {result.manifest['model']['precision']}); "
+        f"{result.manifest['model']['runtime']} {result.manifest['model']['precision']}"
+        f"{' compiled' if result.manifest['model'].get('compiled') else ''}); "
         f"kept {result.skipped_shards} finished shard(s)"
     )
     if not result.complete:

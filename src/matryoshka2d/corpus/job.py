@@ -101,6 +101,8 @@ class ShardJob:
     runtime: str = "torch"
     dtype: str = "float32"
     compile: bool = False
+    #: onnx-int8: the driver's int8 kernels (chosen from its CPU); a worker whose CPU picks others refuses
+    int8_preset: str | None = None
 
     @property
     def cells(self) -> list[str]:
@@ -201,8 +203,9 @@ def embed_corpus(
             model's default prompt. Part of the job: a run with another prompt is another job.
         runtime, dtype, compile: how the model runs (:func:`~matryoshka2d.backends.load_encoder`:
             ``"torch"``, ``"onnx"`` or ``"onnx-int8"``; ``"float32"``, ``"bfloat16"``, ``"float16"`` or
-            ``"auto"``). Part of the job unless torch float32 (the vectors differ slightly), with
-            ``"auto"`` resolved: a job is resumed only with what it was started with.
+            ``"auto"``). Part of the job unless torch float32 eager (the vectors differ slightly), with
+            ``"auto"`` resolved and onnx-int8's kernels (chosen from the CPU): a job is resumed only with
+            what it was started with, and Ray workers whose CPU picks other int8 kernels refuse it.
 
     Returns:
         :class:`CorpusResult`.
@@ -239,10 +242,18 @@ def embed_corpus(
         threads_before = torch.get_num_threads()
         threads = max(1, threads_before // local_workers)
         runtime_threads = backend_threads(runtime, local_workers, threads) if runtime != "torch" else None
-    loaded = load_encoder(model_path, backend=runtime, dtype=dtype, compile=compile, threads=runtime_threads)
+    if compile and runtime != "torch":
+        raise InvalidInputError(
+            f"compile is for the torch backend; backend {runtime!r} runs ONNX Runtime's own optimised graphs"
+        )
+    # compiled (local engine) only after the fingerprints below: they run every layer count once
+    loaded = load_encoder(model_path, backend=runtime, dtype=dtype, threads=runtime_threads)
     runs_as = {"runtime": loaded.backend, "precision": loaded.precision}
-    if hasattr(loaded, "preset") and loaded.preset:  # int8 kernels chosen for this CPU
-        runs_as["int8_preset"] = loaded.preset
+    preset = getattr(loaded, "preset", None)  # onnx-int8: the int8 kernels chosen for this CPU
+    if preset:
+        runs_as["int8_preset"] = preset
+    if compile:  # compiled float32 differs from eager in the last bits
+        runs_as["compiled"] = True
     ks, ds = loaded._layer_list(_int_list(layers, "layers")), loaded._dim_list(_int_list(dims, "dims"))
     asked = None if prompt_name is None and prompt is None else loaded.resolve_prompt(prompt_name, prompt)
     model_info = {"name": str(model), "num_layers": loaded.num_layers, "dim": loaded.dim, **runs_as}
@@ -251,6 +262,8 @@ def embed_corpus(
     # The model's embeddings of a few probe sentences at each layer count written: what a search index
     # or Qdrant collection the vectors are uploaded into checks other models against.
     fingerprints = {str(k): ModelFingerprint.of(loaded, k).to_json() for k in ks}
+    if compile and engine == "local":
+        loaded.compile_for_inference()
 
     started = time.perf_counter()
     plan = plan_corpus(files, text_column=text_column, id_column=id_column, shard_rows=shard_rows)
@@ -274,7 +287,18 @@ def embed_corpus(
     ref = str(model_path.resolve()) if Path(str(model)).expanduser().is_dir() else str(model)
     worker_dtype = loaded.precision if runtime == "torch" else "float32"
     shard_job = ShardJob(
-        ref, plan, ks, ds, batch_size, str(out.resolve()), job_id, asked, runtime, worker_dtype, compile
+        ref,
+        plan,
+        ks,
+        ds,
+        batch_size,
+        str(out.resolve()),
+        job_id,
+        asked,
+        runtime,
+        worker_dtype,
+        compile,
+        preset,
     )
     cells = [{"layers": k, "dim": d, "folder": cell_folder(k, d), "rows": plan.rows} for k in ks for d in ds]
     manifest = {

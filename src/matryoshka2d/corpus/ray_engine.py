@@ -51,6 +51,15 @@ class ShardEncoder:
             compile=job.compile,
             threads=threads if job.runtime != "torch" else None,
         )
+        preset = getattr(self.model, "preset", None)
+        #: why this actor may not encode the job's shards (reported for each shard), or None
+        self.refusal = None
+        if job.int8_preset is not None and preset != job.int8_preset:
+            self.refusal = (
+                f"this Ray node's CPU runs int8 with the {preset!r} kernels, the job was started with "
+                f"{job.int8_preset!r}: the vectors would differ; run it on nodes of one CPU kind, or use "
+                "--runtime onnx"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encode the shards in ``batch["shard"]``; a user-facing error is returned as data, not raised.
@@ -64,6 +73,10 @@ class ShardEncoder:
         indices = [int(i) for i in batch["shard"]]
         errors, messages = [], []
         for index in indices:
+            if self.refusal is not None:
+                errors.append("InvalidInputError")
+                messages.append(self.refusal)
+                continue
             try:
                 encode_shard(self.model, self.job, self.job.plan.shards[index])
                 errors.append("")
