@@ -444,3 +444,58 @@ def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
     # ONNX Runtime: one session pool for both workers (2 x (1 - 1) + 1 threads); torch: threads set above
     assert loads == [None, 1 if runtime == "onnx" else None] and pools == [1, 2]
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "qdrant"])
+def test_index_build_and_add_with_workers(tiny_model_dir, tmp_path, monkeypatch, backend):
+    """--workers 2 on index build (faiss and Qdrant) and index add: two batches at once (a pool of 2),
+    the same vectors as one worker; --workers is refused for an embed-corpus output, which encodes nothing."""
+    import torch
+
+    import matryoshka2d.encoder
+
+    pools = []
+    worker_pool = matryoshka2d.encoder._worker_pool
+
+    def spy_pool(workers):
+        pools.append(workers)
+        return worker_pool(workers)
+
+    monkeypatch.setattr(matryoshka2d.encoder, "_worker_pool", spy_pool)
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n")
+    threads = torch.get_num_threads()
+    build = ["index", "build", str(tiny_model_dir), "--corpus", str(corpus), "--shortlist-dim", "8"]
+    build += ["--batch-size", "4"]  # three batches: both workers run some
+    try:
+        torch.set_num_threads(2)
+        if backend == "faiss":
+            from matryoshka2d.search.index import SearchIndex
+
+            assert main([*build, "--out", str(tmp_path / "one")]) == 0
+            assert main([*build, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+            assert (
+                main(["index", "add", str(tmp_path / "two"), "--corpus", str(corpus), "--workers", "2"]) == 0
+            )
+            one, two = SearchIndex.load(tmp_path / "one"), SearchIndex.load(tmp_path / "two")
+            assert len(two) == 2 * len(one)
+            np.testing.assert_allclose(two.vectors[: len(one)], one.vectors, atol=1e-6)
+            np.testing.assert_allclose(two.vectors[len(one) :], one.vectors, atol=1e-6)
+        else:
+            from matryoshka2d.search.qdrant import QdrantIndex
+
+            edge = tmp_path / "edge"
+            qdrant = ["--backend", "qdrant", "--qdrant-edge", str(edge)]
+            assert main([*build, *qdrant, "--collection", "one"]) == 0
+            assert main([*build, *qdrant, "--collection", "two", "--workers", "2"]) == 0
+            with (
+                QdrantIndex.open("one", edge_path=str(edge)) as q1,
+                QdrantIndex.open("two", edge_path=str(edge)) as q2,
+            ):
+                hits1 = q1.search_texts(EmbeddingModel.load(tiny_model_dir), SENTENCES[:3], k=4)
+                hits2 = q2.search_texts(EmbeddingModel.load(tiny_model_dir), SENTENCES[:3], k=4)
+            assert hits1.ids == hits2.ids
+            np.testing.assert_allclose(hits1.scores, hits2.scores, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert pools.count(2) == (2 if backend == "faiss" else 1) and 1 in pools

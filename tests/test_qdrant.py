@@ -545,4 +545,6 @@ def test_an_embed_corpus_output_of_another_model_is_refused(tiny_model_dirs, tmp
     assert "is not the model" in capsys.readouterr().err
     assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), "--column", "x", *qdrant]) == 2
     assert "--column: not for an embed-corpus output" in capsys.readouterr().err
+    assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), "--workers", "2", *qdrant]) == 2
+    assert "--workers: not for an embed-corpus output" in capsys.readouterr().err
     assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), *qdrant]) == 0

@@ -92,6 +92,19 @@ def batch_parent(default: int = 32) -> argparse.ArgumentParser:
     return p
 
 
+def workers_parent() -> argparse.ArgumentParser:
+    """``--workers``: batches encoded at once in this process (``encode(workers=)``; see split_threads)."""
+    p = _parent()
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="run this many batches at once, each with the cores divided among them "
+        "(default 1; on 2 cores 2 encoded 1.3-1.6x the sentences in bfloat16 and onnx-int8)",
+    )
+    return p
+
+
 def grid_parent() -> argparse.ArgumentParser:
     """``--layers`` and ``--dims`` lists for grid evaluation."""
     p = _parent()

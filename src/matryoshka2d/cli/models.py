@@ -21,11 +21,11 @@ from matryoshka2d.cli.common import (
     load_runtime,
     model_parent,
     overwrite_parent,
-    positive_int,
     prompt_parent,
     runtime_note,
     runtime_parent,
     split_threads,
+    workers_parent,
 )
 from matryoshka2d.persistence import (
     atomic_write,
@@ -90,7 +90,7 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "encode",
-        parents=[model, cell_parent(), batch, runtime, overwrite, prompt_parent()],
+        parents=[model, cell_parent(), batch, runtime, workers_parent(), overwrite, prompt_parent()],
         help="embed texts at a chosen (layers, dim) into a .npy file",
     )
     p.add_argument(
@@ -101,13 +101,6 @@ def register(sub) -> None:
     )
     p.add_argument("--column", help="column to read from a table file (default: 'text' or the first column)")
     p.add_argument("--out", required=True, help="output .npy file (an existing one only with --overwrite)")
-    p.add_argument(
-        "--workers",
-        type=positive_int,
-        default=1,
-        help="run this many batches at once, each with the cores divided among them "
-        "(default 1; on 2 cores 2 encoded 1.3-1.5x the sentences in bfloat16 and onnx-int8)",
-    )
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser(

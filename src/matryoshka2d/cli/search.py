@@ -14,6 +14,8 @@ from matryoshka2d.cli.common import (
     prompt_parent,
     runtime_note,
     runtime_parent,
+    split_threads,
+    workers_parent,
 )
 from matryoshka2d.persistence import atomic_write, check_output_file, check_output_folder, json_with_keys
 
@@ -27,7 +29,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     check_qdrant_options(args, build=True)
     check_output_folder(args.out, "search-index", overwrite=args.overwrite, inputs=[args.corpus, args.model])
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
-    model = load_runtime(args, model_reference(args.model))
+    model = load_runtime(args, model_reference(args.model), threads=split_threads(args.runtime, args.workers))
     index = SearchIndex.from_model(
         model,
         texts,
@@ -40,6 +42,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         prompt_name=args.prompt_name,
         prompt=args.prompt,
+        workers=args.workers,
     )
     with index_lock(args.out, on_wait=waiting("index build", args.out)):  # not amid an 'index add'
         index.save(args.out, overwrite=args.overwrite, inputs=[args.corpus, args.model])
@@ -66,9 +69,16 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     # Held from the load to the save: a concurrent 'index add' waits instead of losing one's documents.
     with index_lock(args.index_dir, on_wait=waiting("index add", args.index_dir)):
         index = SearchIndex.load(args.index_dir)
-        model = load_runtime(args, args.model or index_model(index))
+        threads = split_threads(args.runtime, args.workers)
+        model = load_runtime(args, args.model or index_model(index), threads=threads)
         index.add_texts(
-            model, texts, ids, batch_size=args.batch_size, prompt_name=args.prompt_name, prompt=args.prompt
+            model,
+            texts,
+            ids,
+            batch_size=args.batch_size,
+            prompt_name=args.prompt_name,
+            prompt=args.prompt,
+            workers=args.workers,
         )
         index.save(args.index_dir, overwrite=True, inputs=inputs)
     print(f"added {len(texts)} documents to {args.index_dir} (now {len(index)}) ({runtime_note(model)})")
@@ -202,7 +212,9 @@ def register(sub) -> None:
         "every document", "document", "; the faiss index records it and later adds use it"
     )
     p = index_sub.add_parser(
-        "build", parents=[runtime, documents], help="encode a corpus and write a search index folder"
+        "build",
+        parents=[runtime, workers_parent(), documents],
+        help="encode a corpus and write a search index folder",
     )
     p.add_argument("model", help="model folder or Hugging Face hub id")
     p.add_argument(
@@ -232,6 +244,7 @@ def register(sub) -> None:
         "add",
         parents=[
             runtime,
+            workers_parent(),
             prompt_parent("every document", "document", "; default: the one the index recorded"),
         ],
         help="encode more documents into an existing index",
@@ -400,6 +413,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
             ("--no-texts", args.no_texts),
             ("--prompt-name", args.prompt_name),
             ("--prompt", args.prompt is not None),
+            ("--workers", args.workers != 1),
         )
         unused = [flag for flag, value in not_for_vectors if value]
         if unused:
@@ -429,7 +443,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
         # Row numbers, as for a faiss index: building the same corpus again replaces its points (an
         # interrupted build is finished by running it again) instead of adding them a second time.
         ids = [str(i) for i in range(len(texts))]
-    model = load_runtime(args, model_reference(args.model))
+    model = load_runtime(args, model_reference(args.model), threads=split_threads(args.runtime, args.workers))
     with QdrantIndex.create(
         collection,
         dim=model.dim,
@@ -457,6 +471,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
             store_texts=not args.no_texts,
             prompt_name=args.prompt_name,
             prompt=args.prompt,
+            workers=args.workers,
         )
         c = index.shortlist
         print(

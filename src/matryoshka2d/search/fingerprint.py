@@ -72,18 +72,21 @@ def encode_texts(
     batch_size: int = 32,
     show_progress: bool | None = False,
     prompt: str | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
     """Normalised float32 embeddings of ``texts`` by ``model`` at ``layers`` (full dim), one row each.
 
     ``model`` is any encoder with ``encode(texts, layers=)`` (the torch model, the ONNX encoders; its
-    ``batch_size`` and ``show_progress`` are passed if it takes them) or, failing that, ``iter_encode``
-    with ``num_layers`` and ``dim``. ``prompt`` (None: the model's default prompt) is passed as
-    ``prompt=`` (see :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`).
+    ``batch_size``, ``show_progress`` and ``workers`` are passed if it takes them: ``workers``, batches
+    encoded at once, changes only the speed) or, failing that, ``iter_encode`` with ``num_layers`` and
+    ``dim``. ``prompt`` (None: the model's default prompt) is passed as ``prompt=`` (see
+    :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`).
     """
     texts = check_ordered(texts, "texts")  # a set or dict has no row order: refused, never listed
     prompted = prompt_option(prompt)
     if hasattr(model, "encode"):
         options = {"batch_size": batch_size, "show_progress": show_progress}
+        options.update({"workers": workers} if workers != 1 else {})
         params = inspect.signature(model.encode).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             options = {name: value for name, value in options.items() if name in params}

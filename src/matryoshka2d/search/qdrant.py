@@ -1016,6 +1016,7 @@ class QdrantIndex:
         chunk_size: int = 8192,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        workers: int = 1,
     ) -> int:
         """Encode ``texts`` with ``model`` (at the collection's ``layers``) chunk by chunk and upload them.
 
@@ -1033,6 +1034,8 @@ class QdrantIndex:
             prompt_name, prompt: the documents' prompt (e.g. ``prompt_name="document"``; default: the
                 model's default prompt). Not recorded: give the same one to every upload, and the
                 queries' one (e.g. ``"query"``) to :meth:`search_texts`.
+            workers: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.iter_encode`; give each
+                its share of the cores first, as ``m2d index build --workers`` does); speed only.
         """
         from matryoshka2d.encoder import check_texts
 
@@ -1053,6 +1056,7 @@ class QdrantIndex:
                 chunk_size=chunk_size,
                 show_progress=False,
                 **prompted,
+                **({"workers": workers} if workers != 1 else {}),
             ):
                 vectors = batch.embeddings[(layers, model.dim)]
                 stop = batch.start + batch.size
