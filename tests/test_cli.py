@@ -438,10 +438,10 @@ def test_encode_with_workers(tiny_model_dir, tmp_path, monkeypatch, runtime):
         torch.set_num_threads(2)
         assert main([*base, "--out", str(tmp_path / "one.npy")]) == 0
         assert main([*base, "--workers", "2", "--out", str(tmp_path / "two.npy")]) == 0
-        assert torch.get_num_threads() == 1  # 2 threads for 2 workers
+        assert torch.get_num_threads() == 2  # the workers' threads divide it; this thread's is unchanged
     finally:
         torch.set_num_threads(threads)
-    # ONNX Runtime: one session pool for both workers (2 x (1 - 1) + 1 threads); torch: threads set above
+    # ONNX Runtime: one session pool for both workers (2 x (1 - 1) + 1 threads); torch: set by encode
     assert loads == [None, 1 if runtime == "onnx" else None] and pools == [1, 2]
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
 
@@ -496,6 +496,7 @@ def test_index_build_and_add_with_workers(tiny_model_dir, tmp_path, monkeypatch,
                 hits2 = q2.search_texts(EmbeddingModel.load(tiny_model_dir), SENTENCES[:3], k=4)
             assert hits1.ids == hits2.ids
             np.testing.assert_allclose(hits1.scores, hits2.scores, atol=1e-6)
+        assert torch.get_num_threads() == 2  # faiss's work after the encoding keeps this thread's threads
     finally:
         torch.set_num_threads(threads)
     assert pools.count(2) == (2 if backend == "faiss" else 1) and 1 in pools

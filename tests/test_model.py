@@ -626,3 +626,32 @@ def test_a_tokenizer_with_a_custom_python_component_still_tokenises(tiny_model):
     texts = ["the cat", "a dog runs"]
     assert tiny_model.tokenize(texts, padding=False) == hf_unpadded(tiny_model, texts)
     assert tiny_model.encode(texts).shape == (2, tiny_model.dim)
+
+
+def test_workers_divide_torchs_threads_in_the_worker_threads_only(tiny_model):
+    """encode(workers=2) on 2 torch threads: each worker thread runs torch with 1, the caller keeps 2 (so
+    what it runs next with OpenMP, e.g. faiss, is not slowed), and torch's default is 2 again afterwards."""
+    import threading
+
+    seen: dict[str, int] = {}
+    real = tiny_model._encode_batch
+
+    def spy(encoded, rows, layers):
+        seen[threading.current_thread().name] = torch.get_num_threads()
+        return real(encoded, rows, layers)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny_model._encode_batch = spy
+        tiny_model.encode(SENTENCES * 4, batch_size=4, workers=2)
+        assert torch.get_num_threads() == 2
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(n=torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert result["n"] == 2  # a thread started afterwards gets torch's default, put back
+    finally:
+        del tiny_model._encode_batch
+        torch.set_num_threads(threads)
+    assert len(seen) == 2 and set(seen.values()) == {1}

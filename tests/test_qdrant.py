@@ -548,3 +548,14 @@ def test_an_embed_corpus_output_of_another_model_is_refused(tiny_model_dirs, tmp
     assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), "--workers", "2", *qdrant]) == 2
     assert "--workers: not for an embed-corpus output" in capsys.readouterr().err
     assert main(["index", "build", str(bert), "--corpus", str(out["bert"]), *qdrant]) == 0
+
+
+def test_upload_texts_refuses_a_bad_workers_value_first(tiny_model):
+    from conftest import SENTENCES
+
+    with QdrantIndex.create("c", dim=tiny_model.dim, shortlist_dim=8, path=":memory:") as q:
+        for bad in (0, True, 2.5):
+            with pytest.raises(InvalidInputError, match="workers"):
+                q.upload_texts(tiny_model, SENTENCES, workers=bad, show_progress=False)
+        assert len(q) == 0
+        assert q.upload_texts(tiny_model, SENTENCES, workers=2, batch_size=4, show_progress=False) == 12

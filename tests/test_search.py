@@ -944,3 +944,27 @@ def test_a_mismatch_names_the_default_prompt_of_the_model(tiny_model_dir, tmp_pa
     prompted = EmbeddingModel.load(prompted_copy(tiny_model_dir, tmp_path / "p", {"q": "query: "}, "q"))
     with pytest.raises(ModelMismatchError, match="prepends the prompt 'query: '"):
         index.check_model(prompted)
+
+
+def test_workers_reach_every_kind_of_encoder_and_bad_values_are_refused_first(tiny_model, monkeypatch):
+    """workers=2 gives a pool of 2 to an encode() encoder and to the iter_encode-only one; a bad value is
+    refused before an empty index records the model (it would then refuse every other model)."""
+    import matryoshka2d.encoder
+    from matryoshka2d.search.fingerprint import encode_texts
+
+    pools = []
+    real_pool = matryoshka2d.encoder._worker_pool
+    monkeypatch.setattr(matryoshka2d.encoder, "_worker_pool", lambda n: pools.append(n) or real_pool(n))
+    one = encode_texts(tiny_model, SENTENCES, None, batch_size=4)
+    for model in (tiny_model, IterEncodeOnly(tiny_model)):
+        np.testing.assert_allclose(
+            encode_texts(model, SENTENCES, None, batch_size=4, workers=2), one, atol=1e-6
+        )
+    assert pools.count(2) == 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(InvalidInputError, match="workers"):
+            encode_texts(tiny_model, SENTENCES, None, workers=bad)
+        index = SearchIndex(dim=tiny_model.dim)
+        with pytest.raises(InvalidInputError, match="workers"):
+            index.add_texts(tiny_model, SENTENCES, workers=bad)
+        assert index.fingerprint is None and len(index) == 0

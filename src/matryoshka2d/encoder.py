@@ -450,15 +450,16 @@ class Encoder(abc.ABC):
             workers: forward passes run at once, each on its own thread (default 1): each chunk is
                 tokenised in that many parts at once, then every worker takes the next batch of the one
                 list sorted by length, so the batches (and the embeddings, up to the runtime's thread
-                count) are those of one worker and a worker drawing long batches takes fewer. Give each
-                worker its share of the cores: ``torch.set_num_threads(cores // workers)`` before the
-                call for torch (threads that already ran torch ops keep their count),
-                ``load_encoder(..., threads=1)`` for ONNX Runtime on 2 cores (``m2d encode --workers``
-                does both; on more cores, an ONNX Runtime session's one pool is shared by the workers,
-                each adding its calling thread: ``threads = workers x (t - 1) + 1`` for ``t`` threads a
-                worker); otherwise they compete for the cores. Small batches use many threads poorly: on
-                2 cores, 2 workers of 1 thread encoded 1.37x the sentences of 1 worker of 2 threads in
-                bfloat16 and 1.45x in ONNX int8 (``benchmarks/bench_backends.py --workers``). An error in
+                count) are those of one worker and a worker drawing long batches takes fewer. Each
+                worker runs torch with the calling thread's torch threads divided among them (set in
+                the worker threads; the caller's own count is unchanged). For ONNX Runtime, give the
+                sessions their threads when loading: ``load_encoder(..., threads=1)`` on 2 cores (on
+                more cores, a session's one pool is shared by the workers, each adding its calling
+                thread: ``threads = workers x (t - 1) + 1`` for ``t`` threads a worker; ``m2d encode
+                --workers`` does this); otherwise they compete for the cores. Small batches use many
+                threads poorly: on 2 cores, 2 workers of 1 thread encoded 1.37x the sentences of 1
+                worker of 2 threads in bfloat16 and 1.59x in ONNX int8
+                (``benchmarks/bench_backends.py --workers``). An error in
                 a worker, or Ctrl-C, stops the others after their current batch.
 
         Yields:
@@ -624,12 +625,34 @@ class Encoder(abc.ABC):
 
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor | None]:
-    """Threads for ``workers`` batches at once (None for one: the calling thread runs them)."""
+    """Threads for ``workers`` batches at once (None for one: the calling thread runs them), each running
+    torch with the calling thread's torch threads divided among them.
+
+    ``torch.set_num_threads`` in a new thread sets that thread's OpenMP team (the caller's is unchanged)
+    and torch's process-wide default, which is put back afterwards: the caller, and anything it runs
+    next with OpenMP (faiss), keeps its threads.
+    """
     if workers == 1:
         yield None
         return
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="m2d-encode") as pool:
-        yield pool
+    import torch
+
+    caller = torch.get_num_threads()
+    share = max(1, caller // workers)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="m2d-encode", initializer=_use_torch_threads, initargs=(share,)
+        ) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(caller)
+
+
+def _use_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.get_num_threads()  # torch's lazy per-thread set-up, now, from this count
 
 
 def lower_case(texts: Sequence[str], tokenizer) -> list[str]:

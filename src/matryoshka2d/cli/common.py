@@ -93,7 +93,7 @@ def batch_parent(default: int = 32) -> argparse.ArgumentParser:
 
 
 def workers_parent() -> argparse.ArgumentParser:
-    """``--workers``: batches encoded at once in this process (``encode(workers=)``; see split_threads)."""
+    """``--workers``: batches encoded at once (``encode(workers=)``, :func:`worker_runtime_threads`)."""
     p = _parent()
     p.add_argument(
         "--workers",
@@ -181,19 +181,18 @@ def load_runtime(args: argparse.Namespace, model: str | None = None, threads: in
     return encoder
 
 
-def split_threads(runtime: str, workers: int) -> int | None:
-    """For ``workers`` batches encoded at once (``encode(workers=)``): give each torch's threads divided by
-    ``workers`` (``torch.set_num_threads``: this process's setting, for a command) and return the thread
-    count to load the backend with (None for one worker: the runtime's own choice)."""
-    if workers == 1:
+def worker_runtime_threads(runtime: str, workers: int) -> int | None:
+    """The thread count to load the backend with for ``workers`` batches at once (``--workers``): None
+    for one worker (the runtime's own choice) and for torch (``encode(workers=)`` gives each worker thread
+    torch's threads divided among them); for ONNX Runtime, the one session pool the workers share
+    (:func:`~matryoshka2d.backends.backend_threads` of torch's threads divided among them)."""
+    if workers == 1 or runtime == "torch":
         return None
     import torch
 
     from matryoshka2d.backends import backend_threads
 
-    threads = max(1, torch.get_num_threads() // workers)
-    torch.set_num_threads(threads)
-    return backend_threads(runtime, workers, threads)
+    return backend_threads(runtime, workers, max(1, torch.get_num_threads() // workers))
 
 
 def runtime_note(encoder) -> str:

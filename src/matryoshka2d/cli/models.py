@@ -24,7 +24,7 @@ from matryoshka2d.cli.common import (
     prompt_parent,
     runtime_note,
     runtime_parent,
-    split_threads,
+    worker_runtime_threads,
     workers_parent,
 )
 from matryoshka2d.persistence import (
@@ -44,7 +44,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     write = {"overwrite": args.overwrite, "inputs": [args.input, args.model], "recognize": is_npy_file}
     out = check_output_file(args.out, "embeddings", **write)  # refuse before spending the encoding time
     texts = read_texts(args.input, column=args.column)
-    model = load_runtime(args, threads=split_threads(args.runtime, args.workers))
+    model = load_runtime(args, threads=worker_runtime_threads(args.runtime, args.workers))
     emb = model.encode(
         texts,
         layers=args.layers,

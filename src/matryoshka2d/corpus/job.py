@@ -235,13 +235,13 @@ def embed_corpus(
     model_path = resolve_model_path(model)
     _refuse_model_as_output(out, model_path)
     local_workers = workers if engine == "local" and workers is not None else 1
-    runtime_threads = None
-    if local_workers > 1:
+    runtime_threads = None  # torch: encode(workers=) divides torch's threads among the workers itself
+    if local_workers > 1 and runtime != "torch":
         import torch
 
-        threads_before = torch.get_num_threads()
-        threads = max(1, threads_before // local_workers)
-        runtime_threads = backend_threads(runtime, local_workers, threads) if runtime != "torch" else None
+        runtime_threads = backend_threads(
+            runtime, local_workers, max(1, torch.get_num_threads() // local_workers)
+        )
     if compile and runtime != "torch":
         raise InvalidInputError(
             f"compile is for the torch backend; backend {runtime!r} runs ONNX Runtime's own optimised graphs"
@@ -346,15 +346,9 @@ def embed_corpus(
         started = time.perf_counter()
         with bar:
             if engine == "local":
-                if local_workers > 1:
-                    torch.set_num_threads(threads)  # each worker's share, for this loop only
-                try:
-                    for shard in pending:
-                        records[shard.index] = encode_shard(loaded, shard_job, shard, local_workers)
-                        bar.update(shard.rows)
-                finally:
-                    if local_workers > 1:
-                        torch.set_num_threads(threads_before)
+                for shard in pending:
+                    records[shard.index] = encode_shard(loaded, shard_job, shard, local_workers)
+                    bar.update(shard.rows)
             else:
                 del loaded  # the actors load their own copies
                 gc.collect()

@@ -37,7 +37,7 @@ import numpy as np
 from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.truncation import truncate_dims
-from matryoshka2d.validation import check_ordered
+from matryoshka2d.validation import check_ordered, check_positive_int
 
 #: The sentences whose embeddings identify a model (varied length, topic and language).
 PROBE_TEXTS = (
@@ -83,10 +83,11 @@ def encode_texts(
     :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`).
     """
     texts = check_ordered(texts, "texts")  # a set or dict has no row order: refused, never listed
+    workers = check_positive_int(workers, "workers")
     prompted = prompt_option(prompt)
+    parallel = {"workers": workers} if workers != 1 else {}  # not given to encoders without the option
     if hasattr(model, "encode"):
-        options = {"batch_size": batch_size, "show_progress": show_progress}
-        options.update({"workers": workers} if workers != 1 else {})
+        options = {"batch_size": batch_size, "show_progress": show_progress, **parallel}
         params = inspect.signature(model.encode).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             options = {name: value for name, value in options.items() if name in params}
@@ -98,7 +99,7 @@ def encode_texts(
     else:
         k = layers if layers is not None else model.num_layers  # type: ignore[attr-defined]
         batches = model.iter_encode(  # type: ignore[attr-defined]
-            texts, layers=[k], batch_size=batch_size, show_progress=show_progress, **prompted
+            texts, layers=[k], batch_size=batch_size, show_progress=show_progress, **prompted, **parallel
         )
         emb = np.concatenate([batch[(k, model.dim)] for batch in batches])  # type: ignore[attr-defined]
     return np.ascontiguousarray(truncate_dims(np.asarray(emb, dtype=np.float32), None, normalize=True))

@@ -428,6 +428,7 @@ class SearchIndex:
 
         texts = check_texts(texts)
         new_ids = self._check_new_ids(ids, len(texts))  # fail before the (slow) encoding
+        workers = check_positive_int(workers, "workers")
         asked = requested_prompt(model, prompt_name, prompt)
         if self._ids:
             used = self.document_prompt if self.document_prompt is not None else _default_prompt(model)
@@ -448,7 +449,7 @@ class SearchIndex:
             batch_size=batch_size,
             show_progress=show_progress,
             prompt=prompt,
-            workers=check_positive_int(workers, "workers"),
+            workers=workers,
         )
         keep = self._texts is not None if self._ids else store_texts
         self.add(emb, new_ids, texts if keep else None)

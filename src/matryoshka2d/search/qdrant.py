@@ -1040,6 +1040,7 @@ class QdrantIndex:
         from matryoshka2d.encoder import check_texts
 
         prompted = _prompt_option(model, prompt_name, prompt)  # checked before any work
+        workers = _check_positive_int(workers, "workers")
         self.check_model(model)
         texts = check_texts(texts)
         doc_ids = self._check_ids(ids, len(texts))
