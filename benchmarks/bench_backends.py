@@ -13,8 +13,8 @@ Spearman (x 100, cosine) comes from the embeddings of its own timed run.
   onnxruntime); without it they are skipped.
 - matryoshka2d: ``load_encoder(backend=torch|onnx|onnx-int8, dtype=float32|bfloat16)`` at 6, 3 and 1
   layers of one loaded model.
-- ``--workers`` adds ours in bf16 and ONNX int8 with ``encode(workers=2)`` (the texts cut in two parts
-  encoded at once, each on half the threads: ``m2d encode --workers 2``) and sentence-transformers bf16
+- ``--workers`` adds ours in bf16 and ONNX int8 with ``encode(workers=2)`` (two batches encoded at once,
+  each on half the threads: ``m2d encode --workers 2``) and sentence-transformers bf16
   given the same by hand (its ``encode`` on each half from two threads of half the threads each).
 - ``--compiled`` adds ours with ``compile=True`` (``m2d encode --compile``: torch.compile with frozen
   weights, every layer count compiled before timing) in float32 and bfloat16, and sentence-transformers
@@ -66,7 +66,7 @@ def _load_variant(variant: str, job: dict, threads: int):
     """A function texts, layers -> embeddings (numpy float32) for ``variant``."""
     import torch
 
-    workers = 2 if variant.endswith("-2w") else 1  # two parts at once, each on half the threads
+    workers = 2 if variant.endswith("-2w") else 1  # two batches at once, each on half the threads
     variant = variant.removesuffix("-2w")
     threads = max(1, threads // workers)
     torch.set_num_threads(threads)
@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument(
         "--workers",
         action="store_true",
-        help="add ours in bf16 and ONNX int8 with encode(workers=2) (two parts at once, half the threads "
+        help="add ours in bf16 and ONNX int8 with encode(workers=2) (two batches at once, half the threads "
         "each), and sentence-transformers bf16 given the same by hand (two threads, a half each)",
     )
     parser.add_argument(
