@@ -68,8 +68,10 @@ def _load_variant(variant: str, job: dict, threads: int):
 
     workers = 2 if variant.endswith("-2w") else 1  # two batches at once, each on half the threads
     variant = variant.removesuffix("-2w")
-    threads = max(1, threads // workers)
-    torch.set_num_threads(threads)
+    share = max(1, threads // workers)
+    # Ours: encode(workers=) gives each worker thread its share of torch's threads itself. The peer by
+    # hand: its two threads copy torch's default at their first op, so that is set to the share.
+    torch.set_num_threads(share if variant.startswith("st-") else threads)
     model_path, batch = job["model"], job["batch_size"]
     if variant.startswith("st-"):
         from sentence_transformers import SentenceTransformer
@@ -87,7 +89,7 @@ def _load_variant(variant: str, job: dict, threads: int):
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = share
             # The setting our ONNX backend uses (pooling follows each run; spinning threads take the cores
             # from it): without it the comparison would favour ours by that setting alone.
             if job["st_spinning"] == "off":
@@ -125,7 +127,7 @@ def _load_variant(variant: str, job: dict, threads: int):
         "m2d-onnx-int8": ("onnx-int8", "float32"),
     }[variant]
     compiled = variant.endswith("-compiled")
-    runtime_threads = backend_threads(backend, workers, threads)  # as m2d serve and m2d encode size it
+    runtime_threads = backend_threads(backend, workers, share)  # as m2d serve and m2d encode size it
     encoder = load_encoder(
         model_path, backend=backend, dtype=dtype, threads=runtime_threads, compile=compiled
     )

@@ -38,7 +38,7 @@ def worker(args) -> None:
 
     from matryoshka2d import EmbeddingModel
 
-    torch.set_num_threads(max(1, args.threads // args.workers))  # each worker's share of the threads
+    torch.set_num_threads(args.threads)  # encode(workers=) divides them among its workers itself
     model = EmbeddingModel.load(minilm_path(), dtype=args.dtype)
     texts = stsb_sentences("test")
     if args.sorted:
@@ -97,7 +97,11 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32", help="what both load: float32, bfloat16, auto")
     parser.add_argument(
-        "--workers", type=int, default=1, help="encode(workers=N), each with threads / N torch threads"
+        "--workers",
+        type=int,
+        default=1,
+        help="encode(workers=N), each with threads / N torch threads (encode divides them itself from "
+        "7ad2183 on: a baseline before it would run N x threads)",
     )
     parser.add_argument("--sorted", action="store_true", help="texts sorted by length (a sorted file)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

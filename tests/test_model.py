@@ -655,3 +655,60 @@ def test_workers_divide_torchs_threads_in_the_worker_threads_only(tiny_model):
         del tiny_model._encode_batch
         torch.set_num_threads(threads)
     assert len(seen) == 2 and set(seen.values()) == {1}
+
+
+def test_concurrent_worker_pools_leave_every_thread_count_as_it_was(tiny_model):
+    """Three fresh threads encode with workers=2 at once beside a fourth running torch: every worker gets 1
+    of the 2 threads, every other thread keeps 2, and a thread started afterwards gets 2 (a pool's setting
+    does not leak; only a thread whose very first torch op falls in the moment a pool starts its workers
+    would copy their count)."""
+    import threading
+
+    seen, counts, errors = [], {}, []
+    real = tiny_model._encode_batch
+
+    def spy(encoded, rows, layers):
+        seen.append(torch.get_num_threads())
+        return real(encoded, rows, layers)
+
+    def caller(name):
+        try:
+            out = tiny_model.encode(SENTENCES * 3, batch_size=2, workers=2)
+            counts[name] = (torch.get_num_threads(), out.shape)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    def bystander(started):
+        torch.get_num_threads()  # set up before the callers start
+        started.set()
+        for _ in range(50):
+            counts.setdefault("bystander", []).append(torch.get_num_threads())
+            torch.ones(64, 64) @ torch.ones(64, 64)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny_model._encode_batch = spy
+        for _ in range(3):
+            counts.clear()
+            started = threading.Event()
+            runners = [threading.Thread(target=bystander, args=(started,))]
+            runners += [threading.Thread(target=caller, args=(f"c{i}",)) for i in range(3)]
+            runners[0].start()
+            started.wait()
+            for t in runners[1:]:
+                t.start()
+            for t in runners:
+                t.join()
+            assert errors == []
+            assert [counts[f"c{i}"][0] for i in range(3)] == [2, 2, 2]
+            assert set(counts["bystander"]) == {2}
+            fresh: dict[str, int] = {}
+            t = threading.Thread(target=lambda out=fresh: out.update(n=torch.get_num_threads()))
+            t.start()
+            t.join()
+            assert fresh["n"] == 2 and torch.get_num_threads() == 2
+    finally:
+        del tiny_model._encode_batch
+        torch.set_num_threads(threads)
+    assert set(seen) == {1}

@@ -623,36 +623,56 @@ class Encoder(abc.ABC):
         return emb[0] if single else emb
 
 
+# Held from the start of a pool's first worker to the moment torch's default thread count is put back.
+_POOL_START = threading.Lock()
+
+
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor | None]:
     """Threads for ``workers`` batches at once (None for one: the calling thread runs them), each running
     torch with the calling thread's torch threads divided among them.
 
-    ``torch.set_num_threads`` in a new thread sets that thread's OpenMP team (the caller's is unchanged)
-    and torch's process-wide default, which is put back afterwards: the caller, and anything it runs
-    next with OpenMP (faiss), keeps its threads.
+    ``torch.set_num_threads`` in a worker sets that thread's OpenMP team, and also torch's process-wide
+    default, which every thread's first torch op copies. So every worker is started and set up at once,
+    under a lock shared by all pools, and the default is put back before any of them runs a batch: the
+    caller, other threads (and faiss, which shares torch's OpenMP) keep their thread counts.
     """
     if workers == 1:
         yield None
         return
     import torch
 
-    caller = torch.get_num_threads()
-    share = max(1, caller // workers)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(
+    with _POOL_START:
+        caller = torch.get_num_threads()  # also this thread's own set-up, if it had none yet
+        share = max(1, caller // workers)
+        pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="m2d-encode", initializer=_use_torch_threads, initargs=(share,)
-        ) as pool:
-            yield pool
+        )
+        # A task per worker: each submit starts a thread, as the others wait in the barrier.
+        ready = threading.Barrier(workers + 1, timeout=60)
+        try:
+            started = [pool.submit(ready.wait) for _ in range(workers)]
+            ready.wait()  # every worker has set its count (and torch's default) to ``share``
+            for future in started:
+                future.result()
+        except BaseException:  # a worker that could not start, or Ctrl-C: release the others
+            ready.abort()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            torch.set_num_threads(caller)  # the default back (this thread's count is the same)
+    try:
+        yield pool
     finally:
-        torch.set_num_threads(caller)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _use_torch_threads(threads: int) -> None:
+    """Pool initializer: this worker thread's torch (OpenMP) thread count."""
     import torch
 
-    torch.set_num_threads(threads)
-    torch.get_num_threads()  # torch's lazy per-thread set-up, now, from this count
+    torch.set_num_threads(threads)  # this thread's count, and torch's default (the caller puts it back)
+    torch.get_num_threads()  # torch's lazy per-thread set-up, now: later ops keep ``threads``
 
 
 def lower_case(texts: Sequence[str], tokenizer) -> list[str]:
