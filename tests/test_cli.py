@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SENTENCES, prompted_copy
 
-from matryoshka2d import EmbeddingModel
+from matryoshka2d import EmbeddingModel, InvalidInputError
 from matryoshka2d.cli import main
 
 
@@ -500,3 +500,30 @@ def test_index_build_and_add_with_workers(tiny_model_dir, tmp_path, monkeypatch,
     finally:
         torch.set_num_threads(threads)
     assert pools.count(2) == (2 if backend == "faiss" else 1) and 1 in pools
+
+
+@pytest.mark.parametrize("command", ["eval-sts", "eval-retrieval"])
+def test_eval_commands_with_workers(tiny_model_dir, sts_file, tmp_path, monkeypatch, command):
+    """--workers 2: the grid's one pass runs two batches at once (a pool of 2), the same grid."""
+    import matryoshka2d.encoder
+
+    pools = []
+    real_pool = matryoshka2d.encoder._worker_pool
+    monkeypatch.setattr(matryoshka2d.encoder, "_worker_pool", lambda n: pools.append(n) or real_pool(n))
+    argv = [command, str(tiny_model_dir), "--data", str(sts_file), "--layers", "1,4", "--batch-size", "2"]
+    grids = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"grid-{workers}.json"
+        assert main([*argv, "--workers", workers, "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        grids.append(result["spearman"] if command == "eval-sts" else result["metrics"]["ndcg@10"])
+    assert pools == [1, 2]
+    np.testing.assert_allclose(grids[1], grids[0], atol=1e-4)
+
+
+def test_grid_evaluation_refuses_a_bad_workers_value(tiny_model, sts_file):
+    from matryoshka2d.evaluation import evaluate_sts
+
+    for bad in (0, True, 1.5):
+        with pytest.raises(InvalidInputError, match="workers"):
+            evaluate_sts(tiny_model, sts_file, workers=bad)

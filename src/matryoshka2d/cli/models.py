@@ -74,8 +74,16 @@ def cmd_eval_sts(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, "eval-sts JSON", **write)  # refuse before the work
     data = load_sts(args.data)  # validate the data before loading the model
-    model = load_runtime(args)
-    result = evaluate_sts(model, data, args.layers, args.dims, batch_size=args.batch_size, show_progress=True)
+    model = load_runtime(args, threads=worker_runtime_threads(args.runtime, args.workers))
+    result = evaluate_sts(
+        model,
+        data,
+        args.layers,
+        args.dims,
+        batch_size=args.batch_size,
+        show_progress=True,
+        workers=args.workers,
+    )
     print(f"STS Spearman x 100 — {args.model} ({runtime_note(model)}) on {args.data} ({len(data)} pairs)")
     print(result.table())
     if args.json:
@@ -105,7 +113,7 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "eval-sts",
-        parents=[model, grid_parent(), batch, runtime, overwrite],
+        parents=[model, grid_parent(), batch, runtime, workers_parent(), overwrite],
         help="STS Spearman over the layers x dims grid",
     )
     p.add_argument("--data", required=True, help="tsv/csv/jsonl with columns sentence1, sentence2, score")

@@ -178,7 +178,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
             )
     min_score = 4.0 if args.min_score is None else args.min_score
     data = load_retrieval(args.data, min_score=min_score)  # validate the data before loading the model
-    model = load_runtime(args)
+    model = load_runtime(args, threads=worker_runtime_threads(args.runtime, args.workers))
     result = evaluate_retrieval(
         model,
         data,
@@ -188,6 +188,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
         show_progress=True,
         query_prompt_name=args.query_prompt_name,
         document_prompt_name=args.document_prompt_name,
+        workers=args.workers,
     )
     print(
         f"retrieval — {args.model} ({runtime_note(model)}) on {args.data} ({len(data.queries)} queries, "
@@ -291,7 +292,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
-        "eval-retrieval", parents=[runtime], help="recall@k, MRR@10, nDCG@10 over the layers x dims grid"
+        "eval-retrieval",
+        parents=[runtime, workers_parent()],
+        help="recall@k, MRR@10, nDCG@10 over the layers x dims grid",
     )
     p.add_argument("model", help="model folder or Hugging Face hub id")
     p.add_argument(

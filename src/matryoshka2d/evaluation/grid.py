@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
 from matryoshka2d.truncation import check_dim, check_layers
+from matryoshka2d.validation import check_positive_int
 
 #: Keys of the JSON format that are not metric tables.
 GRID_KEYS = ("model", "layers", "dims")
@@ -251,18 +252,21 @@ def encode_grid(
     batch_size: int = 32,
     show_progress: bool | None = None,
     prompt: str | None = None,
+    workers: int = 1,
 ) -> dict[tuple[int, int], np.ndarray]:
     """Embeddings of ``texts`` at every (layers, dim) cell from one streaming pass.
 
     A thin use of ``encoder.iter_encode(texts, layers=layers, dims=dims, normalize=True)``: each cell is
     the layer's pooled output cut to its first ``dim`` values and L2-normalised, exactly as
     ``encoder.encode(texts, layers=k, dim=d)`` gives it. ``prompt`` is passed on if given (``""``: the
-    texts are encoded without the model's default prompt).
+    texts are encoded without the model's default prompt), ``workers`` (batches encoded at once, speed
+    only) if not 1.
 
     Returns:
         ``{(k, d): float32 array (len(texts), d)}``; memory is ``len(texts) * len(layers) * sum(dims)``
         floats.
     """
+    workers = check_positive_int(workers, "workers")
     cells = [(k, d) for k in layers for d in dims]
     out = {(k, d): np.empty((len(texts), d), dtype=np.float32) for k, d in cells}
     batches = encoder.iter_encode(
@@ -273,6 +277,7 @@ def encode_grid(
         normalize=True,
         show_progress=show_progress,
         **prompt_option(prompt),
+        **({"workers": workers} if workers != 1 else {}),
     )
     for batch in batches:
         for cell in cells:
@@ -291,6 +296,7 @@ def evaluate_grid(
     primary: str | None = None,
     info: Mapping[str, Any] | None = None,
     prompt: str | None = None,
+    workers: int = 1,
 ) -> GridResult:
     """Encode ``texts`` once and score every (layers, dims) cell with ``score``.
 
@@ -306,13 +312,21 @@ def evaluate_grid(
         primary: the result's default metric (default: the first the score function returns).
         info: extra facts recorded in the result (and its JSON).
         prompt: passed to :func:`encode_grid` (None: the model's default prompt).
+        workers: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.iter_encode`; speed only).
 
     Warns:
         UndefinedMetricWarning: once per metric and reason, naming the cells reported as NaN.
     """
     layers, dims = resolve_grid(encoder, layers, dims)
     embeddings = encode_grid(
-        encoder, texts, layers, dims, batch_size=batch_size, show_progress=show_progress, prompt=prompt
+        encoder,
+        texts,
+        layers,
+        dims,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        prompt=prompt,
+        workers=workers,
     )
     show = show_progress if show_progress is not None else len(texts) > 20 * batch_size
     scores: dict[tuple[int, int], Mapping[str, float | Undefined]] = {}

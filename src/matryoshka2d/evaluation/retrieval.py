@@ -266,6 +266,7 @@ def evaluate_retrieval(
     show_progress: bool | None = None,
     query_prompt_name: str | None = None,
     document_prompt_name: str | None = None,
+    workers: int = 1,
 ) -> GridResult:
     """Retrieval metrics for every (layers, dims) cell, encoding every distinct text once.
 
@@ -284,6 +285,7 @@ def evaluate_retrieval(
             :meth:`~matryoshka2d.encoder.Encoder.resolve_prompt`). Default (both None): every text gets
             the model's default prompt, if it has one; a text that is both a query and a document is
             then encoded once, otherwise once per prompt.
+        workers: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.iter_encode`; speed only).
 
     Returns:
         a :class:`GridResult` with ``recall@k`` for each ``k``, ``mrr@10`` and ``ndcg@10`` (the default
@@ -334,4 +336,5 @@ def evaluate_retrieval(
         primary="ndcg@10",
         info=info,
         prompt=prompt,
+        workers=workers,
     )

@@ -53,6 +53,7 @@ def evaluate_sts(
     dims: Sequence[int] | None = None,
     batch_size: int = 32,
     show_progress: bool | None = None,
+    workers: int = 1,
 ) -> GridResult:
     """Spearman x 100 between cosine similarity and gold scores for every (layers, dims) cell.
 
@@ -66,6 +67,7 @@ def evaluate_sts(
         dims: embedding sizes to evaluate (default: the model's full dim).
         batch_size: encoding batch size.
         show_progress: tqdm bar while encoding (default: for more than 20 batches).
+        workers: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.iter_encode`; speed only).
 
     Returns:
         a :class:`GridResult` with one metric, ``spearman`` (``nan`` where undefined).
@@ -87,5 +89,12 @@ def evaluate_sts(
         return {"spearman": Undefined(reason) if reason else spearman_x100(similarities, gold)}
 
     return evaluate_grid(
-        model, unique, score, layers, dims, batch_size=batch_size, show_progress=show_progress
+        model,
+        unique,
+        score,
+        layers,
+        dims,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        workers=workers,
     )
