@@ -161,7 +161,8 @@ def runtime_parent(aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
 
 def load_runtime(args: argparse.Namespace, model: str | None = None, threads: int | None = None):
     """Load ``model`` (default ``args.model``) with ``args.runtime``/``args.dtype`` (and, for ONNX
-    Runtime, ``threads`` intra-op threads; default: its own choice).
+    Runtime, ``threads`` intra-op threads; default: sized for ``args.workers`` if the command has
+    ``--workers`` (:func:`worker_runtime_threads`), else its own choice).
 
     Commands name the choice in their summary line (:func:`runtime_note`), after the work, so that
     nothing is printed before it (an error stays one line on stderr).
@@ -171,12 +172,15 @@ def load_runtime(args: argparse.Namespace, model: str | None = None, threads: in
     """
     from matryoshka2d.backends import load_encoder
 
+    runtime = getattr(args, "runtime", "torch")
+    if threads is None:
+        threads = worker_runtime_threads(runtime, getattr(args, "workers", 1))
     encoder = load_encoder(
         model if model is not None else args.model,
-        backend=getattr(args, "runtime", "torch"),
+        backend=runtime,
         dtype=getattr(args, "dtype", "float32"),
         compile=getattr(args, "compile", False),
-        threads=threads if getattr(args, "runtime", "torch") != "torch" else None,
+        threads=threads if runtime != "torch" else None,
     )
     return encoder
 

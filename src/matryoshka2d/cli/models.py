@@ -24,7 +24,6 @@ from matryoshka2d.cli.common import (
     prompt_parent,
     runtime_note,
     runtime_parent,
-    worker_runtime_threads,
     workers_parent,
 )
 from matryoshka2d.persistence import (
@@ -44,7 +43,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     write = {"overwrite": args.overwrite, "inputs": [args.input, args.model], "recognize": is_npy_file}
     out = check_output_file(args.out, "embeddings", **write)  # refuse before spending the encoding time
     texts = read_texts(args.input, column=args.column)
-    model = load_runtime(args, threads=worker_runtime_threads(args.runtime, args.workers))
+    model = load_runtime(args)
     emb = model.encode(
         texts,
         layers=args.layers,
@@ -74,7 +73,7 @@ def cmd_eval_sts(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, "eval-sts JSON", **write)  # refuse before the work
     data = load_sts(args.data)  # validate the data before loading the model
-    model = load_runtime(args, threads=worker_runtime_threads(args.runtime, args.workers))
+    model = load_runtime(args)
     result = evaluate_sts(
         model,
         data,

@@ -14,7 +14,6 @@ from matryoshka2d.cli.common import (
     prompt_parent,
     runtime_note,
     runtime_parent,
-    worker_runtime_threads,
     workers_parent,
 )
 from matryoshka2d.persistence import atomic_write, check_output_file, check_output_folder, json_with_keys
@@ -29,9 +28,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     check_qdrant_options(args, build=True)
     check_output_folder(args.out, "search-index", overwrite=args.overwrite, inputs=[args.corpus, args.model])
     texts, ids = read_corpus(args.corpus, args.column, args.id_column)  # validate before loading the model
-    model = load_runtime(
-        args, model_reference(args.model), threads=worker_runtime_threads(args.runtime, args.workers)
-    )
+    model = load_runtime(args, model_reference(args.model))
     index = SearchIndex.from_model(
         model,
         texts,
@@ -71,8 +68,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     # Held from the load to the save: a concurrent 'index add' waits instead of losing one's documents.
     with index_lock(args.index_dir, on_wait=waiting("index add", args.index_dir)):
         index = SearchIndex.load(args.index_dir)
-        threads = worker_runtime_threads(args.runtime, args.workers)
-        model = load_runtime(args, args.model or index_model(index), threads=threads)
+        model = load_runtime(args, args.model or index_model(index))
         index.add_texts(
             model,
             texts,
@@ -178,7 +174,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
             )
     min_score = 4.0 if args.min_score is None else args.min_score
     data = load_retrieval(args.data, min_score=min_score)  # validate the data before loading the model
-    model = load_runtime(args, threads=worker_runtime_threads(args.runtime, args.workers))
+    model = load_runtime(args)
     result = evaluate_retrieval(
         model,
         data,
@@ -448,9 +444,7 @@ def cmd_index_build_qdrant(args: argparse.Namespace) -> int:
         # Row numbers, as for a faiss index: building the same corpus again replaces its points (an
         # interrupted build is finished by running it again) instead of adding them a second time.
         ids = [str(i) for i in range(len(texts))]
-    model = load_runtime(
-        args, model_reference(args.model), threads=worker_runtime_threads(args.runtime, args.workers)
-    )
+    model = load_runtime(args, model_reference(args.model))
     with QdrantIndex.create(
         collection,
         dim=model.dim,
