@@ -290,16 +290,7 @@ class Encoder(abc.ABC):
         call returns (the keys of its ``model_input_names``), in parts on several threads if long."""
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets
         parts = max(1, min(self._tokenizer_threads(), len(texts) // MIN_TEXTS_PER_TOKENIZER_THREAD))
-        if parts == 1:
-            encodings = encode(texts)
-        else:
-            bounds = np.linspace(0, len(texts), parts + 1).astype(int)
-            pieces = [texts[a:b] for a, b in itertools.pairwise(bounds)]
-            with concurrent.futures.ThreadPoolExecutor(parts - 1) as pool:
-                rest = [pool.submit(encode, piece) for piece in pieces[1:]]
-                encodings = encode(pieces[0])
-                for future in rest:
-                    encodings += future.result()
+        encodings = [e for part in _in_parts(encode, texts, parts) for e in part]
         names = self.tokenizer.model_input_names
         out = {"input_ids": [e.ids for e in encodings]}
         if "token_type_ids" in names:
@@ -395,12 +386,8 @@ class Encoder(abc.ABC):
         on ``pool`` (each worker's runtime may have a single thread) and joined in input order."""
         if pool is None or workers == 1 or len(texts) < 2 * workers:
             return self.tokenize(texts, padding=False, prompt=prompt)
-        bounds = np.linspace(0, len(texts), workers + 1).astype(int)
-        parts = list(
-            pool.map(
-                lambda ab: self.tokenize(texts[ab[0] : ab[1]], padding=False, prompt=prompt),
-                itertools.pairwise(bounds),
-            )
+        parts = _in_parts(
+            lambda part: self.tokenize(part, padding=False, prompt=prompt), texts, workers, pool
         )
         return {key: [row for part in parts for row in part[key]] for key in parts[0]}
 
@@ -708,6 +695,20 @@ def padded_width(longest: int, multiple: int = 1, max_width: int | None = None) 
     multiple = check_positive_int(multiple, "multiple")
     rounded = -(-longest // multiple) * multiple
     return rounded if max_width is None else max(longest, min(rounded, max_width))
+
+
+def _in_parts(fn, texts: list[str], parts: int, pool: concurrent.futures.Executor | None = None) -> list:
+    """``fn`` of ``texts`` cut into ``parts`` contiguous parts, run at once, the results in input order: on
+    ``pool`` if given, else the first part in this thread and the others on threads started for the call."""
+    if parts == 1:
+        return [fn(texts)]
+    bounds = np.linspace(0, len(texts), parts + 1).astype(int)
+    pieces = [texts[a:b] for a, b in itertools.pairwise(bounds)]
+    if pool is not None:
+        return list(pool.map(fn, pieces))
+    with concurrent.futures.ThreadPoolExecutor(parts - 1) as own:
+        rest = [own.submit(fn, piece) for piece in pieces[1:]]
+        return [fn(pieces[0]), *(future.result() for future in rest)]
 
 
 def _pipeline(backend) -> tuple:

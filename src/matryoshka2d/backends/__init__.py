@@ -19,7 +19,7 @@ from matryoshka2d.errors import InvalidInputError
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
-__all__ = ["BACKENDS", "backend_threads", "load_encoder"]
+__all__ = ["BACKENDS", "backend_threads", "check_compile", "load_encoder", "worker_runtime_threads"]
 
 
 def load_encoder(
@@ -54,10 +54,7 @@ def load_encoder(
 
         model = EmbeddingModel.load(name_or_path, device=device, dtype=dtype)
         return model.compile_for_inference() if compile else model
-    if compile:
-        raise InvalidInputError(
-            f"compile is for the torch backend; backend {backend!r} runs ONNX Runtime's own optimised graphs"
-        )
+    check_compile(backend, compile)
     if dtype not in ("auto", "float32"):
         raise InvalidInputError(
             f"dtype {dtype!r} is for the torch backend; backend {backend!r} computes in "
@@ -78,3 +75,23 @@ def backend_threads(runtime: str, workers: int, threads: int) -> int:
     threads`` in all is a pool of ``workers x (threads - 1) + 1``.
     """
     return threads if runtime == "torch" else workers * (threads - 1) + 1
+
+
+def worker_runtime_threads(runtime: str, workers: int) -> int | None:
+    """The thread count to load the backend with for ``workers`` batches at once (``encode(workers=)``):
+    None for one worker (the runtime's own choice) and for torch (``encode(workers=)`` gives each worker
+    thread torch's threads divided among them); for ONNX Runtime, the one session pool the workers share
+    (:func:`backend_threads` of torch's threads divided among them)."""
+    if workers == 1 or runtime == "torch":
+        return None
+    import torch
+
+    return backend_threads(runtime, workers, max(1, torch.get_num_threads() // workers))
+
+
+def check_compile(backend: str, compile: bool) -> None:
+    """Refuse ``compile`` for a backend other than torch (before anything is loaded)."""
+    if compile and backend != "torch":
+        raise InvalidInputError(
+            f"compile is for the torch backend; backend {backend!r} runs ONNX Runtime's own optimised graphs"
+        )

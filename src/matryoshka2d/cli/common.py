@@ -93,7 +93,7 @@ def batch_parent(default: int = 32) -> argparse.ArgumentParser:
 
 
 def workers_parent() -> argparse.ArgumentParser:
-    """``--workers``: batches encoded at once (``encode(workers=)``, :func:`worker_runtime_threads`)."""
+    """``--workers``: batches encoded at once (``encode(workers=)``; :func:`load_runtime` sizes ONNX)."""
     p = _parent()
     p.add_argument(
         "--workers",
@@ -162,7 +162,7 @@ def runtime_parent(aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
 def load_runtime(args: argparse.Namespace, model: str | None = None, threads: int | None = None):
     """Load ``model`` (default ``args.model``) with ``args.runtime``/``args.dtype`` (and, for ONNX
     Runtime, ``threads`` intra-op threads; default: sized for ``args.workers`` if the command has
-    ``--workers`` (:func:`worker_runtime_threads`), else its own choice).
+    ``--workers`` (:func:`~matryoshka2d.backends.worker_runtime_threads`), else its own choice).
 
     Commands name the choice in their summary line (:func:`runtime_note`), after the work, so that
     nothing is printed before it (an error stays one line on stderr).
@@ -170,7 +170,7 @@ def load_runtime(args: argparse.Namespace, model: str | None = None, threads: in
     Returns:
         an :class:`~matryoshka2d.encoder.Encoder` (``EmbeddingModel`` for the torch runtime).
     """
-    from matryoshka2d.backends import load_encoder
+    from matryoshka2d.backends import load_encoder, worker_runtime_threads
 
     runtime = getattr(args, "runtime", "torch")
     if threads is None:
@@ -183,20 +183,6 @@ def load_runtime(args: argparse.Namespace, model: str | None = None, threads: in
         threads=threads if runtime != "torch" else None,
     )
     return encoder
-
-
-def worker_runtime_threads(runtime: str, workers: int) -> int | None:
-    """The thread count to load the backend with for ``workers`` batches at once (``--workers``): None
-    for one worker (the runtime's own choice) and for torch (``encode(workers=)`` gives each worker thread
-    torch's threads divided among them); for ONNX Runtime, the one session pool the workers share
-    (:func:`~matryoshka2d.backends.backend_threads` of torch's threads divided among them)."""
-    if workers == 1 or runtime == "torch":
-        return None
-    import torch
-
-    from matryoshka2d.backends import backend_threads
-
-    return backend_threads(runtime, workers, max(1, torch.get_num_threads() // workers))
 
 
 def runtime_note(encoder) -> str:

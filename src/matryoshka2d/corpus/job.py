@@ -215,7 +215,7 @@ def embed_corpus(
         CorpusOutputError: ``out`` is or holds an input, holds other files, or holds another job.
         InvalidLayersError, InvalidDimError, InvalidInputError: bad settings.
     """
-    from matryoshka2d.backends import backend_threads, load_encoder
+    from matryoshka2d.backends import check_compile, load_encoder, worker_runtime_threads
     from matryoshka2d.persistence import resolve_model_path
 
     if engine not in ENGINES:
@@ -235,19 +235,10 @@ def embed_corpus(
     model_path = resolve_model_path(model)
     _refuse_model_as_output(out, model_path)
     local_workers = workers if engine == "local" and workers is not None else 1
-    runtime_threads = None  # torch: encode(workers=) divides torch's threads among the workers itself
-    if local_workers > 1 and runtime != "torch":
-        import torch
-
-        runtime_threads = backend_threads(
-            runtime, local_workers, max(1, torch.get_num_threads() // local_workers)
-        )
-    if compile and runtime != "torch":
-        raise InvalidInputError(
-            f"compile is for the torch backend; backend {runtime!r} runs ONNX Runtime's own optimised graphs"
-        )
+    check_compile(runtime, compile)
     # compiled (local engine) only after the fingerprints below: they run every layer count once
-    loaded = load_encoder(model_path, backend=runtime, dtype=dtype, threads=runtime_threads)
+    threads = worker_runtime_threads(runtime, local_workers)
+    loaded = load_encoder(model_path, backend=runtime, dtype=dtype, threads=threads)
     runs_as = {"runtime": loaded.backend, "precision": loaded.precision}
     preset = getattr(loaded, "preset", None)  # onnx-int8: the int8 kernels chosen for this CPU
     if preset:

@@ -416,8 +416,8 @@ class SearchIndex:
         (:attr:`document_prompt`) and later adds use it: asking a filled index for another prompt is
         refused, as its vectors would not be comparable.
 
-        ``workers``: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.encode`'s ``workers``;
-        give each its share of the cores first, as ``m2d index build --workers`` does); speed only.
+        ``workers``: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.encode`'s ``workers``,
+        each with its share of torch's threads; ONNX sessions are sized when loaded); speed only.
 
         Raises:
             ModelMismatchError: ``model`` is not the index's model.

@@ -1034,8 +1034,8 @@ class QdrantIndex:
             prompt_name, prompt: the documents' prompt (e.g. ``prompt_name="document"``; default: the
                 model's default prompt). Not recorded: give the same one to every upload, and the
                 queries' one (e.g. ``"query"``) to :meth:`search_texts`.
-            workers: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.iter_encode`; give each
-                its share of the cores first, as ``m2d index build --workers`` does); speed only.
+            workers: batches encoded at once (:meth:`~matryoshka2d.encoder.Encoder.iter_encode`, each with
+                its share of torch's threads; ONNX sessions are sized when loaded); speed only.
         """
         from matryoshka2d.encoder import check_texts
 
