@@ -746,17 +746,20 @@ class PairedModel(GatedModel):
         return self.model.forward(features, layers)
 
 
-def test_two_workers_share_a_lone_request(offline):
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_lone_request_runs_on_every_worker_at_once(offline, workers):
     """With 2 workers, one request's 6 rows are cut into 2 batches that run at the same time on both
-    workers (each worker has half the cores: one worker alone would take twice as long)."""
+    workers (each worker has half the cores: one worker alone would take twice as long); with 3, a take cut
+    into 3 batches wakes both idle workers (the three passes meet at a barrier of 3)."""
     paired = PairedModel(offline)
-    engine = BatchingEngine(paired, workers=2).start()
+    paired.barrier = threading.Barrier(workers, timeout=10)
+    engine = BatchingEngine(paired, workers=workers).start()
     try:
         got = engine.encode(SENTENCES[:6], 4, 16)
     finally:
         engine.stop(10)
     np.testing.assert_allclose(got, offline.encode(SENTENCES[:6], layers=4, dim=16), atol=1e-5)
-    assert sorted(paired.threads) == ["m2d-engine-0", "m2d-engine-1"]
+    assert sorted(paired.threads) == [f"m2d-engine-{i}" for i in range(workers)]
 
 
 @pytest.mark.parametrize(
@@ -775,19 +778,6 @@ def test_a_small_take_is_cut_into_a_batch_per_worker(offline, workers, small, la
     batches = engine._batches(engine._take())
     assert sorted((len(b) for b in batches), reverse=True) == ([4, 4, 2, 2] if workers == 4 else [4, 4, 4])
     assert all(len({job.layers for job, _ in b}) == 1 for b in batches)
-
-
-def test_three_workers_all_wake_for_one_take(offline):
-    """A take cut into 3 batches wakes both idle workers: the three passes run at once (a barrier of 3)."""
-    paired = PairedModel(offline)
-    paired.barrier = threading.Barrier(3, timeout=10)
-    engine = BatchingEngine(paired, workers=3).start()
-    try:
-        got = engine.encode(SENTENCES[:6], 2, 8)
-    finally:
-        engine.stop(10)
-    np.testing.assert_allclose(got, offline.encode(SENTENCES[:6], layers=2, dim=8), atol=1e-5)
-    assert sorted(paired.threads) == ["m2d-engine-0", "m2d-engine-1", "m2d-engine-2"]
 
 
 def test_engine_queue_bound_and_stop(offline):
