@@ -62,6 +62,26 @@ def test_layers_run_only_the_first_k_layers(tiny_model):
     assert calls[:2] == [3, 3] and calls[2:] == [0, 0]
 
 
+def test_the_bert_pooler_head_never_runs(tiny_model):
+    """The transformer's own pooler (dense + tanh on the first token) is unused by embeddings: a model
+    loaded with one (as all-MiniLM-L6-v2 is) never runs it, at full depth or fewer layers, and gives the
+    same embeddings as without it."""
+    transformer = type(tiny_model.transformer)(tiny_model.transformer.config).eval()  # with the pooler
+    transformer.load_state_dict(tiny_model.transformer.state_dict(), strict=False)
+    model = EmbeddingModel(transformer, tiny_model.tokenizer)
+    calls = []
+    hook = transformer.pooler.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for layers in (tiny_model.num_layers, 2):
+            np.testing.assert_allclose(
+                model.encode(SENTENCES, layers=layers), tiny_model.encode(SENTENCES, layers=layers), atol=1e-6
+            )
+        model.forward(model.tokenize(SENTENCES[:2]), layers=[1, tiny_model.num_layers])
+    finally:
+        hook.remove()
+    assert calls == [] and isinstance(transformer.pooler, torch.nn.Module)
+
+
 def test_layers_do_not_copy_or_change_weights(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     ptrs = {k: v.data_ptr() for k, v in tiny_model.state_dict().items()}

@@ -7,7 +7,13 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_transformer
 
-from matryoshka2d.truncation import find_layer_stack, keep_first_layers, layer_view, truncate_dims
+from matryoshka2d.truncation import (
+    find_layer_stack,
+    has_optional_pooler,
+    keep_first_layers,
+    layer_view,
+    truncate_dims,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -42,6 +48,40 @@ def test_layer_view_gradients_reach_the_shared_weights():
     layers = getattr(*stack)
     assert layers[1].attention.self.query.weight.grad is not None
     assert layers[2].attention.self.query.weight.grad is None  # not run
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "roberta"])
+def test_layer_view_can_leave_out_the_pooler(family):
+    base = tiny_transformer(family, vocab_size=50, num_layers=3)
+    model = type(base)(base.config)  # with the pooling head (the tiny models are built without)
+    model.load_state_dict(base.state_dict(), strict=False)
+    model.eval()
+    assert isinstance(model.pooler, torch.nn.Module) and has_optional_pooler(model)
+    ids = torch.tensor([[1, 5, 7, 2], [1, 6, 2, 0]])
+    mask = (ids != 0).long()
+    for k in (2, 3):
+        full = layer_view(model, k)(input_ids=ids, attention_mask=mask)
+        view = layer_view(model, k, drop_pooler=True)
+        assert view is not model and view.pooler is None
+        out = view(input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(out.last_hidden_state, full.last_hidden_state, rtol=0, atol=0)
+        assert out.pooler_output is None and full.pooler_output is not None
+    assert isinstance(model.pooler, torch.nn.Module)  # the model keeps its head and its weights
+    assert not has_optional_pooler(tiny_transformer("distilbert", vocab_size=50, num_layers=3))
+
+
+def test_layer_view_keeps_a_pooler_the_model_cannot_run_without():
+    class Pooled(torch.nn.Module):  # no add_pooling_layer: its forward may need the head
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Module()
+            self.encoder.layer = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+            self.pooler = torch.nn.Linear(2, 2)
+
+    model = Pooled()
+    assert not has_optional_pooler(model)
+    assert layer_view(model, 3, drop_pooler=True) is model
+    assert layer_view(model, 2, drop_pooler=True).pooler is model.pooler
 
 
 def test_keep_first_layers_updates_config():

@@ -733,7 +733,8 @@ class EmbeddingModel(nn.Module, Encoder):
         deepest = max(wanted[-1], 1)
         inputs = {key: value for key, value in features.items() if key in self._input_names}
         need_all = wanted != [deepest]
-        transformer = layer_view(self.transformer, deepest)  # shares every weight; self is not changed
+        # shares every weight (self is not changed); BERT's pooler head is left out: nothing uses its output
+        transformer = layer_view(self.transformer, deepest, drop_pooler=True)
         out = self._runner(transformer, deepest)(**inputs, output_hidden_states=need_all, return_dict=True)
         mask = features["attention_mask"]
         # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).

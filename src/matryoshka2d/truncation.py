@@ -12,6 +12,8 @@ Dims: :func:`truncate_dims` keeps the first d values and optionally re-normalise
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 
 import numpy as np
 import torch
@@ -113,7 +115,7 @@ def check_dim(dim: int, model_dim: int) -> int:
     )
 
 
-def layer_view(model: nn.Module, k: int) -> nn.Module:
+def layer_view(model: nn.Module, k: int, drop_pooler: bool = False) -> nn.Module:
     """``model`` running only its first ``k`` transformer layers, without changing ``model``.
 
     The view is a shallow copy of the modules on the path to the layer stack (the root and, e.g., its
@@ -122,13 +124,24 @@ def layer_view(model: nn.Module, k: int) -> nn.Module:
     containers on the path are new. ``model`` itself is never modified, so views of different ``k`` can
     run at the same time from many threads. Building one costs microseconds: callers build one per call,
     so a view always sees the model's current train/eval mode.
+
+    Args:
+        drop_pooler: also leave out the model's pooling head where it can run without one (see
+            :func:`has_optional_pooler`): BERT's ``pooler``, a dense layer and tanh on the first token
+            whose output (``pooler_output``, then None) sentence embeddings never use. Its weights stay
+            in ``model``.
     """
     parent_path, name = layer_stack_path(model)
     stack = _resolve(model, parent_path + (name,))
     _install_output_capturing_hooks(model)
-    if k == len(stack):
+    drop_pooler = drop_pooler and has_optional_pooler(model)
+    if k == len(stack) and not drop_pooler:
         return model
     root = _shallow(model)
+    if drop_pooler:
+        root._modules["pooler"] = None
+    if k == len(stack):
+        return root
     node = root
     for attr in parent_path:
         child = _shallow(node._modules[attr])
@@ -136,6 +149,20 @@ def layer_view(model: nn.Module, k: int) -> nn.Module:
         node = child
     node._modules[name] = nn.ModuleList(list(stack)[:k])
     return root
+
+
+def has_optional_pooler(model: nn.Module) -> bool:
+    """Whether ``model`` has a ``pooler`` head that it can run without: transformers' models whose
+    constructor takes ``add_pooling_layer`` (BERT, RoBERTa, MPNet, ...) run with ``pooler=None``."""
+    return isinstance(getattr(model, "pooler", None), nn.Module) and _takes_add_pooling_layer(type(model))
+
+
+@functools.cache
+def _takes_add_pooling_layer(cls: type) -> bool:
+    try:
+        return "add_pooling_layer" in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def _install_output_capturing_hooks(model: nn.Module) -> None:
