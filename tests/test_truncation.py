@@ -67,6 +67,8 @@ def test_layer_view_can_leave_out_the_pooler(family):
         torch.testing.assert_close(out.last_hidden_state, full.last_hidden_state, rtol=0, atol=0)
         assert out.pooler_output is None and full.pooler_output is not None
     assert isinstance(model.pooler, torch.nn.Module)  # the model keeps its head and its weights
+    # built without the head (pooler None): nothing to leave out, no copy at full depth
+    assert not has_optional_pooler(base) and layer_view(base, 3, drop_pooler=True) is base
     assert not has_optional_pooler(tiny_transformer("distilbert", vocab_size=50, num_layers=3))
 
 
