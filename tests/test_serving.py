@@ -959,3 +959,35 @@ def test_minilm_openai_client_matches_offline_encode():
             )
             expected = model.encode(texts, layers=layers, dim=dims)
             assert np.abs(as_array(response) - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_cli_serve_fuses_the_layers_where_the_model_allows(tiny_model_dirs, family):
+    """m2d serve runs torch's fused encoder layers by default where the model supports them (BERT), with
+    the offline values; a model that does not (MPNet) is served by transformers' layers, and says why."""
+    model_dir = tiny_model_dirs[family]
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "matryoshka2d.cli", "serve", str(model_dir), "--port", str(port)]
+    command += ["--served-model-name", NAME, "--workers", "1", "--threads", "1"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url)
+        body = {"model": NAME, "input": SENTENCES, "layers": 2, "dimensions": 16}
+        response = httpx.post(url + "/v1/embeddings", json=body, timeout=60)
+        assert response.status_code == 200
+        got = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+        expected = EmbeddingModel.load(model_dir).encode(SENTENCES, layers=2, dim=16)  # not fused
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log = proc.stdout.read()
+        if family == "bert":
+            assert "torch layers fused" in log
+        else:
+            assert "torch layers not fused: MPNetModel is not one of" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,6 +8,8 @@ import sys
 
 from matryoshka2d.cli.common import int_list, model_parent, positive_int, runtime_parent
 
+log = logging.getLogger("matryoshka2d.serving")
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
@@ -63,9 +65,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime_threads = backend_threads(args.runtime, workers, threads)
 
     def load():
-        return load_encoder(
+        encoder = load_encoder(
             args.model, backend=args.runtime, dtype=args.dtype, threads=runtime_threads, compile=args.compile
         )
+        if args.fused_layers and args.runtime == "torch" and not args.compile:
+            from matryoshka2d.fused_layers import why_not_fusable
+
+            reason = why_not_fusable(encoder.transformer)
+            if reason is None:
+                encoder.fuse_layers()  # the server never changes the weights: nothing to rebuild
+            log.info("torch layers %s", "fused" if reason is None else f"not fused: {reason}")
+        return encoder
 
     app = create_app(config, load, on_load_error=on_load_error)
     server = make_server(
@@ -175,6 +185,14 @@ def register(sub) -> None:
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn log level",
+    )
+    p.add_argument(
+        "--fused-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch runtime: run each transformer layer as torch's fused encoder layer, one native call "
+        "(BERT, RoBERTa, XLM-R; ~1.05-1.1x the throughput; default on where the model supports it, "
+        "not with --compile)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     p.add_argument(
