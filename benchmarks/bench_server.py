@@ -36,6 +36,8 @@ plus optimum's dynamic int8 file of it (``model_quantized.onnx``, which that eng
 on a CPU) against the same with ``--pad-multiple 1`` (with ``--compiled`` also both compiled). ``workers``
 is ours only too: ``--dtype bfloat16`` and ``--backend onnx-int8`` with their default of 2 workers of 1
 thread each against ``--workers 1`` (one worker of 2 threads, the default before 2026-12-06).
+``fused`` is ours only: ``m2d serve`` in bf16 and in fp32 with its default fused layers against
+``--no-fused-layers``.
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -477,7 +479,8 @@ def interleaved(
 
     ``compiled`` adds ``m2d serve --compile`` and Infinity's torch engine with its ``--compile``; ``kinds``
     keeps only the servers of those backend kinds (``torch``, ``onnx``, ``int8``, ``bf16``; ``pad``: ours
-    with and without width rounding): fewer servers resident, more rounds in the same time.
+    with and without width rounding; ``fused``: ours in bf16 and fp32 with and without fused layers): fewer
+    servers resident, more rounds in the same time.
     """
     servers = {}
     if "torch" in kinds:
@@ -497,6 +500,10 @@ def interleaved(
         for label, kind in (("bf16", bf16), ("int8", ["--backend", "onnx-int8"])):
             servers[f"m2d {label} 2 workers"] = m2d_server("grouped", kind)
             servers[f"m2d {label} 1 worker"] = m2d_server("grouped", [*kind, "--workers", "1"])
+    if "fused" in kinds:
+        for label, kind in (("bf16", bf16), ("fp32", [])):
+            servers[f"m2d {label} fused"] = m2d_server("grouped", kind)
+            servers[f"m2d {label} unfused"] = m2d_server("grouped", [*kind, "--no-fused-layers"])
     if "pad" in kinds:
         servers["m2d bf16 pad 8"] = m2d_server("grouped", [*bf16, "--pad-multiple", "8"])
         servers["m2d bf16 pad 1"] = m2d_server("grouped", [*bf16, "--pad-multiple", "1"])
@@ -588,6 +595,12 @@ def interleaved(
             ("m2d int8 1 worker", "3"),
             1.0,
         ),
+        "m2d bf16 fused / unfused": (("m2d bf16 fused", "6"), ("m2d bf16 unfused", "6"), 1.0),
+        "m2d bf16 fused / unfused, layers 3": (("m2d bf16 fused", "3"), ("m2d bf16 unfused", "3"), 1.0),
+        "m2d bf16 fused layers 3 / layers 6": (("m2d bf16 fused", "3"), ("m2d bf16 fused", "6"), 1.8),
+        "m2d bf16 unfused layers 3 / layers 6": (("m2d bf16 unfused", "3"), ("m2d bf16 unfused", "6"), 1.8),
+        "m2d fp32 fused / unfused": (("m2d fp32 fused", "6"), ("m2d fp32 unfused", "6"), 1.0),
+        "m2d fp32 fused / unfused, layers 3": (("m2d fp32 fused", "3"), ("m2d fp32 unfused", "3"), 1.0),
         "m2d bf16 pad 8 / pad 1": (("m2d bf16 pad 8", "6"), ("m2d bf16 pad 1", "6"), 1.0),
         "m2d bf16 pad 8 / pad 1, layers 3": (("m2d bf16 pad 8", "3"), ("m2d bf16 pad 1", "3"), 1.0),
         "m2d bf16 compiled pad 8 / pad 1": (
@@ -665,16 +678,17 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers: "
+        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers, fused: "
         "comma-separated), the others not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers"}:
+    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers", "fused"}:
         parser.error(
-            f"--kinds takes torch, onnx, int8, bf16, pad, workers (comma-separated), got {args.kinds!r}"
+            "--kinds takes torch, onnx, int8, bf16, pad, workers, fused (comma-separated), "
+            f"got {args.kinds!r}"
         )
     requests = make_requests(stsb_sentences("test"), 2000)
     print(
