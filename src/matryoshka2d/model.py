@@ -620,10 +620,11 @@ class EmbeddingModel(nn.Module, Encoder):
 
         Every forward pass without gradients, in eval mode and not compiled (``encode``, the server,
         evaluation) then runs each transformer layer as one native call (``torch.nn.TransformerEncoderLayer``)
-        instead of transformers' ~25 Python-level calls: all-MiniLM-L6-v2 on 2 CPU cores, 1.08-1.10x the
-        ``encode`` speed in bfloat16 at 3 and 6 layers, 1.09-1.13x in float32, and the server's workers no
-        longer wait for each other's GIL inside a layer (docs/BENCHMARKS.md). Results equal transformers'
-        to float rounding (~1e-6 in float32). ``m2d serve`` turns it on where the model supports it.
+        instead of transformers' ~25 Python-level calls: all-MiniLM-L6-v2 on 2 CPU cores, 1.09x / 1.12x the
+        ``encode`` speed in bfloat16 at 6 / 3 layers, 1.06x / 1.07x in float32; in the server 1.04x / 1.06x
+        and 1.10x / 1.06x (``benchmarks/bench_fused_layers.py``, ``bench_server.py --kinds fused``).
+        Results equal transformers' to float rounding (~1e-6 in float32). ``m2d serve`` turns it on
+        where the model supports it.
 
         The fused layers share the model's weights except the query/key/value projections, which they
         hold as one concatenated copy: a change of the weights afterwards is noticed before the next pass,
