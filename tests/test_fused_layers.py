@@ -27,11 +27,12 @@ def _count_fused_passes(monkeypatch) -> list[int]:
     return calls
 
 
-def _reference(model, texts, layers):
-    """The same model's embeddings from transformers' layers."""
+def _reference(model, texts, layers, batch_size=3):
+    """The same model's embeddings from transformers' layers (the same batches: with left padding the
+    batches decide the positions)."""
     model.fuse_layers(False)
     try:
-        return model.encode_layers(texts, layers=layers, batch_size=3)
+        return model.encode_layers(texts, layers=layers, batch_size=batch_size)
     finally:
         model.fuse_layers()
 
@@ -177,3 +178,105 @@ def test_fused_forward_is_thread_safe(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and model._fused is not None
+
+
+def _assert_fused_equals_unfused(model, texts=TEXTS, layers=(1, 2, 3)):
+    fused = model.encode_layers(texts, layers=list(layers), batch_size=4)
+    reference = _reference(model, texts, list(layers), batch_size=4)
+    for k in reference:
+        np.testing.assert_allclose(fused[k], reference[k], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_eps_activation_and_left_padding_as_the_model_has_them(tmp_path, monkeypatch):
+    """RoBERTa/XLM-R checkpoints use LayerNorm eps 1e-5 (the tiny models 1e-12), some models ReLU, some
+    tokenizers pad on the left: the fused layers compute what the model's own layers do in each case."""
+    calls = _count_fused_passes(monkeypatch)
+    roberta = build_tiny_model(tmp_path / "roberta", "roberta", num_layers=3)
+    for module in roberta.transformer.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-1  # large enough that a fused layer with the config's eps would differ
+    _assert_fused_equals_unfused(roberta.fuse_layers())
+    bert = build_tiny_model(tmp_path / "bert", "bert", num_layers=3)
+    bert.transformer.config.hidden_act = "relu"
+    for layer in bert.transformer.encoder.layer:
+        layer.intermediate.intermediate_act_fn = torch.nn.ReLU()
+    assert bert.fuse_layers()._fused.layers[0].activation_relu_or_gelu == 1  # ReLU
+    _assert_fused_equals_unfused(bert)
+    left = build_tiny_model(tmp_path / "left", "bert", num_layers=3).fuse_layers()
+    left.tokenizer.padding_side = "left"
+    _assert_fused_equals_unfused(left)
+    assert len(calls) >= 3 * -(-len(TEXTS) // 4)
+
+
+def test_exit_rotations_apply_to_fused_passes(tmp_path):
+    model = build_tiny_model(tmp_path, "bert", num_layers=3)
+    rotation, _ = torch.linalg.qr(
+        torch.randn(model.hidden_size, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    )
+    model.set_exit_rotations({2: rotation})
+    model.fuse_layers()
+    _assert_fused_equals_unfused(model, layers=(2, 3))
+    rotated = model.encode(TEXTS, layers=2)
+    model.set_exit_rotations({})
+    assert np.abs(model.encode(TEXTS, layers=2) - rotated).max() > 1e-3
+
+
+def test_compiled_and_position_id_passes_run_transformers_layers(tmp_path, monkeypatch):
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    calls = _count_fused_passes(monkeypatch)
+    features = model.tokenize(TEXTS)
+    with torch.inference_mode():
+        positions = torch.arange(features["input_ids"].shape[1]).expand_as(features["input_ids"]) + 2
+        shifted = model.forward({**features, "position_ids": positions}, 2)[2]
+        model.fuse_layers(False)
+        expected = model.forward({**features, "position_ids": positions}, 2)[2]
+        model.fuse_layers()
+        assert calls == []  # position ids are the embeddings' input a fused pass does not take
+        torch.testing.assert_close(shifted, expected)
+        assert not torch.allclose(shifted, model.forward(features, 2)[2], atol=1e-4)
+        assert calls == [2]
+        types = {**features, "token_type_ids": torch.ones_like(features["input_ids"])}  # a second segment
+        fused_types = model.forward(types, 2)[2]
+        assert calls == [2, 2]
+        model.fuse_layers(False)
+        torch.testing.assert_close(fused_types, model.forward(types, 2)[2], atol=1e-5, rtol=1e-5)
+        model.fuse_layers()
+        assert not torch.allclose(fused_types, model.forward(features, 2)[2], atol=1e-4)
+        model._compile = True  # as compile_for_inference() sets it: compiled graphs win
+        try:
+            assert model._fused_runner(features) is None
+        finally:
+            model._compile = False
+
+
+def test_a_replaced_module_is_run_or_fusing_turns_off(tmp_path, monkeypatch):
+    """A module replaced or wrapped after fuse_layers(), even without new weights, must run: the fused
+    layers are rebuilt from the new modules, or, where they cannot compute it, fusing turns off."""
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    calls = _count_fused_passes(monkeypatch)
+    model.encode(TEXTS, layers=3)
+    assert len(calls) == 1
+
+    class Shifted(torch.nn.Module):  # the same weights, another computation
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            return (out[0] + 1.0, *out[1:]) if isinstance(out, tuple) else out + 1.0
+
+    layers = model.transformer.encoder.layer
+    layers[1] = Shifted(layers[1])
+    with pytest.warns(UserWarning, match="fused layers turned off"):
+        wrapped = model.encode(TEXTS, layers=3)
+    assert not model.fused_layers and len(calls) == 1
+    np.testing.assert_allclose(wrapped, model.encode(TEXTS, layers=3), atol=1e-6)
+    layers[1] = layers[1].inner
+    model.fuse_layers()
+    for layer in layers:  # a stock module swapped for another stock one: rebuilt, still fused
+        layer.intermediate.intermediate_act_fn = torch.nn.ReLU()
+    model.transformer.config.hidden_act = "relu"
+    fused = model.encode(TEXTS, layers=3)
+    assert model.fused_layers and len(calls) == 2
+    np.testing.assert_allclose(fused, _unit(_reference(model, TEXTS, [3])[3]), atol=1e-5)

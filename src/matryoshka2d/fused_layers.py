@@ -25,6 +25,8 @@ from torch import nn
 FUSABLE_MODELS = ("BertModel", "RobertaModel", "XLMRobertaModel")
 _ACTIVATIONS = ("gelu", "relu")  # exact GELU: transformers' "gelu_new" and "gelu_fast" differ
 _CAPTURING_HOOKS = "transformers.utils.output_capturing"  # the module of transformers' own hooks
+#: The model inputs a fused pass takes; others (e.g. ``position_ids``) make a pass run transformers' layers.
+INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
 
 def why_not_fusable(transformer: nn.Module) -> str | None:
@@ -44,8 +46,41 @@ def why_not_fusable(transformer: nn.Module) -> str | None:
     return None
 
 
+_LAYERS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer")
+_ACTIVATION_MODULES = ("GELUActivation", "ReLU")  # what transformers' ACT2FN gives for "gelu" and "relu"
+
+
+def _check_stock(layer: nn.Module) -> None:
+    """Refuse a layer whose modules are not transformers' own (a replaced or wrapped module, an instance
+    whose ``forward`` was reassigned): the fused layer would not compute what it computes."""
+    if type(layer).__name__ not in _LAYERS:
+        raise ValueError(f"a layer is a {type(layer).__name__}, not one of {_LAYERS}")
+    attention, attention_out = layer.attention.self, layer.attention.output
+    expected = {
+        "query": (attention.query, ("Linear",)),
+        "key": (attention.key, ("Linear",)),
+        "value": (attention.value, ("Linear",)),
+        "attention output": (attention_out.dense, ("Linear",)),
+        "first LayerNorm": (attention_out.LayerNorm, ("LayerNorm",)),
+        "intermediate": (layer.intermediate.dense, ("Linear",)),
+        "activation": (layer.intermediate.intermediate_act_fn, _ACTIVATION_MODULES),
+        "output": (layer.output.dense, ("Linear",)),
+        "second LayerNorm": (layer.output.LayerNorm, ("LayerNorm",)),
+    }
+    for what, (module, names) in expected.items():
+        if type(module).__name__ not in names:
+            raise ValueError(f"{what} is a {type(module).__name__}, not one of {names}")
+    for module in layer.modules():
+        if "forward" in vars(module):
+            raise ValueError(f"a {type(module).__name__} of the layer has its own forward")
+    first, second = attention_out.LayerNorm, layer.output.LayerNorm
+    if first.eps != second.eps or first.weight is None or second.weight is None:
+        raise ValueError("the two LayerNorms differ in eps or have no weights")
+
+
 def _fused_layer(layer: nn.Module, config) -> nn.TransformerEncoderLayer:
     """A fused layer computing what ``layer`` (a BertLayer) computes, sharing all but its QKV weights."""
+    _check_stock(layer)
     attention, attention_out = layer.attention.self, layer.attention.output
     fused = nn.TransformerEncoderLayer(
         config.hidden_size,
@@ -53,7 +88,7 @@ def _fused_layer(layer: nn.Module, config) -> nn.TransformerEncoderLayer:
         config.intermediate_size,
         dropout=0.0,
         activation=config.hidden_act,
-        layer_norm_eps=config.layer_norm_eps,
+        layer_norm_eps=attention_out.LayerNorm.eps,
         batch_first=True,
         norm_first=False,  # BERT is post-norm: LayerNorm(x + sublayer(x))
         device="meta",  # no memory for the weights replaced below
@@ -87,13 +122,19 @@ class FusedLayers:
             raise ValueError(f"cannot fuse the layers of {type(transformer).__name__}: {reason}")
         self.transformer = transformer
         self.layers = [_fused_layer(layer, transformer.config) for layer in transformer.encoder.layer]
-        # the modules a user's hook could be on, listed once (walking the model on every pass costs more)
-        self._modules = list(transformer.modules())
+        # every module of the model and its children, listed once (walking the model on every pass costs
+        # more): a module replaced or wrapped afterwards shows as a changed child list
+        self._structure = [(module, tuple(module._modules.values())) for module in transformer.modules()]
+
+    def unchanged(self) -> bool:
+        """Whether the model's modules are still the ones the fused layers were built from (a module
+        replaced or wrapped since, even without new weights, makes them stale)."""
+        return all(tuple(module._modules.values()) == children for module, children in self._structure)
 
     def has_user_hooks(self) -> bool:
         """Whether a forward (pre-)hook other than transformers' own hidden-state capturing hooks is on the
         model: a fused pass would not call it."""
-        for module in self._modules:
+        for module, _ in self._structure:
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 if hooks and any(getattr(h, "__module__", "") != _CAPTURING_HOOKS for h in hooks.values()):
                     return True
@@ -104,7 +145,8 @@ class FusedLayers:
     ) -> dict[int, torch.Tensor]:
         """``{k: hidden states after layer k}`` for each ``k`` in ``wanted`` (0: the embedding layer's
         output), running the embeddings and the first ``deepest`` layers. Padded positions hold values that
-        pooling ignores, as in transformers' output."""
+        pooling ignores, as in transformers' output. ``inputs`` holds ``input_ids``, ``attention_mask`` and
+        optionally ``token_type_ids`` (:data:`INPUTS`)."""
         embeddings_inputs = {"input_ids": inputs["input_ids"]}
         if inputs.get("token_type_ids") is not None:
             embeddings_inputs["token_type_ids"] = inputs["token_type_ids"]

@@ -31,7 +31,7 @@ from matryoshka2d.encoder import (  # noqa: F401 - check_texts, EmbeddingBatch, 
     sort_longest_first,
 )
 from matryoshka2d.errors import InvalidInputError, InvalidLayersError, ModelLoadError, first_line
-from matryoshka2d.fused_layers import FusedLayers, why_not_fusable
+from matryoshka2d.fused_layers import INPUTS, FusedLayers
 from matryoshka2d.persistence import (
     FolderSpec,
     atomic_directory,
@@ -644,11 +644,15 @@ class EmbeddingModel(nn.Module, Encoder):
             InvalidInputError: the model's layers cannot be fused (only BERT, RoBERTa and XLM-RoBERTa
                 encoders with absolute positions, exact GELU or ReLU and an even number of heads can).
         """
-        if enabled and (reason := why_not_fusable(self.transformer)) is not None:
-            raise InvalidInputError(f"cannot fuse the layers of {self.name_or_path}: {reason}")
+        fused, weights = None, ()
+        if enabled:
+            try:  # built now: a model that cannot be fused is refused here, not on its first pass
+                fused, weights = FusedLayers(self.transformer), _weights_state(self.transformer)
+            except ValueError as e:
+                raise InvalidInputError(f"{self.name_or_path}: {e}") from None
         with self._compile_lock:
             self._fuse = bool(enabled)
-            self._fused, self._fused_weights = None, ()
+            self._fused, self._fused_weights = fused, weights
         return self
 
     @property
@@ -656,12 +660,14 @@ class EmbeddingModel(nn.Module, Encoder):
         """Whether inference runs torch's fused encoder layers (:meth:`fuse_layers`)."""
         return self._fuse
 
-    def _fused_runner(self) -> FusedLayers | None:
-        """The fused layers for this pass (built again if the weights changed), or None when the pass
-        runs transformers' layers: not fused, gradients recorded, train mode, compiled, traced or
-        exported, or a user's hook on the model."""
+    def _fused_runner(self, inputs: Mapping[str, torch.Tensor]) -> FusedLayers | None:
+        """The fused layers for this pass (built again if the weights or the modules changed), or None when
+        the pass runs transformers' layers: not fused, gradients recorded, train mode, compiled, traced or
+        exported, inputs other than ids, mask and token types, or a user's hook on the model. Modules
+        changed into ones that cannot be fused turn fusing off, with a warning."""
         if (
             not self._fuse
+            or not INPUTS.issuperset(inputs)
             or torch.is_grad_enabled()
             or self.transformer.training
             or self._compile
@@ -671,9 +677,15 @@ class EmbeddingModel(nn.Module, Encoder):
             return None
         weights = _weights_state(self.transformer)
         with self._compile_lock:
-            if self._fused is None or not _same_weights(weights, self._fused_weights):
-                self._fused, self._fused_weights = FusedLayers(self.transformer), weights
             fused = self._fused
+            if fused is None or not _same_weights(weights, self._fused_weights) or not fused.unchanged():
+                try:
+                    fused = FusedLayers(self.transformer)
+                except ValueError as e:  # a module replaced by one the fused layer does not compute
+                    warnings.warn(f"fused layers turned off: {e}", stacklevel=3)
+                    self._fuse, self._fused, self._fused_weights = False, None, ()
+                    return None
+                self._fused, self._fused_weights = fused, weights
         return None if fused.has_user_hooks() else fused
 
     def warm_up(self, layers: Iterable[int] | None = None, exits: bool = False) -> EmbeddingModel:
@@ -801,7 +813,7 @@ class EmbeddingModel(nn.Module, Encoder):
         inputs = {key: value for key, value in features.items() if key in self._input_names}
         need_all = wanted != [deepest]
         mask = features["attention_mask"]
-        fused = self._fused_runner()
+        fused = self._fused_runner(inputs)
         if fused is not None:  # the same hidden states from torch's fused layers (fuse_layers)
             states = fused.hidden_states(inputs, deepest, wanted)
             return {k: self._rotate(k, pool(states[k].float(), mask, self.pooling_mode)) for k in wanted}
