@@ -272,6 +272,8 @@ def test_a_replaced_module_is_run_or_fusing_turns_off(tmp_path, monkeypatch):
         wrapped = model.encode(TEXTS, layers=3)
     assert not model.fused_layers and len(calls) == 1
     np.testing.assert_allclose(wrapped, model.encode(TEXTS, layers=3), atol=1e-6)
+    with pytest.raises(InvalidInputError, match="a layer is a Shifted"):  # refused at once, with the reason
+        model.fuse_layers()
     layers[1] = layers[1].inner
     model.fuse_layers()
     for layer in layers:  # a stock module swapped for another stock one: rebuilt, still fused

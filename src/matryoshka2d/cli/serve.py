@@ -69,12 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.model, backend=args.runtime, dtype=args.dtype, threads=runtime_threads, compile=args.compile
         )
         if args.fused_layers and args.runtime == "torch" and not args.compile:
-            from matryoshka2d.fused_layers import why_not_fusable
-
-            reason = why_not_fusable(encoder.transformer)
-            if reason is None:
+            try:
                 encoder.fuse_layers()  # the server never changes the weights: nothing to rebuild
-            log.info("torch layers %s", "fused" if reason is None else f"not fused: {reason}")
+                log.info("torch layers fused")
+            except InvalidInputError as e:  # a model whose layers cannot be fused runs them unfused
+                log.info("torch layers not fused: %s", e)
         return encoder
 
     app = create_app(config, load, on_load_error=on_load_error)
