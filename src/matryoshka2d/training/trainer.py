@@ -821,7 +821,14 @@ def run_train(args: argparse.Namespace) -> int:
     Prints the final model folder (or, when stopped early with ``stop_at``, the checkpoint to resume
     from) on stdout, once, from the main process.
     """
-    result = Trainer(config_from_args(args)).train()
+    trainer = Trainer(config_from_args(args))
+    try:
+        result = trainer.train()
+    finally:
+        # the end of the script: under torchrun, take the process group down before the interpreter
+        # exits (left to exit-time teardown, a rank was seen to abort with "terminate called without an
+        # active exception" after saving, failing the run)
+        trainer.accelerator.end_training()
     where = result.output_dir or result.checkpoint
     if where is not None and int(os.environ.get("RANK", "0")) == 0:
         print(where)
