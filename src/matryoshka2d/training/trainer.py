@@ -828,7 +828,9 @@ def run_train(args: argparse.Namespace) -> int:
         # the end of the script: under torchrun, take the process group down before the interpreter
         # exits (left to exit-time teardown, a rank was seen to abort with "terminate called without an
         # active exception" after saving, failing the run)
-        trainer.accelerator.end_training()
+        accelerator = getattr(trainer, "accelerator", None)  # none when setup failed (e.g. a bad output_dir)
+        if accelerator is not None:
+            accelerator.end_training()
     where = result.output_dir or result.checkpoint
     if where is not None and int(os.environ.get("RANK", "0")) == 0:
         print(where)
