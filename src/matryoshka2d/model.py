@@ -188,6 +188,12 @@ def _same_weights(a: tuple, b: tuple) -> bool:
     return bool(a) and bool(b) and a[0] == b[0] and torch.equal(a[1], b[1])
 
 
+def _needs_eager_modules() -> bool:
+    """Whether this pass must run the model's own modules, not a compiled graph or fused layers built
+    from frozen copies of its weights: gradients are recorded, or the pass is traced or exported."""
+    return torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _compiled_runner(view: nn.Module, layers: int) -> Callable:
     """``view`` (a model of ``layers`` layers) compiled for inference, failures as one-line errors."""
     from torch._dynamo.exc import BackendCompilerFailed
@@ -598,12 +604,7 @@ class EmbeddingModel(nn.Module, Encoder):
         """What runs ``deepest`` layers: the compiled graph when compiling is on and no gradient is
         recorded (a graph that cannot be built is an :class:`InvalidInputError`), else ``view`` itself
         (eager)."""
-        if (
-            not self._compile
-            or torch.is_grad_enabled()
-            or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()
-        ):
+        if not self._compile or _needs_eager_modules():
             return view
         weights = _weights_state(self.transformer)
         with self._compile_lock:
@@ -670,11 +671,9 @@ class EmbeddingModel(nn.Module, Encoder):
         if (
             not self._fuse
             or not INPUTS.issuperset(inputs)
-            or torch.is_grad_enabled()
             or self.transformer.training
             or self._compile
-            or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()
+            or _needs_eager_modules()
         ):
             return None
         weights = _weights_state(self.transformer)
@@ -818,16 +817,15 @@ class EmbeddingModel(nn.Module, Encoder):
         fused = self._fused_runner(inputs)
         if fused is not None:  # the same hidden states from torch's fused layers (fuse_layers)
             states = fused.hidden_states(inputs, deepest, wanted)
-            return {k: self._rotate(k, pool(states[k].float(), mask, self.pooling_mode)) for k in wanted}
-        # shares every weight (self is not changed); BERT's pooler head is left out: nothing uses its output
-        transformer = layer_view(self.transformer, deepest, drop_pooler=True)
-        out = self._runner(transformer, deepest)(**inputs, output_hidden_states=need_all, return_dict=True)
+        else:
+            # shares every weight (self is not changed); BERT's pooler head is left out: nothing uses it
+            transformer = layer_view(self.transformer, deepest, drop_pooler=True)
+            out = self._runner(transformer, deepest)(
+                **inputs, output_hidden_states=need_all, return_dict=True
+            )
+            # each exit as a model cut there returns it
+            states = exit_states(transformer, out, wanted) if need_all else {deepest: out.last_hidden_state}
         # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).
-        if not need_all:
-            return {
-                deepest: self._rotate(deepest, pool(out.last_hidden_state.float(), mask, self.pooling_mode))
-            }
-        states = exit_states(transformer, out, wanted)  # each exit as a model cut there returns it
         return {k: self._rotate(k, pool(states[k].float(), mask, self.pooling_mode)) for k in wanted}
 
     # ------------------------------------------------------------------ inference
