@@ -141,6 +141,12 @@ CANDIDATES: dict[str, dict] = {
         ),
         "epochs": 3,
     },
+    # A bound on the dims axis (issue 12's 97% at 32 dims): the full-depth 32-dim prefix trained at 10x the
+    # weight of full size and nothing else (no layer terms), 1 epoch of both tasks: how much of full size
+    # can 32 dims of MiniLM hold when training cares mostly about them?
+    "matryoshka_32x10_stsb": with_stsb(
+        {"wrapper": "MatryoshkaLoss", "dims": [384, 32], "wrapper_args": {"weights": [1, 10]}}
+    ),
     "prior8_relational_w8_stsb_3ep": {
         **with_stsb(all_pairs(prior_layers_weight=8, distillation="relational", kl_div_weight=8)),
         "epochs": 3,
