@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from conftest import SENTENCES
 
-from matryoshka2d import EmbeddingModel, InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d import (
+    EmbeddingModel,
+    InvalidDimError,
+    InvalidInputError,
+    InvalidLayersError,
+    ModelLoadError,
+)
 from matryoshka2d.backends import BACKENDS, load_encoder
 from matryoshka2d.backends.onnx import OnnxEncoder, onnx_cache_dir
 from matryoshka2d.cli import main
@@ -355,6 +361,31 @@ def test_onnx_bad_input_is_refused_like_torch(onnx_encoder):
         onnx_encoder.encode(SENTENCES, dim=33)
     with pytest.raises(InvalidInputError):
         onnx_encoder.encode(["ok", 3])
+
+
+def test_onnx_forward_takes_one_layer_count_like_torch(onnx_encoder, tiny_model):
+    features = onnx_encoder.pad(onnx_encoder.tokenize(SENTENCES[:3], padding=False), [0, 1, 2])
+    one = onnx_encoder.forward(features, 3)
+    assert list(one) == [3]
+    np.testing.assert_array_equal(one[3], onnx_encoder.forward(features, [3])[3])
+    assert list(onnx_encoder.forward(features)) == [onnx_encoder.num_layers]
+    assert list(
+        tiny_model.forward(tiny_model.pad(tiny_model.tokenize(SENTENCES[:3], padding=False), [0, 1, 2]), 3)
+    ) == [3]
+
+
+def test_onnx_max_seq_length_is_checked_when_set(onnx_encoder):
+    with pytest.raises(InvalidInputError, match="has 64 position embeddings, so 1..64"):
+        onnx_encoder.max_seq_length = 1000
+    onnx_encoder.max_seq_length = 8
+    np.testing.assert_allclose(np.linalg.norm(onnx_encoder.encode(SENTENCES[:2]), axis=1), 1.0, rtol=1e-5)
+
+
+def test_an_unwritable_cache_folder_is_one_clear_error(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    with pytest.raises(ModelLoadError, match="cannot build ONNX graphs in .*M2D_CACHE_DIR"):
+        OnnxEncoder(tiny_model_dir, cache_dir=blocker).encode(SENTENCES[:2])
 
 
 def test_load_encoder_picks_the_backend(tiny_model_dir):

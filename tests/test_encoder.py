@@ -233,3 +233,31 @@ def test_an_error_in_one_worker_stops_the_others_after_their_current_batch(faili
     with pytest.raises(RuntimeError, match="boom"):
         enc.encode(["x"] * 200, batch_size=1, workers=2)
     assert time.monotonic() - start < 2 and 1 <= len(ran) < 20
+
+
+def test_a_lone_surrogate_is_refused_naming_the_text():
+    enc = CountingEncoder()
+    for call in (lambda t: enc.encode(t), lambda t: list(enc.iter_encode(t)), lambda t: enc.encode_layers(t)):
+        with pytest.raises(InvalidInputError, match=r"texts\[1\] is not valid Unicode: a lone surrogate"):
+            call(["ok", "bad \ud800 text"])
+    assert enc.encode(["été", "日本語 🙂"]).shape == (2, 6)  # any valid non-ASCII text is fine
+
+
+@pytest.mark.parametrize("normalize", ["no", None, 1, 0.0])
+def test_normalize_must_be_true_or_false(normalize):
+    enc = CountingEncoder()
+    with pytest.raises(InvalidInputError, match="normalize must be True or False"):
+        enc.encode(["a"], normalize=normalize)
+    assert enc.chunks == []
+    assert np.linalg.norm(enc.encode(["a"], normalize=np.bool_(False))) > 1  # numpy's bool is a bool
+
+
+def test_dims_take_any_iterable_as_layers_do_and_mappings_are_refused():
+    enc = CountingEncoder()
+    for dims in ({6, 2}, (d for d in (2, 6)), range(2, 7, 4)):
+        (batch,) = enc.iter_encode(["a"], layers=(k for k in (1, 3)), dims=dims)
+        assert set(batch.embeddings) == {(1, 6), (1, 2), (3, 6), (3, 2)}
+    with pytest.raises(InvalidLayersError, match="layers is a dict"):
+        list(enc.iter_encode(["a"], layers={2: "x"}))  # not its keys
+    with pytest.raises(InvalidDimError, match="dims is a dict"):
+        list(enc.iter_encode(["a"], dims={2: 1}))

@@ -736,3 +736,21 @@ def test_concurrent_worker_pools_leave_every_thread_count_as_it_was(tiny_model):
         del tiny_model._encode_batch
         torch.set_num_threads(threads)
     assert set(seen) == {1}
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (10_000, r"max_seq_length=10000 is out of range: .* has 64 position embeddings, so 1..64"),
+        (0, "max_seq_length=0 is out of range"),
+        ("128", "max_seq_length must be an integer, got '128'"),
+        (None, "max_seq_length must be an integer, got None"),
+    ],
+)
+def test_setting_a_bad_max_seq_length_is_refused(tiny_model, value, message):
+    before = tiny_model.max_seq_length
+    with pytest.raises(InvalidInputError, match=message):
+        tiny_model.max_seq_length = value
+    assert tiny_model.max_seq_length == before  # unchanged: encoding still works
+    tiny_model.max_seq_length = 64  # the position embeddings' limit itself is allowed
+    assert tiny_model.encode([" ".join(["word"] * 200)]).shape == (1, tiny_model.dim)

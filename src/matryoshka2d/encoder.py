@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError
+from matryoshka2d.errors import InvalidDimError, InvalidInputError, InvalidLayersError, Matryoshka2dError
 from matryoshka2d.truncation import check_dim, check_layers, truncate_dims
-from matryoshka2d.validation import check_positive_int
+from matryoshka2d.validation import check_int, check_positive_int
 
 # Texts tokenised and sorted by length together: enough to batch similar lengths, small enough for memory.
 DEFAULT_CHUNK_SIZE = 8192
@@ -57,7 +57,24 @@ def check_text(text: object, i: int) -> str:
     """``text`` if it is a string, else an :class:`InvalidInputError` naming position ``i``."""
     if not isinstance(text, str):
         raise InvalidInputError(f"texts[{i}] is {type(text).__name__} ({text!r:.50}), expected str")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. "\ud800" from bad JSON or a file read with surrogateescape
+            raise InvalidInputError(
+                f"texts[{i}] is not valid Unicode: a lone surrogate ({e.object[e.start : e.end]!a}) at "
+                f"character {e.start}"
+            ) from None
     return text
+
+
+def _as_list(values: object, name: str, error: type[Matryoshka2dError]) -> object:
+    """A set or a generator of layer counts / dims as a list; a mapping refused (its keys are not meant)."""
+    if isinstance(values, Mapping):
+        raise error(f"{name} is a {type(values).__name__}: pass a number or a list of numbers")
+    if isinstance(values, Iterable) and not isinstance(values, (str, bytes, Sequence, np.ndarray)):
+        return list(values)  # a set, a generator, a range's iterator
+    return values
 
 
 def check_texts(texts: object) -> list[str]:
@@ -126,11 +143,29 @@ class Encoder(abc.ABC):
     num_layers: int
     dim: int
     hidden_size: int
-    max_seq_length: int
     name_or_path: str
+    #: The longest ``max_seq_length`` the model's position embeddings allow (None: not known).
+    max_positions: int | None = None
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
     include_prompt: bool = True
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longer inputs are truncated to this many tokens; may be set, within ``1..max_positions``."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        limit = self.max_positions
+        name = getattr(self, "name_or_path", "the model")
+        self._max_seq_length = check_int(
+            value,
+            "max_seq_length",
+            minimum=1,
+            maximum=limit,
+            what=f"{name} has {limit} position embeddings, so 1..{limit}" if limit else "",
+        )
 
     @property
     def prompt(self) -> str:
@@ -459,6 +494,8 @@ class Encoder(abc.ABC):
         check_texts_iterable(texts)
         ks = self._layer_list(layers)
         ds = self._dim_list(dims)
+        if not isinstance(normalize, (bool, np.bool_)):  # "no" or None would silently pick by truthiness
+            raise InvalidInputError(f"normalize must be True or False, got {normalize!r:.50}")
         prompt = self.resolve_prompt(prompt_name, prompt)
         chunk_size = check_positive_int(chunk_size, "chunk_size")
         batch_size = check_positive_int(batch_size, "batch_size")
@@ -490,8 +527,7 @@ class Encoder(abc.ABC):
             return [self.num_layers]
         if isinstance(layers, np.ndarray) and layers.ndim == 0:
             layers = layers.item()  # np.array(2): one layer count
-        if isinstance(layers, Iterable) and not isinstance(layers, (str, bytes, Sequence, np.ndarray)):
-            layers = list(layers)  # a set, a generator, dict keys
+        layers = _as_list(layers, "layers", InvalidLayersError)
         if not isinstance(layers, (Sequence, np.ndarray)) or isinstance(layers, str):
             return [check_layers(layers, self.num_layers)]  # type: ignore[arg-type]
         if len(layers) == 0:
@@ -503,6 +539,7 @@ class Encoder(abc.ABC):
             return [self.dim]
         if isinstance(dims, np.ndarray) and dims.ndim == 0:
             dims = dims.item()
+        dims = _as_list(dims, "dims", InvalidDimError)
         if not isinstance(dims, (Sequence, np.ndarray)) or isinstance(dims, str):
             return [check_dim(dims, self.dim)]  # type: ignore[arg-type]
         if len(dims) == 0:

@@ -311,9 +311,8 @@ class EmbeddingModel(nn.Module, Encoder):
                 what=f"{self.name_or_path} has {positions} position embeddings, so 1..{positions}",
             )
         default_length = min(limit, positions)
-        #: The longest ``max_seq_length`` the position embeddings allow.
         self.max_positions = positions
-        self.max_seq_length: int = int(max_seq_length if max_seq_length is not None else default_length)
+        self.max_seq_length = max_seq_length if max_seq_length is not None else default_length
         self._input_names = set(inspect.signature(transformer.forward).parameters)
         # A fast tokenizer's call may switch its truncation/padding state: not safe from several threads.
         # Only tokenising is serialised; forward passes of any layer count run concurrently.

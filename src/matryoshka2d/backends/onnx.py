@@ -116,6 +116,7 @@ class OnnxEncoder(Encoder):
         model = EmbeddingModel.load(folder, dtype="float32")  # settings, and weights if we export
         self.tokenizer = model.tokenizer
         self.pooling_mode = model.pooling_mode
+        self.max_positions = model.max_positions
         self.max_seq_length = model.max_seq_length
         self.do_lower_case = model.do_lower_case
         self.prompts, self.default_prompt_name = model.prompts, model.default_prompt_name
@@ -194,7 +195,7 @@ class OnnxEncoder(Encoder):
             ``{k: array of shape (batch, hidden_size)}`` for every requested ``k`` (rotated where the
             model's layer exit k is).
         """
-        wanted = self._layer_list(None if layers is None else list(layers))
+        wanted = self._layer_list(layers)  # None, one layer count or several, as EmbeddingModel.forward
         feed = {name: np.asarray(features[name], dtype=np.int64) for name in self.input_names}
         outputs = self.session(wanted[-1]).run([exit_output_name(k) for k in wanted], feed)
         # numpy, not torch: torch's spinning threads slowed ONNX Runtime's next run (pool_numpy)
@@ -289,9 +290,21 @@ class OnnxEncoder(Encoder):
         (:func:`~matryoshka2d.export.onnx.save_graph`)."""
         from filelock import FileLock
 
-        self.cache.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.cache / ".build.lock")):
+        from matryoshka2d.errors import ModelLoadError
+
+        lock = FileLock(str(self.cache / ".build.lock"))
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as e:  # a read-only or unreachable cache folder
+            raise ModelLoadError(
+                f"cannot build ONNX graphs in {self.cache} ({e.strerror or e}): set M2D_CACHE_DIR (or "
+                "cache_dir=) to a writable folder"
+            ) from None
+        try:
             yield
+        finally:
+            lock.release()
 
     def _full_graph(self) -> Path:
         """The cached graph of all layers with its exits, its weights in a data file beside it (so that
