@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
 import random
@@ -311,6 +312,36 @@ def test_unknown_route_and_method(server):
     assert response.headers["allow"] == "POST"  # HTTP requires it on a 405
 
 
+def test_a_trailing_slash_is_a_404_in_openai_shape_not_a_redirect(server):
+    auth = {"Authorization": f"Bearer {KEY}", "Host": "elsewhere.example"}
+    response = httpx.post(server.url + "/v1/embeddings/", json=GOOD, headers=auth)
+    assert response.status_code == 404 and "location" not in response.headers
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(server.url + "/health/").status_code == 404
+
+
+def test_head_is_answered_wherever_get_is(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/health", "/metrics", "/v1/models", f"/v1/models/{NAME}"):
+        response = httpx.head(server.url + path, headers=auth)
+        assert response.status_code == 200 and response.content == b"", path
+    assert httpx.head(server.url + "/v1/models").status_code == 401  # the key is still asked for
+
+
+def test_a_compressed_body_is_refused_with_415(server):
+    body = gzip.compress(json.dumps(GOOD).encode())
+    headers = {
+        "Authorization": f"Bearer {KEY}",
+        "Content-Encoding": "gzip",
+        "Content-Type": "application/json",
+    }
+    response = httpx.post(server.url + "/v1/embeddings", content=body, headers=headers)
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "gzip" in response.json()["error"]["message"]
+    assert post(server, GOOD).status_code == 200  # and the next request is served
+
+
 def test_lone_surrogate_message_names_the_item(server):
     body = b'{"model": "tiny", "input": ["a cat", "x\\udc00"]}'
     assert "input[1] is not valid Unicode" in post(server, body).json()["error"]["message"]
@@ -403,6 +434,18 @@ def test_metrics_parse(server):
     assert families["m2d_prompt_tokens"].samples[0].value > 0
     assert families["m2d_model_loaded"].samples[0].value == 1
     assert "m2d_queue_texts" in families and "m2d_queue_requests" in families
+
+
+def test_batch_metrics_count_requests_only_not_the_warm_up(model_dir):
+    def batch_size(url: str) -> tuple[float, float]:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+        samples = {s.name: s.value for s in families["m2d_batch_size"].samples}
+        return samples["m2d_batch_size_count"], samples["m2d_batch_size_sum"]
+
+    with BackgroundServer(make_app(model_dir)) as running:
+        assert batch_size(running.url) == (0, 0)  # loaded and warmed up, no request yet
+        assert post(running, {**GOOD, "input": ["a", "b", "c"]}).status_code == 200
+        assert batch_size(running.url)[1] == 3
 
 
 # ---------------------------------------------------------------- loading, backpressure, disconnects

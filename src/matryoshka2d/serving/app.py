@@ -254,13 +254,15 @@ class EmbeddingServer:
                 max_queue_texts=self.config.max_queue_texts,
                 workers=self.config.workers,
                 mode=self.config.batch_mode,
-                on_batch=self.metrics.observe_batch,
                 pad_multiple=self.config.pad_multiple,
             ).start()
             if hasattr(model, "warm_up"):  # every allowed layer count's graphs now (ONNX, compiled torch),
                 # with the several-exit passes of the shared batch mode (their own graphs when compiled)
                 model.warm_up(allowed, exits=self.config.batch_mode == "shared")
             engine.encode(["warm up"], default, model.dim)  # the first pass is slow; keep it off a client
+            # batch metrics from here on: the warm-up is not traffic (a worker calls on_batch before it
+            # hands the batch's results over, so the warm-up's call is over by now)
+            engine.on_batch = self.metrics.observe_batch
         except BaseException as e:  # noqa: BLE001 - reported on /health and to the CLI
             self.load_error = str(e) or type(e).__name__
             log.error("cannot load the model: %s", self.load_error)
@@ -329,6 +331,13 @@ class EmbeddingServer:
         return self.engine
 
     async def read_body(self, request: Request) -> bytes:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # gzip & co. would be parsed as garbage JSON (and skip the size limit)
+            raise ApiError(
+                415,
+                f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                code="unsupported_content_encoding",
+            )
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -498,6 +507,9 @@ def create_app(
         redoc_url=None,
         # the schema is no secret, but a server behind an API key answers nothing to a client without it
         openapi_url=None if config.api_key is not None else "/openapi.json",
+        # "/v1/embeddings/" is a 404 in OpenAI's shape, not an empty 307 to a Location built from the
+        # client's Host header (which some clients follow, re-sending the body and the API key)
+        redirect_slashes=False,
     )
     app.state.server = server
     metrics = server.metrics
@@ -533,7 +545,7 @@ def create_app(
         metrics.observe_request(EMBEDDINGS, response.status_code, time.perf_counter() - start)
         return response
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> Response:
         try:
             server.check_auth(request)
@@ -541,7 +553,7 @@ def create_app(
             return e.response()
         return JSONResponse({"object": "list", "data": [_model_card(server)]})
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(request: Request, model_id: str) -> Response:
         try:
             server.check_auth(request)
@@ -550,7 +562,7 @@ def create_app(
             return e.response()
         return JSONResponse(_model_card(server))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checkers, curl -I
     async def health() -> Response:
         if server.engine is not None:
             return JSONResponse({"status": "ok"})
@@ -558,7 +570,7 @@ def create_app(
             return JSONResponse({"status": "error", "message": server.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
