@@ -41,7 +41,9 @@ def write_vocab(folder: Path) -> Path:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     pieces = [f"##{c}" for c in letters]
     vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(specials + WORDS + letters + pieces) + "\n", encoding="utf-8")
+    # each token once: a repeated line would give two ids to one token, and ids past len(tokenizer)
+    tokens = dict.fromkeys(specials + WORDS + letters + pieces)
+    vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
     return vocab
 
 

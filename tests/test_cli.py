@@ -252,6 +252,18 @@ def test_index_add_and_search_a_queries_file(tiny_model_dir, tmp_path, capsys):
     assert hits[0]["score"] >= hits[-1]["score"]
 
 
+def test_k_past_the_corpus_and_the_default_shortlist_is_clamped(tiny_model_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES[i % len(SENTENCES)] for i in range(250)) + "\n")
+    out = tmp_path / "index"
+    assert main(["index", "build", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["search", str(out), "--query", "a cat", "-k", "1000", "--json", str(tmp_path / "h.json")]
+    assert main(argv) == 0  # the default shortlist (200) grows with k instead of refusing k
+    assert "k=1000 is larger than the corpus (250 documents); returning 250 hits" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "h.json").read_text())[0]["hits"]) == 250
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -261,6 +273,7 @@ def test_index_add_and_search_a_queries_file(tiny_model_dir, tmp_path, capsys):
             "shortlist=5 is smaller than k=10",
         ),
         (["search", "{index}"], "either with --query"),
+        (["search", "{index}", "--query", "a cat", "--query", "  "], "--query number 2 is blank"),
         (["search", "{tmp}/missing", "--query", "a cat"], "search index folder not found"),
         (
             ["search", "{index}", "--query", "a cat", "--model", "{small}"],

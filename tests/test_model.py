@@ -754,3 +754,15 @@ def test_setting_a_bad_max_seq_length_is_refused(tiny_model, value, message):
     assert tiny_model.max_seq_length == before  # unchanged: encoding still works
     tiny_model.max_seq_length = 64  # the position embeddings' limit itself is allowed
     assert tiny_model.encode([" ".join(["word"] * 200)]).shape == (1, tiny_model.dim)
+
+
+def test_a_tokenizer_with_ids_past_the_token_embeddings_is_refused_at_load(tiny_model_dir, tmp_path):
+    folder = tmp_path / "added-token"
+    model = EmbeddingModel.load(tiny_model_dir)
+    model.tokenizer.add_tokens(["<newtok>"])  # added to the tokenizer, the embeddings not resized
+    model.save(folder)
+    with pytest.raises(ModelLoadError, match=r"token ids up to \d+ \('<newtok>'\) but the model has only"):
+        EmbeddingModel.load(folder)
+    model.transformer.resize_token_embeddings(len(model.tokenizer))
+    fixed = EmbeddingModel(model.transformer, model.tokenizer)  # what the message asks for
+    assert fixed.encode(["a <newtok> cat"]).shape == (1, fixed.dim)

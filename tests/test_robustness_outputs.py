@@ -467,3 +467,52 @@ def test_a_save_killed_between_its_two_renames_loses_nothing(tmp_path):
         (tmp / "vectors").write_text("new")
     assert (tmp_path / "idx" / "vectors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+@pytest.mark.parametrize("dangling", [True, False])
+def test_a_symbolic_link_as_a_file_output_is_refused_and_kept(
+    model_copy, texts_file, tmp_path, capsys, dangling
+):
+    target = tmp_path / "elsewhere" / "target.npy"
+    target.parent.mkdir()
+    if not dangling:
+        np.save(target, np.zeros(3))
+    link = tmp_path / "link.npy"
+    link.symlink_to(target)
+    before = target.read_bytes() if not dangling else None
+    code, err = run(["encode", model_copy, "--input", texts_file, "--out", link, "--overwrite"], capsys)
+    assert code == 2 and "is a symbolic link" in err
+    assert link.is_symlink() and os.readlink(link) == str(target)  # the user's link is still a link
+    assert (target.read_bytes() if not dangling else target.exists()) == (before if not dangling else False)
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(
+    model_copy, texts_file, tmp_path, capsys, monkeypatch
+):
+    """Root writes into a chmod 555 folder, so the refusal of the write probe is simulated: what matters is
+    that the command stops at the output check, before loading the model or encoding."""
+    import tempfile
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def refusing_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == read_only:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing_mkstemp)
+    fail_if_loaded(monkeypatch)
+    for argv in (
+        ["encode", model_copy, "--input", texts_file, "--out", read_only / "x.npy"],
+        ["eval-sts", model_copy, "--data", texts_file, "--json", read_only / "grid.json"],
+        ["index", "build", model_copy, "--corpus", texts_file, "--out", read_only / "index"],
+    ):
+        code, err = run(argv, capsys)
+        assert code == 2 and "is not writable (Permission denied)" in err, argv
+    assert not any(read_only.iterdir())
+    with pytest.raises(OutputPathError, match="is not writable"):
+        check_output_folder(read_only / "new" / "index", "search-index")
+    assert check_output_file(tmp_path / "fine.npy", "embeddings") == tmp_path / "fine.npy"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".m2d")) == []  # probes removed

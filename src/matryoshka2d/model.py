@@ -293,6 +293,7 @@ class EmbeddingModel(nn.Module, Encoder):
         self.normalize = normalize
         self.metadata: dict = {}
         self.name_or_path = name_or_path or getattr(transformer.config, "_name_or_path", "") or "model"
+        _check_token_embeddings(transformer, tokenizer, self.name_or_path)
         limit = getattr(tokenizer, "model_max_length", None) or 512
         positions = getattr(transformer.config, "max_position_embeddings", None) or limit
         family = getattr(transformer.config, "model_type", "")
@@ -884,6 +885,29 @@ class EmbeddingModel(nn.Module, Encoder):
         return (
             f"name_or_path={self.name_or_path!r}, num_layers={self.num_layers}, dim={self.dim}, "
             f"pooling={self.pooling_mode!r}, max_seq_length={self.max_seq_length}"
+        )
+
+
+def _check_token_embeddings(transformer: nn.Module, tokenizer, name: str) -> None:
+    """Refuse a tokenizer that gives ids past the model's token embeddings (e.g. tokens added to the
+    tokenizer without ``resize_token_embeddings``): such a text would fail deep inside the embedding lookup
+    (torch) or the graph (ONNX Runtime), and only for the texts holding one of those tokens."""
+    get_embeddings = getattr(transformer, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    try:
+        vocab = tokenizer.get_vocab()  # added tokens included
+    except (AttributeError, NotImplementedError):
+        return
+    if rows is None or not vocab:
+        return
+    highest = max(vocab.values())
+    if highest >= rows:
+        token = max(vocab, key=vocab.get)
+        raise ModelLoadError(
+            f"{name}: its tokenizer gives token ids up to {highest} ({token!r}) but the model has only "
+            f"{rows} token embeddings; resize them after adding tokens "
+            "(model.resize_token_embeddings(len(tokenizer)) in transformers) and save the model again"
         )
 
 

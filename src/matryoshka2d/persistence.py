@@ -189,7 +189,22 @@ def _check_common(path: Path, real: Path, kind: str, inputs, is_folder: bool) ->
         if ancestor.exists():
             if not ancestor.is_dir():
                 raise OutputPathError(f"cannot write {path}: {ancestor} is a file, not a folder")
+            _check_writable(ancestor, path)
             break
+
+
+def _check_writable(folder: Path, path: Path) -> None:
+    """Refuse now, before any work, an output whose folder cannot be written (permissions, a read-only
+    file system): the writers' temporary files and renames go there. A probe file is created and removed
+    (os.access says yes to root and knows nothing of file systems that refuse writes)."""
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".m2d-write-check-")
+    except OSError as e:
+        raise OutputPathError(
+            f"cannot write {path}: {folder} is not writable ({e.strerror or e}); choose another path"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def output_path(path: str | os.PathLike) -> Path:
@@ -216,8 +231,9 @@ def check_output_folder(
       :data:`OUTPUT_MARKER`, or a recognised older output): it is replaced only if ``overwrite`` is True.
     - Anything else is refused, whatever ``overwrite`` says: a folder holding other files, an output of
       another kind, a file, a symbolic link, the current folder or one of its ancestors, one of the
-      command's ``inputs``, a folder containing an input, or a path inside an input folder (real paths are
-      compared, so symbolic links and ``..`` do not get around it).
+      command's ``inputs``, a folder containing an input, a path inside an input folder (real paths are
+      compared, so symbolic links and ``..`` do not get around it), or a path whose nearest existing
+      folder cannot be written.
 
     Args:
         path: the output folder.
@@ -282,8 +298,9 @@ def check_output_file(
     - An existing non-empty file is replaced only if ``overwrite`` is True, and then only if
       ``recognize(path)`` (when given) says it is an output of this kind (e.g. a ``.npy`` array, a JSON
       document with the keys matryoshka2d writes); otherwise it is left alone whatever ``overwrite`` says.
-    - Always refused: a folder (or a path ending in a separator), a device or other non-regular file, one
-      of the command's ``inputs``, or a path inside an input folder (real paths are compared).
+    - Always refused: a folder (or a path ending in a separator), a device or other non-regular file, a
+      symbolic link, one of the command's ``inputs``, a path inside an input folder (real paths are
+      compared), or a path in a folder that cannot be written.
 
     Args:
         path: the output file.
@@ -304,6 +321,10 @@ def check_output_file(
         raise OutputPathError(f"{text} is a folder: give the path of the {what} to write")
     real = _real(path)
     _check_common(path, real, kind, inputs, is_folder=False)
+    if path.is_symlink():  # even a dangling one: the save would replace the link, not write its target
+        raise OutputPathError(
+            f"{path} is a symbolic link (to {real}): matryoshka2d does not replace links; give the real path"
+        )
     if not path.exists():
         return path
     if not path.is_file():

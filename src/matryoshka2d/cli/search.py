@@ -18,6 +18,9 @@ from matryoshka2d.cli.common import (
 )
 from matryoshka2d.persistence import atomic_write, check_output_file, check_output_folder, json_with_keys
 
+#: Candidates reranked with all dims per query when --shortlist is not given (or k, if larger).
+DEFAULT_SHORTLIST = 200
+
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from matryoshka2d.data import read_corpus
@@ -120,6 +123,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     }
     if args.json:
         check_output_file(args.json, "search JSON", **json_write)  # refuse before the work
+    for i, query in enumerate(args.query or []):
+        if not query.strip():  # as a blank line of a --queries file is refused
+            raise InvalidInputError(f"--query number {i + 1} is blank: give a query text")
     queries = args.query or read_texts(args.queries, column=args.column)
     if args.backend == "qdrant":
         index = open_qdrant(args)
@@ -131,7 +137,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         model,
         queries,
         k=args.k,
-        shortlist=args.shortlist,
+        # the default shortlist grows with k: "-k 500" alone must not fail for a shortlist of 200
+        shortlist=args.shortlist if args.shortlist is not None else max(DEFAULT_SHORTLIST, args.k),
         batch_size=args.batch_size,
         prompt_name=args.prompt_name,
         prompt=args.prompt,
@@ -279,7 +286,10 @@ def register(sub) -> None:
         help="hits per query (default 10; above the corpus size: clamped, with a warning)",
     )
     p.add_argument(
-        "--shortlist", type=int, default=200, help="candidates reranked with all dims (default 200)"
+        "--shortlist",
+        type=int,
+        default=None,
+        help=f"candidates reranked with all dims (default {DEFAULT_SHORTLIST}, or k if larger)",
     )
     p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
     p.add_argument("--batch-size", type=positive_int, default=32)
