@@ -6,6 +6,7 @@ Runs against qdrant-client's embedded local mode (``:memory:`` and a folder) and
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -559,3 +560,32 @@ def test_upload_texts_refuses_a_bad_workers_value_first(tiny_model):
                 q.upload_texts(tiny_model, SENTENCES, workers=bad, show_progress=False)
         assert len(q) == 0
         assert q.upload_texts(tiny_model, SENTENCES, workers=2, batch_size=4, show_progress=False) == 12
+
+
+def test_default_ids_never_replace_a_document_with_that_id():
+    docs = clustered(10)
+    with QdrantIndex.create("c", dim=DIM, shortlist_dim=SHORT, path=":memory:") as q:
+        q.upload(docs[:1], ids=["1"], show_progress=False)
+        with pytest.raises(InvalidInputError, match=r"default ids 1..2 .*id '1' .*already in collection"):
+            q.upload(docs[1:3], show_progress=False)  # would be "1", "2": "1" is taken
+        assert len(q) == 1 and q.search(docs[0], k=1, shortlist=1).ids == [["1"]]
+        q.upload(docs[1:3], ids=["x", "y"], show_progress=False)  # given ids: fine
+        assert len(q) == 3
+
+
+@pytest.mark.parametrize("where", ["memory", "edge"])
+def test_an_embed_corpus_output_repeating_ids_across_shards_is_refused(tiny_model_dir, tmp_path, where):
+    """Each shard's upload refuses repeats within it; across shards, into a new collection, an id already
+    there means the corpus repeats it (an upsert would silently keep one of the two documents)."""
+    from conftest import SENTENCES
+
+    from matryoshka2d.corpus import embed_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(SENTENCES[:8])] + [{"id": "d1", "text": "x"}]
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "emb"
+    embed_corpus(tiny_model_dir, corpus, out, layers=[4], id_column="id", shard_rows=4, show_progress=False)
+    place = {"path": ":memory:"} if where == "memory" else {"edge_path": str(tmp_path / "edge")}
+    with pytest.raises(InvalidInputError, match=r"repeats ids of its earlier shards: id 'd1'"):
+        QdrantIndex.from_corpus(out, "emb", shortlist_dim=8, show_progress=False, **place)

@@ -968,3 +968,65 @@ def test_workers_reach_every_kind_of_encoder_and_bad_values_are_refused_first(ti
         with pytest.raises(InvalidInputError, match="workers"):
             index.add_texts(tiny_model, SENTENCES, workers=bad)
         assert index.fingerprint is None and len(index) == 0
+
+
+# ---------------------------------------------------------------------- threads, extreme values
+def test_searches_and_saves_beside_adds_from_other_threads(tmp_path):
+    """Each search sees the index before or after an add, never half of one (faiss' add and the
+    vectors/ids arrays change together); each save writes one state that loads."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((400, 32)).astype(np.float32)
+    index = SearchIndex.from_embeddings(base, ids=[f"b{i}" for i in range(400)], shortlist_dim=8)
+    errors: list[BaseException] = []
+    adding = threading.Event()
+
+    def search() -> None:
+        try:
+            while not adding.is_set():
+                result = index.search(base[:16], k=3, shortlist=50)
+                assert [row[0] for row in result.ids] == [f"b{i}" for i in range(16)]  # itself, first
+                np.testing.assert_allclose(result.scores[:, 0], 1.0, rtol=1e-5)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def save() -> None:
+        try:
+            for i in range(6):
+                folder = index.save(tmp_path / f"copy{i}")
+                loaded = SearchIndex.load(folder)  # ids, vectors and shortlist of one state
+                assert len(loaded.ids) == len(loaded.vectors) and len(loaded) % 40 == 0
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=search) for _ in range(6)] + [threading.Thread(target=save)]
+    for t in threads:
+        t.start()
+    for j in range(60):
+        index.add(rng.standard_normal((40, 32)).astype(np.float32), ids=[f"a{j}-{i}" for i in range(40)])
+    adding.set()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(index) == 400 + 60 * 40
+
+
+def test_huge_finite_values_are_normalised_and_zero_vectors_refused(data):
+    corpus, _ = data
+    index = SearchIndex.from_embeddings(corpus[:30], shortlist_dim=8)
+    huge = np.full((1, 48), 1e20, dtype=np.float32)  # its squares overflow float32
+    index.add(huge, ids=["huge"])
+    np.testing.assert_allclose(index.vectors[index.position("huge")], 1 / np.sqrt(48), rtol=1e-6)
+    result = index.search(huge, k=1)
+    assert result.ids == [["huge"]] and result.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(InvalidInputError, match="embeddings row 1 is all zeros"):
+        index.add(np.stack([corpus[0], np.zeros(48, np.float32)]), ids=["x", "zero"])
+    with pytest.raises(InvalidInputError, match="queries row 0 is all zeros"):
+        index.search(np.zeros(48))
+    assert len(index) == 31  # the refused add changed nothing
+
+
+def test_an_unknown_shortlist_option_is_named(data):
+    corpus, _ = data
+    with pytest.raises(InvalidInputError, match="unknown shortlist option 'foo'; the options are .*index"):
+        SearchIndex.from_embeddings(corpus[:30], shortlist_dim=8, foo=1)

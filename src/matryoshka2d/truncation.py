@@ -215,5 +215,11 @@ def truncate_dims(embeddings, dim: int | None, normalize: bool):
         return embeddings
     if isinstance(embeddings, torch.Tensor):
         return nn.functional.normalize(embeddings, p=2, dim=-1)
-    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # an overflow is handled below
+        norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    if not np.isfinite(norms).all() and np.isfinite(embeddings).all():
+        # finite values whose squares overflow (~1e20 in float32): scale each row by its largest value first
+        scale = np.max(np.abs(embeddings), axis=-1, keepdims=True)
+        embeddings = embeddings / np.where(scale > 0, scale, 1)
+        norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
     return embeddings / np.maximum(norms, 1e-12)

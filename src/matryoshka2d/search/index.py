@@ -40,9 +40,12 @@ has outgrown what they were trained on (:func:`~matryoshka2d.search.shortlist.ou
 started with a few vectors and grown by :meth:`SearchIndex.add` searches like one built at once.
 
 Thread safety: :meth:`SearchIndex.search` and :meth:`SearchIndex.search_texts` may run from many threads
-at once (search settings are passed to faiss per call); adding documents while searching is not
-supported. Processes that update one index folder (load, add, save) hold :func:`index_lock` from the load
-to the save (``m2d index add`` does), so that no update is lost.
+at once (search settings are passed to faiss per call), and beside :meth:`SearchIndex.add` /
+:meth:`SearchIndex.add_texts` and :meth:`SearchIndex.save` from other threads: searches and saves share the
+index, an add has it alone (a readers-writer lock; the encoding of ``add_texts`` and ``search_texts`` runs
+outside it), so a search sees the index before or after an add, never half of one. Processes that
+update one index folder (load, add, save) hold :func:`index_lock` from the load to the save (``m2d index
+add`` does), so that no update is lost.
 
 Example:
     >>> model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
@@ -194,6 +197,49 @@ def _default_prompt(model: object) -> str:
     return getattr(model, "prompt", "") or ""
 
 
+class ReadWriteLock:
+    """Many readers at once or one writer; a writer waiting holds back new readers (no starvation).
+
+    Not re-entrant: a thread holding it must not take it again."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 @dataclass(eq=False, repr=False)
 class SearchIndex:
     """Full vectors stored once + a faiss shortlist over their first ``shortlist.dim`` dims.
@@ -247,6 +293,9 @@ class SearchIndex:
         # Models already checked against the fingerprint (so search_texts checks a model once).
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._checked_lock = threading.Lock()
+        # searches and saves read the state together; an add changes it alone (faiss' add is not safe
+        # beside a search of the same index, and vectors, ids and shortlist must change as one)
+        self._state_lock = ReadWriteLock()
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -280,7 +329,7 @@ class SearchIndex:
         if embeddings.shape[0] == 0:
             raise InvalidInputError("embeddings is empty: an index needs at least one vector")
         dim = embeddings.shape[1]
-        config = ShortlistConfig(dim=default_dim(shortlist_dim, dim), **shortlist_options)
+        config = shortlist_config(default_dim(shortlist_dim, dim), shortlist_options)
         index = cls(
             dim=dim,
             shortlist=config,
@@ -326,7 +375,7 @@ class SearchIndex:
         """
         if layers is not None:
             layers = check_layers(layers, model.num_layers)
-        config = ShortlistConfig(dim=default_dim(shortlist_dim, model.dim), **shortlist_options)
+        config = shortlist_config(default_dim(shortlist_dim, model.dim), shortlist_options)
         index = cls(dim=model.dim, shortlist=config, model=model_name(model), layers=layers)
         index.add_texts(
             model,
@@ -367,9 +416,14 @@ class SearchIndex:
             raise InvalidInputError(
                 f"embeddings have {embeddings.shape[1]} dims but the index holds {self.dim}-dim vectors"
             )
-        new_ids = self._check_new_ids(ids, embeddings.shape[0])
-        new_texts = self._check_new_texts(texts, embeddings.shape[0])
         vectors = np.ascontiguousarray(truncate_dims(embeddings, None, normalize=True), dtype=np.float32)
+        with self._state_lock.write():
+            self._add(vectors, ids, texts)
+
+    def _add(self, vectors: np.ndarray, ids: Sequence[str] | None, texts: Sequence[str] | None) -> None:
+        """:meth:`add` of normalised vectors, under the state lock."""
+        new_ids = self._check_new_ids(ids, vectors.shape[0])
+        new_texts = self._check_new_texts(texts, vectors.shape[0])
         if self._index is None:
             self._index, self.shortlist, self._trained_on = build_shortlist(self.shortlist, vectors)
             self._vectors = vectors
@@ -580,22 +634,8 @@ class SearchIndex:
         Returns:
             :class:`SearchResult` with ids, exact full-dim cosine scores and positions, best first.
         """
-        if self._index is None or not self._ids:
-            raise InvalidInputError("the index is empty: add documents before searching")
         k = _check_positive_int(k, "k")
         shortlist = _check_positive_int(shortlist, "shortlist")
-        n = len(self._ids)
-        # Clamp first: a k above the corpus size is clamped with a warning whatever the shortlist size.
-        if k > n:
-            warnings.warn(
-                f"k={k} is larger than the corpus ({n} documents); returning {n} hits", stacklevel=2
-            )
-            k = n
-        shortlist = min(shortlist, n)
-        if shortlist < k:
-            raise InvalidInputError(
-                f"shortlist={shortlist} is smaller than k={k}: the shortlist must hold at least k candidates"
-            )
         queries = _as_matrix(queries, "queries", allow_vector=True)
         if queries.shape[0] == 0:
             raise InvalidInputError("queries is empty: nothing to search")
@@ -604,6 +644,26 @@ class SearchIndex:
                 f"queries have {queries.shape[1]} dims but the index holds {self.dim}-dim vectors"
             )
         queries = np.ascontiguousarray(truncate_dims(queries, None, normalize=True), dtype=np.float32)
+        with self._state_lock.read():  # the index as it is before or after any add, not during one
+            return self._search(queries, k, shortlist, ef_search, nprobe)
+
+    def _search(
+        self, queries: np.ndarray, k: int, shortlist: int, ef_search: int | None, nprobe: int | None
+    ) -> SearchResult:
+        if self._index is None or not self._ids:
+            raise InvalidInputError("the index is empty: add documents before searching")
+        n = len(self._ids)
+        # Clamp first: a k above the corpus size is clamped with a warning whatever the shortlist size.
+        if k > n:
+            warnings.warn(
+                f"k={k} is larger than the corpus ({n} documents); returning {n} hits", stacklevel=3
+            )
+            k = n
+        shortlist = min(shortlist, n)
+        if shortlist < k:
+            raise InvalidInputError(
+                f"shortlist={shortlist} is smaller than k={k}: the shortlist must hold at least k candidates"
+            )
         params = search_params(self.shortlist, shortlist, ef_search, nprobe)  # per call: thread-safe
         codes = shortlist_codes(queries, self.shortlist)
         _, candidates = self._index.search(codes, shortlist, params=params)
@@ -791,6 +851,12 @@ class SearchIndex:
             OutputPathError: ``path`` may not be written (the message says what is there), or it holds an
                 entry that cannot be carried over (not a file, folder or link).
         """
+        with self._state_lock.read():  # one state: an add from another thread waits for the save
+            return self._save(path, overwrite, inputs)
+
+    def _save(
+        self, path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike | None]
+    ) -> Path:
         if self._index is None:
             raise InvalidInputError("the index is empty: nothing to save")
         path = output_path(path)  # as atomic_directory sees it (``~`` expanded): the folder it replaces
@@ -1003,6 +1069,19 @@ def _read_json(folder: Path, name: str):
 _check_positive_int = check_positive_int  # the name matryoshka2d.search.qdrant imports
 
 
+def shortlist_config(dim: int, options: dict) -> ShortlistConfig:
+    """``ShortlistConfig(dim=dim, **options)``, an unknown option named in an :class:`InvalidInputError`."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(ShortlistConfig)} - {"dim"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidInputError(
+            f"unknown shortlist option {unknown[0]!r}; the options are {', '.join(sorted(known))}"
+        )
+    return ShortlistConfig(dim=dim, **options)
+
+
 def _as_matrix(array: object, name: str, allow_vector: bool = False) -> np.ndarray:
     """``array`` as a 2-D real, finite numpy array (a 1-D one becomes one row if ``allow_vector``)."""
     try:
@@ -1017,4 +1096,11 @@ def _as_matrix(array: object, name: str, allow_vector: bool = False) -> np.ndarr
         raise InvalidInputError(f"{name} must hold real numbers, got dtype {matrix.dtype}")
     if matrix.size and not np.isfinite(matrix).all():
         raise InvalidInputError(f"{name} contains NaN or infinite values")
+    if matrix.size:
+        zero = ~matrix.any(axis=1)
+        if zero.any():
+            raise InvalidInputError(
+                f"{name} row {int(np.argmax(zero))} is all zeros: a zero vector has no direction, so its "
+                "cosine similarity to anything is undefined"
+            )
     return matrix

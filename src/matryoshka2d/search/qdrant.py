@@ -172,6 +172,10 @@ class _Backend:
     def count(self) -> int:
         raise NotImplementedError
 
+    def present(self, point_ids: list[str]) -> set[str]:
+        """Which of ``point_ids`` the collection holds."""
+        raise NotImplementedError
+
     def transient(self, error: BaseException) -> bool:
         return False
 
@@ -309,6 +313,12 @@ class _ClientBackend(_Backend):
 
     def count(self) -> int:
         return int(self._call(self.client.count, self.collection, exact=True).count)
+
+    def present(self, point_ids: list[str]) -> set[str]:
+        found = self._call(
+            self.client.retrieve, self.collection, ids=point_ids, with_payload=False, with_vectors=False
+        )
+        return {str(record.id) for record in found}
 
     def transient(self, error: BaseException) -> bool:
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -480,6 +490,9 @@ class _EdgeBackend(_Backend):
 
     def count(self) -> int:
         return int(self.shard.info().points_count)
+
+    def present(self, point_ids: list[str]) -> set[str]:
+        return {str(record.id) for record in self.shard.retrieve(point_ids, False, False)}
 
     def close(self) -> None:
         if self.shard is not None:
@@ -966,7 +979,7 @@ class QdrantIndex:
         Args:
             embeddings: ``(count, dim)`` array.
             ids: one unique string id per row (default: ``str(n)`` counting on from the collection's
-                current point count).
+                current point count; refused if one of those ids is in the collection already).
             texts: one text per row, stored in the payload and returned with hits.
             batch_size: points per upsert request.
             show_progress: tqdm progress bar (None: only on a terminal).
@@ -1142,6 +1155,7 @@ class QdrantIndex:
                     "differ; upload it into another collection"
                 )
         total = 0
+        fresh = len(self) == 0  # else an upsert (a resumed upload, an addition) may replace ids on purpose
         from tqdm.auto import tqdm
 
         shards = manifest.get("shards", [])
@@ -1152,6 +1166,8 @@ class QdrantIndex:
             except (OSError, ValueError) as e:
                 raise DataFileError(f"cannot read {path}: {e}") from None
             ids = [str(i) for i in table.column("id").to_pylist()]
+            if fresh and total:  # into a new collection, an id already there came from an earlier shard
+                self._refuse_repeated_ids(ids, f"{path}: the corpus repeats ids of its earlier shards")
             flat = table.column("embedding").combine_chunks().flatten().to_numpy()
             vectors = flat.reshape(table.num_rows, self.dim)
             total += self.upload(vectors, ids, batch_size=batch_size, show_progress=False, finish=False)
@@ -1165,7 +1181,14 @@ class QdrantIndex:
     def _check_ids(self, ids: Sequence[str] | None, count: int) -> list[str]:
         if ids is None:
             start = len(self)
-            return [str(start + i) for i in range(count)]
+            new = [str(start + i) for i in range(count)]
+            if start:  # a collection uploaded with its own ids may hold "25" already: an upsert replaces it
+                self._refuse_repeated_ids(
+                    new,
+                    f"the default ids {new[0]}..{new[-1]} count on from the collection's {start} "
+                    "points; pass ids=",
+                )
+            return new
         new = check_ordered(ids, "ids")  # a set or dict has no row order: refused
         if len(new) != count:
             raise InvalidInputError(f"got {len(new)} ids for {count} vectors/texts; give one id each")
@@ -1179,6 +1202,18 @@ class QdrantIndex:
                 raise InvalidInputError(f"duplicate id {id_!r} in the new documents; ids must be unique")
             seen.add(id_)
         return new
+
+    def _refuse_repeated_ids(self, ids: list[str], why: str) -> None:
+        """Raise :class:`InvalidInputError` if the collection holds one of ``ids`` (an upload would replace
+        it)."""
+        points = {point_id(d): d for d in ids}
+        found = self._retrying(lambda: self._backend.present(list(points)), "check ids")
+        if found:
+            first = next(doc for point, doc in points.items() if point in found)  # in the upload's order
+            raise InvalidInputError(
+                f"{why}: id {first!r} (and {len(found) - 1} more) is already in collection "
+                f"{self.collection!r}, and uploading would replace that document"
+            )
 
     def _upload_rows(
         self,
