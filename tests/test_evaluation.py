@@ -192,3 +192,12 @@ def test_some_cells_undefined_others_defined(tiny_model, sts_file):
     assert spearman_x100(np.array([0.5, 0.5 + 1e-8, 0.5]), np.array([1.0, 2.0, 3.0])) != 0
     assert math.isnan(spearman_x100(np.array([0.5, 0.5 + 1e-8, 0.5]), np.array([1.0, 2.0, 3.0])))
     assert spearman_x100(np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0])) == pytest.approx(100)
+
+
+def test_grid_mean_and_reading_refuse_what_has_no_answer():
+    grid = GridResult.from_dict({"layers": [2, 3], "dims": [8], "spearman": [[1.0], [2.0]]})
+    assert grid.mean(max_layers=2) == 1.0
+    with pytest.raises(InvalidLayersError, match="no row of the grid has at most 1 layers"):
+        grid.mean(max_layers=1)
+    with pytest.raises(DataFileError, match="'layers' must be positive integers"):
+        GridResult.from_dict({"layers": [1, "x"], "dims": [8], "spearman": [[1.0], [2.0]]})

@@ -266,3 +266,26 @@ def test_grid_engine_gives_exactly_the_numbers_of_the_old_per_layer_code(tiny_mo
             emb = truncate_dims(by_layer[k], d, normalize=True)
             old = retrieval_metrics(emb[:6], emb[[texts.index(t) for t in SENTENCES]], data.relevant, (1, 3))
             assert {name: result.cell(k, d, name) for name in old} == old
+
+
+def test_positive_pairs_only_are_a_retrieval_set(tmp_path):
+    """Every pair scored 5: no Spearman possible, but each pair is a query with its relevant document."""
+    path = tmp_path / "positives.tsv"
+    rows = [
+        ("sentence1", "sentence2", "score"),
+        ("A cat sat.", "The cat sat.", "5"),
+        ("Rain.", "It rains.", "5"),
+    ]
+    path.write_text("\n".join("\t".join(r) for r in rows) + "\n", encoding="utf-8")
+    data = load_sts_retrieval(path)
+    assert data.queries == ["A cat sat.", "Rain."] and data.relevant == [[0], [1]]
+
+
+def test_every_copy_of_a_querys_own_text_is_left_out(tiny_model):
+    texts = ["A man is cutting an onion.", "A man slices an onion.", "A dog runs.", "A cat sleeps."]
+    copies = RetrievalData(
+        queries=[texts[0]], corpus=[texts[0], texts[1], texts[2], texts[0]], relevant=[[1]]
+    )
+    alone = RetrievalData(queries=[texts[0]], corpus=[texts[1], texts[2]], relevant=[[0]])
+    with_copies, without = (evaluate_retrieval(tiny_model, d, recall_at=(1, 2)) for d in (copies, alone))
+    assert with_copies.metrics == without.metrics

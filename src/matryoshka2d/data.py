@@ -301,12 +301,16 @@ def load_sts(
     sentence1: str = "sentence1",
     sentence2: str = "sentence2",
     score: str = "score",
+    varied_scores: bool = True,
 ) -> StsData:
     """Load scored pairs from a tsv/csv/jsonl/parquet file with columns sentence1, sentence2, score.
 
+    ``varied_scores=False`` accepts scores that are all equal (a retrieval set of positive pairs only).
+
     Raises:
         DataFileError: missing file or columns, no rows, a non-text sentence, an unparsable or NaN score,
-            or scores that are all equal (Spearman correlation is undefined then).
+            or scores that are all equal (Spearman correlation is undefined then; unless
+            ``varied_scores=False``).
     """
     rows = read_rows(path)
     require_columns(rows, [sentence1, sentence2, score], path)
@@ -315,7 +319,7 @@ def load_sts(
         text_column(rows, sentence2, path, non_empty=True),
         score_column(rows, score, path),
     )
-    if len(set(data.scores)) < 2:
+    if varied_scores and len(set(data.scores)) < 2:
         raise DataFileError(f"{path}: every score is {data.scores[0]}; a correlation needs varied scores")
     return data
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from matryoshka2d.encoder import prompt_option
 from matryoshka2d.errors import DataFileError, InvalidDimError, InvalidInputError, InvalidLayersError
 from matryoshka2d.truncation import check_dim, check_layers
-from matryoshka2d.validation import check_positive_int
+from matryoshka2d.validation import check_positive_int, is_int
 
 #: Keys of the JSON format that are not metric tables.
 GRID_KEYS = ("model", "layers", "dims")
@@ -131,6 +131,10 @@ class GridResult:
         ``max_layers`` layers; ``nan`` if any of those cells is undefined."""
         table = self.metrics[self._metric(metric)]
         rows = [r for k, r in zip(self.layers, table) if max_layers is None or k <= max_layers]
+        if not rows:
+            raise InvalidLayersError(
+                f"no row of the grid has at most {max_layers} layers (its layer counts: {self.layers})"
+            )
         return float(np.mean(rows))
 
     def undefined_cells(self, metric: str | None = None) -> list[tuple[int, int]]:
@@ -185,6 +189,9 @@ class GridResult:
         if not isinstance(data, Mapping) or "layers" not in data or "dims" not in data:
             raise DataFileError("a grid needs 'layers', 'dims' and at least one metric table")
         layers, dims = list(data["layers"]), list(data["dims"])
+        for name, values in (("layers", layers), ("dims", dims)):
+            if not all(is_int(v) and v > 0 for v in values):
+                raise DataFileError(f"a grid's {name!r} must be positive integers, got {values!r:.80}")
         if "metrics" in data and isinstance(data["metrics"], Mapping):
             tables = dict(data["metrics"])
             info_keys = [k for k in data if k not in (*GRID_KEYS, "metrics", "primary")]

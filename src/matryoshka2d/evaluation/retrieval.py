@@ -140,7 +140,7 @@ def load_sts_retrieval(path: str | os.PathLike, min_score: float = 4.0) -> Retri
     Raises:
         DataFileError: missing file or columns, unusable scores, or no pair scored ``>= min_score``.
     """
-    data = load_sts(path)
+    data = load_sts(path, varied_scores=False)  # positive pairs only (all scored 5) are a retrieval set
     keep = [score >= min_score for score in data.scores]
     if not any(keep):
         raise DataFileError(f"{path}: no pair has a score >= {min_score} (the highest is {max(data.scores)})")
@@ -183,7 +183,10 @@ def retrieval_metrics(
     """recall@k (for each k in ``recall_at``), MRR@10 and nDCG@10 of exact cosine search.
 
     Documents of equal score rank in corpus order (the same ranking whatever the corpus size; ties are
-    exact for duplicate texts, and common at a handful of dims).
+    exact for duplicate texts, and common at a handful of dims). Cosines equal only in exact arithmetic
+    (different vectors) are computed by one BLAS matrix product per chunk of queries and may differ in their
+    last bit (~1e-8) with the chunk's size, so such near-ties may rank differently with ``chunk_size``
+    (a per-row product that would not costs 10-50x the time of the grid's scoring).
 
     Args:
         query_embeddings: ``(num_queries, dim)`` array (normalised here).
@@ -314,10 +317,11 @@ def evaluate_retrieval(
     # A query's own text in the corpus (an STS sentence1 that is another pair's sentence2) is the same
     # embedding: rank 1 for any model, judged not relevant. Left out of that query's ranking (unless it
     # is relevant), as BEIR's ignore_identical_ids does.
-    in_corpus = {text: i for i, text in enumerate(data.corpus)}
+    in_corpus: dict[str, list[int]] = {}
+    for i, text in enumerate(data.corpus):  # every copy (a corpus given in Python may repeat a text)
+        in_corpus.setdefault(text, []).append(i)
     exclude = [
-        [in_corpus[q]] if q in in_corpus and in_corpus[q] not in rel else []
-        for q, rel in zip(data.queries, data.relevant)
+        [i for i in in_corpus.get(q, []) if i not in set(rel)] for q, rel in zip(data.queries, data.relevant)
     ]
 
     def score(embeddings: np.ndarray) -> dict[str, float]:
