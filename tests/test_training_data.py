@@ -48,7 +48,17 @@ def test_detects_scored_pairs_with_label(scored):
     assert data.columns == ["sentence1", "sentence2"]
     assert data.label_column == "score"
     assert data.labels == [float(i % 6) for i in range(8)]
-    assert load_training_data(scored, use_labels=False).labels is None
+    with pytest.warns(UserWarning, match="column 'score' is not used"):
+        assert load_training_data(scored, use_labels=False).labels is None
+
+
+def test_hard_negative_columns_left_out_by_the_detected_layout_are_named(tmp_path):
+    rows = [(f"a {i}", f"p {i}", f"n {i}", f"m {i}") for i in range(4)]
+    path = write_tsv(tmp_path / "hn.tsv", ["anchor", "positive", "negative_1", "negative_2"], rows)
+    with pytest.warns(UserWarning, match=r"columns \['negative_1', 'negative_2'\] are not used"):
+        assert load_training_data(path).columns == ["anchor", "positive"]
+    listed = load_training_data(path, columns=["anchor", "positive", "negative_1"])
+    assert listed.columns == ["anchor", "positive", "negative_1"]
 
 
 def test_listed_columns_still_find_the_label_when_labels_are_needed(scored, tmp_path):

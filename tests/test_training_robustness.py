@@ -398,6 +398,26 @@ def test_settings_that_would_train_nothing_or_crash_inside_torch_are_refused(wor
     assert not any((tmp_path / name).exists() for name in "abcdef")
 
 
+def test_settings_that_would_silently_train_something_else_are_refused(workdir, tmp_path):
+    with pytest.raises(InvalidInputError, match="option 'dims' needs a wrapper"):
+        Trainer(config(workdir, tmp_path / "a", wrapper="none", dims=[32, 16])).train()
+    with pytest.raises(InvalidInputError, match="option 'wrapper_args' .* needs a wrapper"):
+        Trainer(
+            config(workdir, tmp_path / "b", wrapper="none", wrapper_args={"n_layers_per_step": 2})
+        ).train()
+    sts = [str(workdir / "sts.tsv")]  # scores 0..5
+    with pytest.raises(InvalidInputError, match="CosineSimilarityLoss takes labels in -1..1 .* label_range"):
+        Trainer(config(workdir, tmp_path / "c", train_data=sts, loss="cosine")).train()
+    with pytest.raises(InvalidInputError, match="role names out of their order"):
+        Trainer(config(workdir, tmp_path / "d", columns=["anchor", "negative", "positive"])).train()
+    assert not any((tmp_path / name).exists() for name in "abcd")
+    with pytest.warns(UserWarning, match="column 'score' is not used: the loss takes no labels"):
+        Trainer(config(workdir, tmp_path / "e", train_data=sts, steps=1)).train()  # MNRL on scored pairs
+    Trainer(
+        config(workdir, tmp_path / "f", train_data=sts, loss="cosine", label_range=[0, 5], steps=1)
+    ).train()
+
+
 def test_a_resume_with_nothing_left_to_do_names_its_checkpoint(workdir, three_checkpoints):
     out, found = three_checkpoints  # stopped at step 6
     result = Trainer(config(workdir, out, steps=8, stop_at=4, resume="latest")).train()

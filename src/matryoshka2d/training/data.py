@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,12 +182,27 @@ def resolve_columns(
         if isinstance(columns, str):
             columns = [c.strip() for c in columns.split(",") if c.strip()]
         texts = [str(c) for c in columns]
+        positions = [_ROLE_POSITION.get(c) for c in texts]
+        if None not in positions and positions != sorted(positions):  # e.g. [anchor, negative, positive]
+            raise InvalidInputError(
+                f"columns {texts} are role names out of their order: inputs are taken in the order listed "
+                "(anchor/sentence1/query, positive/sentence2, negative), so this would train on "
+                f"{texts[1]!r} as the positive; reorder them, or give a mapping such as "
+                "{anchor: anchor, positive: positive, negative: negative}"
+            )
     else:
         for required, optional, labels in KNOWN_LAYOUTS:
             if all(c in have for c in required):
                 texts = list(required) + [c for c in optional if c in have]
                 if label is None:
                     label = next((c for c in labels if c in have), None)
+                unused = [c for c in have if c.startswith("negative") and c not in texts]
+                if unused:  # sentence-transformers' hard-negative naming: negative_1, negative_2, ...
+                    warnings.warn(
+                        f"{where}: columns {unused} are not used (the layout found is {texts}); to train on "
+                        "them, list the text columns, e.g. columns: [anchor, positive, negative_1]",
+                        stacklevel=2,
+                    )
                 break
         else:
             raise DataFileError(
@@ -240,6 +256,15 @@ def load_training_data(
         rows, where = read_source(source, max_rows)
         texts_cols, label = resolve_columns(list(rows[0].keys()), columns, label_column, where)
         if use_labels is False:
+            # found by detection, named in a columns mapping, or just there (an explicit one is refused)
+            unused = label or next((c for c in LABEL_NAMES if c in rows[0] and c not in texts_cols), None)
+            if unused is not None:
+                warnings.warn(
+                    f"{where}: column {unused!r} is not used: the loss takes no labels, so every row is "
+                    "trained as a positive pair (low-scored pairs too); filter the rows first, or use a loss "
+                    "that takes labels (cosent, angle, cosine)",
+                    stacklevel=2,
+                )
             label = None
         elif use_labels and label is None:  # columns were listed: still find a score/label column
             label = next((c for c in LABEL_NAMES if c in rows[0] and c not in texts_cols), None)

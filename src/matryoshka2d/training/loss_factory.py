@@ -85,6 +85,15 @@ def build_loss(config: TrainConfig, model: EmbeddingModel) -> nn.Module:
     if wrapper is None or wrapper.strip().lower() == "none":
         if config.schedule is not None:
             raise InvalidInputError("option 'schedule' needs wrapper Matryoshka2dLoss")
+        if config.dims is not None:  # silently unused otherwise
+            raise InvalidInputError(
+                "option 'dims' needs a wrapper (Matryoshka2dLoss, MatryoshkaLoss): with wrapper none no dim "
+                "prefix is trained; for the evaluation grid's dims use eval_dims"
+            )
+        if config.wrapper_args:
+            raise InvalidInputError(
+                f"option 'wrapper_args' ({sorted(config.wrapper_args)}) needs a wrapper; the wrapper is none"
+            )
         return base
     wrapper_name = _canonical(wrapper, WRAPPERS, WRAPPER_ALIASES, "wrapper")
     cls = getattr(losses, wrapper_name)

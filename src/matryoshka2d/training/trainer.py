@@ -110,6 +110,12 @@ def _checked_loss(loss: nn.Module, model: EmbeddingModel) -> bool:
     return bool(getattr(loss, "needs_labels", False))
 
 
+def _base_loss_name(name: str) -> str:
+    from matryoshka2d.training.loss_factory import BASE_LOSS_ALIASES, BASE_LOSSES, _canonical
+
+    return _canonical(name, BASE_LOSSES, BASE_LOSS_ALIASES, "loss")
+
+
 def _load_data(cfg: TrainConfig, needs_labels: bool) -> TrainingData:
     """The training rows described by the data options of ``cfg`` (``train_data``, ``columns``, ...)."""
     if not needs_labels:  # they would be dropped without a word
@@ -119,9 +125,18 @@ def _load_data(cfg: TrainConfig, needs_labels: bool) -> TrainingData:
                 f"option {given[0]!r}: the loss {cfg.loss} takes no labels (CoSENTLoss, AnglELoss and "
                 "CosineSimilarityLoss do); leave it out or choose one of those"
             )
-    return load_training_data(
+    data = load_training_data(
         cfg.train_data, cfg.columns, cfg.label_column, needs_labels, cfg.label_range, cfg.max_rows
     )
+    if cfg.label_range is None and data.labels and _base_loss_name(cfg.loss) == "CosineSimilarityLoss":
+        outside = [x for x in data.labels if not -1.0 <= x <= 1.0]
+        if outside:  # a cosine never reaches them: the loss would pull every pair towards +-1
+            raise InvalidInputError(
+                f"CosineSimilarityLoss takes labels in -1..1 (cosine targets), but {len(outside)} labels lie "
+                f"outside (e.g. {outside[0]}): set label_range to the labels' scale, e.g. [0, 5] for STS "
+                "Benchmark scores"
+            )
+    return data
 
 
 @dataclass
