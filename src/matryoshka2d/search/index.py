@@ -409,13 +409,9 @@ class SearchIndex:
                 values, an id count that differs from the row count, a non-string id, or an id that is
                 repeated or already in the index (nothing is added then).
         """
-        embeddings = _as_matrix(embeddings, "embeddings")
-        if embeddings.shape[0] == 0:
-            raise InvalidInputError("embeddings is empty: nothing to add")
-        if embeddings.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"embeddings have {embeddings.shape[1]} dims but the index holds {self.dim}-dim vectors"
-            )
+        embeddings = rows_of_width(
+            embeddings, "embeddings", self.dim, "the index holds", "embeddings is empty: nothing to add"
+        )
         vectors = np.ascontiguousarray(truncate_dims(embeddings, None, normalize=True), dtype=np.float32)
         with self._state_lock.write():
             self._add(vectors, ids, texts)
@@ -636,13 +632,9 @@ class SearchIndex:
         """
         k = _check_positive_int(k, "k")
         shortlist = _check_positive_int(shortlist, "shortlist")
-        queries = _as_matrix(queries, "queries", allow_vector=True)
-        if queries.shape[0] == 0:
-            raise InvalidInputError("queries is empty: nothing to search")
-        if queries.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"queries have {queries.shape[1]} dims but the index holds {self.dim}-dim vectors"
-            )
+        queries = rows_of_width(
+            queries, "queries", self.dim, "the index holds", "queries is empty: nothing to search", True
+        )
         queries = np.ascontiguousarray(truncate_dims(queries, None, normalize=True), dtype=np.float32)
         with self._state_lock.read():  # the index as it is before or after any add, not during one
             return self._search(queries, k, shortlist, ef_search, nprobe)
@@ -1080,6 +1072,17 @@ def shortlist_config(dim: int, options: dict) -> ShortlistConfig:
             f"unknown shortlist option {unknown[0]!r}; the options are {', '.join(sorted(known))}"
         )
     return ShortlistConfig(dim=dim, **options)
+
+
+def rows_of_width(array: object, name: str, width: int, holder: str, empty: str, allow_vector: bool = False):
+    """:func:`_as_matrix` of at least one row of ``width`` values; errors say ``empty`` (no rows) or
+    "``name`` have N dims but ``holder`` ``width``-dim vectors"."""
+    matrix = _as_matrix(array, name, allow_vector=allow_vector)
+    if matrix.shape[0] == 0:
+        raise InvalidInputError(empty)
+    if matrix.shape[1] != width:
+        raise InvalidInputError(f"{name} have {matrix.shape[1]} dims but {holder} {width}-dim vectors")
+    return matrix
 
 
 def _as_matrix(array: object, name: str, allow_vector: bool = False) -> np.ndarray:

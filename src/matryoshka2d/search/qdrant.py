@@ -76,9 +76,9 @@ from matryoshka2d.search.index import (
     SearchIndex,
     SearchResult,
     ShortlistConfig,
-    _as_matrix,
     _check_positive_int,
     requested_prompt,
+    rows_of_width,
 )
 from matryoshka2d.truncation import check_layers, truncate_dims
 from matryoshka2d.validation import check_ordered
@@ -994,15 +994,14 @@ class QdrantIndex:
             InvalidInputError: malformed embeddings, wrong width, bad or duplicate ids, bad texts.
             QdrantBackendError: a batch still failed after the retries.
         """
-        embeddings = _as_matrix(embeddings, "embeddings")
+        embeddings = rows_of_width(
+            embeddings,
+            "embeddings",
+            self.dim,
+            f"collection {self.collection!r} holds",
+            "embeddings is empty: nothing to upload",
+        )
         count = embeddings.shape[0]
-        if count == 0:
-            raise InvalidInputError("embeddings is empty: nothing to upload")
-        if embeddings.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"embeddings have {embeddings.shape[1]} dims but collection {self.collection!r} holds "
-                f"{self.dim}-dim vectors"
-            )
         batch_size = _check_positive_int(batch_size, "batch_size")
         doc_ids = self._check_ids(ids, count)
         doc_texts = _check_texts(texts, count)
@@ -1304,14 +1303,14 @@ class QdrantIndex:
                 f"shortlist={shortlist} is smaller than k={k}: the shortlist must hold at least k candidates"
             )
         query_batch_size = _check_positive_int(query_batch_size, "query_batch_size")
-        queries = _as_matrix(queries, "queries", allow_vector=True)
-        if queries.shape[0] == 0:
-            raise InvalidInputError("queries is empty: nothing to search")
-        if queries.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"queries have {queries.shape[1]} dims but collection {self.collection!r} holds "
-                f"{self.dim}-dim vectors"
-            )
+        queries = rows_of_width(
+            queries,
+            "queries",
+            self.dim,
+            f"collection {self.collection!r} holds",
+            "queries is empty: nothing to search",
+            allow_vector=True,
+        )
         full = np.ascontiguousarray(truncate_dims(queries, None, normalize=True), dtype=np.float32)
         short = np.ascontiguousarray(truncate_dims(full, self.shortlist.dim, normalize=True))
         params = self._search_params(shortlist, ef_search)
