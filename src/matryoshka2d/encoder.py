@@ -57,15 +57,25 @@ def check_text(text: object, i: int) -> str:
     """``text`` if it is a string, else an :class:`InvalidInputError` naming position ``i``."""
     if not isinstance(text, str):
         raise InvalidInputError(f"texts[{i}] is {type(text).__name__} ({text!r:.50}), expected str")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # e.g. "\ud800" from bad JSON or a file read with surrogateescape
-            raise InvalidInputError(
-                f"texts[{i}] is not valid Unicode: a lone surrogate ({e.object[e.start : e.end]!a}) at "
-                f"character {e.start}"
-            ) from None
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise InvalidInputError(f"texts[{i}] {problem}")
     return text
+
+
+def unicode_problem(text: str) -> str | None:
+    """What makes ``text`` unusable by a tokenizer (``"is not valid Unicode: a lone surrogate ..."``), or
+    None. A lone surrogate (``"\ud800"``) comes from JSON, which allows it, or a file read with
+    ``errors="surrogateescape"``."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"is not valid Unicode: a lone surrogate ({e.object[e.start : e.end]!a}) at character {e.start}"
+        )
+    return None
 
 
 def _as_list(values: object, name: str, error: type[Matryoshka2dError]) -> object:

@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from matryoshka2d.encoder import unicode_problem
 from matryoshka2d.errors import InvalidInputError
 from matryoshka2d.serving.engine import (
     BatchingEngine,
@@ -190,15 +191,9 @@ def _check_texts(value: str | list[Any], max_inputs: int) -> list[str]:
             raise ApiError(400, f"input[{i}] must be a string, got {_describe(text)}", param="input")
         if not text:
             raise ApiError(400, f"input[{i}] is an empty string", param="input")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # JSON allows "\ud800"; no tokenizer takes a lone surrogate
-            raise ApiError(
-                400,
-                f"input[{i}] is not valid Unicode: a lone surrogate ({e.object[e.start : e.end]!a}) at "
-                f"character {e.start}",
-                param="input",
-            ) from None
+        problem = unicode_problem(text)  # JSON allows "\ud800"; no tokenizer takes a lone surrogate
+        if problem is not None:
+            raise ApiError(400, f"input[{i}] {problem}", param="input")
     return value
 
 
