@@ -50,7 +50,6 @@ from matryoshka2d.truncation import (
     keep_first_layers,
     layer_view,
 )
-from matryoshka2d.validation import check_int
 
 # Families whose position ids start after the padding index, so max_position_embeddings overstates the
 # usable length by pad_token_id + 1 (514 positions = 512 tokens for RoBERTa).
@@ -302,18 +301,11 @@ class EmbeddingModel(nn.Module, Encoder):
         positions -= _FIXED_POSITION_OFFSETS.get(family, 0)
         if limit > 100_000:  # tokenizers without a configured limit report a huge sentinel
             limit = positions
-        if max_seq_length is not None:  # 0, negative, non-integer or past the position embeddings: refused
-            check_int(
-                max_seq_length,
-                "max_seq_length",
-                minimum=1,
-                maximum=positions,
-                error=ModelLoadError,
-                what=f"{self.name_or_path} has {positions} position embeddings, so 1..{positions}",
-            )
-        default_length = min(limit, positions)
         self.max_positions = positions
-        self.max_seq_length = max_seq_length if max_seq_length is not None else default_length
+        try:  # the setter refuses 0, negative, non-integer or past the position embeddings
+            self.max_seq_length = max_seq_length if max_seq_length is not None else min(limit, positions)
+        except InvalidInputError as e:  # from the folder or the caller: the model cannot be loaded so
+            raise ModelLoadError(str(e)) from None
         self._input_names = set(inspect.signature(transformer.forward).parameters)
         # A fast tokenizer's call may switch its truncation/padding state: not safe from several threads.
         # Only tokenising is serialised; forward passes of any layer count run concurrently.

@@ -87,7 +87,6 @@ from matryoshka2d.training.run_guard import (
     prepare_checkpoint_dir,
     run_inputs,
 )
-from matryoshka2d.validation import check_int
 
 __all__ = [
     "TrainConfig",
@@ -434,13 +433,7 @@ class Trainer:
                 )
                 model.set_exit_rotations({})
         if cfg.max_seq_length is not None:
-            model.max_seq_length = check_int(
-                cfg.max_seq_length,
-                "max_seq_length",
-                minimum=1,
-                maximum=model.max_positions,
-                what=f"{cfg.model} has {model.max_positions} position embeddings: 1..{model.max_positions}",
-            )
+            model.max_seq_length = cfg.max_seq_length  # checked by the setter (1..the position embeddings)
         # The HF pooler head is never used for embeddings: freeze it so DDP sees no parameter without grad.
         for name, param in model.transformer.named_parameters():
             if name.startswith("pooler."):
