@@ -367,6 +367,8 @@ class EmbeddingLoss(nn.Module):
     ranks_pairs: bool = False
     #: Whether this loss compares examples across processes (see :func:`gather_columns`).
     gather_across_devices: bool = False
+    #: The range its labels must lie in (None: any), checked by the trainer against the data.
+    label_bounds: tuple[float, float] | None = None
 
     def layers_for_step(self, num_layers: int) -> list[int]:
         """Base losses only need the last layer."""
@@ -531,6 +533,7 @@ class CosineSimilarityLoss(EmbeddingLoss):
     """
 
     needs_labels = True
+    label_bounds = (-1.0, 1.0)  # cosine targets
 
     def embedding_loss(self, embeddings: Sequence[Tensor], labels: Tensor | None) -> Tensor:
         batch = _check_columns(embeddings, type(self).__name__, exactly=2)

@@ -321,7 +321,7 @@ def evaluate_retrieval(
     for i, text in enumerate(data.corpus):  # every copy (a corpus given in Python may repeat a text)
         in_corpus.setdefault(text, []).append(i)
     exclude = [
-        [i for i in in_corpus.get(q, []) if i not in set(rel)] for q, rel in zip(data.queries, data.relevant)
+        [i for i in in_corpus.get(q, []) if i not in rel] for q, rel in zip(data.queries, data.relevant)
     ]
 
     def score(embeddings: np.ndarray) -> dict[str, float]:

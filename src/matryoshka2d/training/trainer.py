@@ -109,12 +109,6 @@ def _checked_loss(loss: nn.Module, model: EmbeddingModel) -> bool:
     return bool(getattr(loss, "needs_labels", False))
 
 
-def _base_loss_name(name: str) -> str:
-    from matryoshka2d.training.loss_factory import BASE_LOSS_ALIASES, BASE_LOSSES, _canonical
-
-    return _canonical(name, BASE_LOSSES, BASE_LOSS_ALIASES, "loss")
-
-
 def _load_data(cfg: TrainConfig, needs_labels: bool) -> TrainingData:
     """The training rows described by the data options of ``cfg`` (``train_data``, ``columns``, ...)."""
     if not needs_labels:  # they would be dropped without a word
@@ -124,18 +118,9 @@ def _load_data(cfg: TrainConfig, needs_labels: bool) -> TrainingData:
                 f"option {given[0]!r}: the loss {cfg.loss} takes no labels (CoSENTLoss, AnglELoss and "
                 "CosineSimilarityLoss do); leave it out or choose one of those"
             )
-    data = load_training_data(
+    return load_training_data(
         cfg.train_data, cfg.columns, cfg.label_column, needs_labels, cfg.label_range, cfg.max_rows
     )
-    if cfg.label_range is None and data.labels and _base_loss_name(cfg.loss) == "CosineSimilarityLoss":
-        outside = [x for x in data.labels if not -1.0 <= x <= 1.0]
-        if outside:  # a cosine never reaches them: the loss would pull every pair towards +-1
-            raise InvalidInputError(
-                f"CosineSimilarityLoss takes labels in -1..1 (cosine targets), but {len(outside)} labels lie "
-                f"outside (e.g. {outside[0]}): set label_range to the labels' scale, e.g. [0, 5] for STS "
-                "Benchmark scores"
-            )
-    return data
 
 
 @dataclass
@@ -521,9 +506,19 @@ class Trainer:
                 f"{type(loss).__name__} needs (anchor, positive[, negative]) rows, "
                 f"got one column {data.columns}"
             )
+        base = getattr(loss, "base", loss)
+        bounds = getattr(base, "label_bounds", None)
+        if bounds is not None and data.labels:  # labels rescaled by label_range are checked as rescaled
+            low, high = bounds
+            outside = [x for x in data.labels if not low <= x <= high]
+            if outside:  # e.g. a cosine never reaches 5: the loss would pull every pair towards +-1
+                raise InvalidInputError(
+                    f"{type(base).__name__} takes labels in {low:g}..{high:g} only, but {len(outside)} "
+                    f"labels lie outside (e.g. {outside[0]}): set label_range to the labels' scale, e.g. "
+                    "[0, 5] for STS Benchmark scores"
+                )
         # A loss that compares the rows of a batch has nothing to learn from a batch of one: its value is
         # exactly 0 (MultipleNegativesRankingLoss without a negative column: one candidate per anchor).
-        base = getattr(loss, "base", loss)
         gathered = getattr(base, "gather_across_devices", False)
         rows = self.config.batch_size * (self.accelerator.num_processes if gathered else 1)
         compares = getattr(loss, "ranks_pairs", False) or (
