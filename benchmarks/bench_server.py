@@ -163,10 +163,11 @@ class RunResult:
 
 
 async def _load(
-    port: int, bodies: list[tuple[bytes, int]], concurrency: int, warmup: float, duration: float
+    port: int | list[int], bodies: list[tuple[bytes, int]], concurrency: int, warmup: float, duration: float
 ) -> tuple[list[float], int, int, dict, list[int]]:
     """Closed-loop clients for warmup + duration seconds; latencies (and request indices) of the requests
-    completed in the window."""
+    completed in the window. Several ports: the clients are spread over them in turn (one server each)."""
+    ports = port if isinstance(port, list) else [port]
     latencies: list[float] = []
     completed: list[int] = []
     counts = {"requests": 0, "texts": 0}
@@ -175,7 +176,7 @@ async def _load(
     start = time.perf_counter()
     window_start, window_end = start + warmup, start + warmup + duration
 
-    async def client() -> None:
+    async def client(port: int) -> None:
         nonlocal next_index
         connection = Connection("127.0.0.1", port)
         try:
@@ -201,7 +202,7 @@ async def _load(
         finally:
             await connection.close()
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(ports[i % len(ports)]) for i in range(concurrency)))
     return latencies, counts["requests"], counts["texts"], errors, completed
 
 

@@ -19,39 +19,21 @@ import asyncio
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import NAME, Connection, cpu_seconds, m2d_server, make_requests  # noqa: E402
+from bench_server import NAME, _load, cpu_seconds, m2d_server, make_requests  # noqa: E402
 from common import stsb_sentences  # noqa: E402
 
 
-async def closed_loop(
+def closed_loop(
     ports: list[int], bodies: list[tuple[bytes, int]], clients: int, warmup: float, duration: float
 ) -> float:
     """Sentences/s completed in the window by ``clients`` keep-alive clients spread over ``ports``."""
-    done, next_body = 0, 0
-    start = time.perf_counter()
-    window_start, window_end = start + warmup, start + warmup + duration
-
-    async def client(port: int) -> None:
-        nonlocal done, next_body
-        connection = Connection("127.0.0.1", port)
-        try:
-            while time.perf_counter() < window_end:
-                body, texts = bodies[next_body % len(bodies)]
-                next_body += 1
-                status, _ = await connection.post("/v1/embeddings", body)
-                if status != 200:
-                    raise RuntimeError(f"server answered {status}")
-                if window_start <= time.perf_counter() <= window_end:
-                    done += texts
-        finally:
-            await connection.close()
-
-    await asyncio.gather(*(client(ports[i % len(ports)]) for i in range(clients)))
-    return done / duration
+    _, _, texts, errors, _ = asyncio.run(_load(ports, bodies, clients, warmup, duration))
+    if errors:
+        raise RuntimeError(f"failed requests: {errors}")
+    return texts / duration
 
 
 def main() -> None:
@@ -84,14 +66,12 @@ def main() -> None:
                     server.wait_ready()
                 for layers in (6, 3):
                     cpu = sum(cpu_seconds(s.proc.pid) for s in servers)
-                    rate = asyncio.run(
-                        closed_loop(
-                            [s.port for s in servers],
-                            bodies[layers],
-                            args.concurrency,
-                            args.warmup,
-                            args.duration,
-                        )
+                    rate = closed_loop(
+                        [s.port for s in servers],
+                        bodies[layers],
+                        args.concurrency,
+                        args.warmup,
+                        args.duration,
                     )
                     cores = (sum(cpu_seconds(s.proc.pid) for s in servers) - cpu) / (
                         args.warmup + args.duration
