@@ -37,7 +37,8 @@ on a CPU) against the same with ``--pad-multiple 1`` (with ``--compiled`` also b
 is ours only too: ``--dtype bfloat16`` and ``--backend onnx-int8`` with their default of 2 workers of 1
 thread each against ``--workers 1`` (one worker of 2 threads, the default before 2026-12-06).
 ``fused`` is ours only: ``m2d serve`` in bf16 and in fp32 with its default fused layers against
-``--no-fused-layers``.
+``--no-fused-layers``; ``torchscript`` too: the default (fused layers run as TorchScript graphs) against
+``--no-torchscript`` (the fused layers called from Python).
 
 Run under the heavy-job lock (two heavy jobs at once on 2 cores ruin every timing)::
 
@@ -505,6 +506,10 @@ def interleaved(
         for label, kind in (("bf16", bf16), ("fp32", [])):
             servers[f"m2d {label} fused"] = m2d_server("grouped", kind)
             servers[f"m2d {label} unfused"] = m2d_server("grouped", [*kind, "--no-fused-layers"])
+    if "torchscript" in kinds:
+        for label, kind in (("bf16", bf16), ("fp32", [])):
+            servers[f"m2d {label} torchscript"] = m2d_server("grouped", kind)
+            servers[f"m2d {label} eager"] = m2d_server("grouped", [*kind, "--no-torchscript"])
     if "pad" in kinds:
         servers["m2d bf16 pad 8"] = m2d_server("grouped", [*bf16, "--pad-multiple", "8"])
         servers["m2d bf16 pad 1"] = m2d_server("grouped", [*bf16, "--pad-multiple", "1"])
@@ -600,6 +605,30 @@ def interleaved(
         "m2d bf16 fused / unfused, layers 3": (("m2d bf16 fused", "3"), ("m2d bf16 unfused", "3"), 1.0),
         "m2d bf16 fused layers 3 / layers 6": (("m2d bf16 fused", "3"), ("m2d bf16 fused", "6"), 1.8),
         "m2d bf16 unfused layers 3 / layers 6": (("m2d bf16 unfused", "3"), ("m2d bf16 unfused", "6"), 1.8),
+        "m2d bf16 torchscript / eager": (("m2d bf16 torchscript", "6"), ("m2d bf16 eager", "6"), 1.0),
+        "m2d bf16 torchscript / eager, layers 3": (
+            ("m2d bf16 torchscript", "3"),
+            ("m2d bf16 eager", "3"),
+            1.0,
+        ),
+        "m2d bf16 torchscript layers 3 / layers 6": (
+            ("m2d bf16 torchscript", "3"),
+            ("m2d bf16 torchscript", "6"),
+            1.8,
+        ),
+        "m2d bf16 eager layers 3 / layers 6": (("m2d bf16 eager", "3"), ("m2d bf16 eager", "6"), 1.8),
+        "m2d fp32 eager layers 3 / layers 6": (("m2d fp32 eager", "3"), ("m2d fp32 eager", "6"), 1.8),
+        "m2d fp32 torchscript / eager": (("m2d fp32 torchscript", "6"), ("m2d fp32 eager", "6"), 1.0),
+        "m2d fp32 torchscript / eager, layers 3": (
+            ("m2d fp32 torchscript", "3"),
+            ("m2d fp32 eager", "3"),
+            1.0,
+        ),
+        "m2d fp32 torchscript layers 3 / layers 6": (
+            ("m2d fp32 torchscript", "3"),
+            ("m2d fp32 torchscript", "6"),
+            1.8,
+        ),
         "m2d fp32 fused / unfused": (("m2d fp32 fused", "6"), ("m2d fp32 unfused", "6"), 1.0),
         "m2d fp32 fused / unfused, layers 3": (("m2d fp32 fused", "3"), ("m2d fp32 unfused", "3"), 1.0),
         "m2d bf16 pad 8 / pad 1": (("m2d bf16 pad 8", "6"), ("m2d bf16 pad 1", "6"), 1.0),
@@ -679,16 +708,17 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="torch,onnx",
-        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers, fused: "
+        help="with --interleave: the backend kinds compared (torch, onnx, int8, bf16, pad, workers, fused, "
+        "torchscript: "
         "comma-separated), the others not started",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers", "fused"}:
+    if not kinds or set(kinds) - {"torch", "onnx", "int8", "bf16", "pad", "workers", "fused", "torchscript"}:
         parser.error(
-            "--kinds takes torch, onnx, int8, bf16, pad, workers, fused (comma-separated), "
+            "--kinds takes torch, onnx, int8, bf16, pad, workers, fused, torchscript (comma-separated), "
             f"got {args.kinds!r}"
         )
     requests = make_requests(stsb_sentences("test"), 2000)

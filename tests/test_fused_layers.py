@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -17,13 +18,13 @@ TEXTS = SENTENCES + ["a much longer sentence than the others so that the batch h
 
 def _count_fused_passes(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = FusedLayers.hidden_states
+    original = FusedLayers.pooled
 
-    def counting(self, inputs, deepest, wanted):
+    def counting(self, inputs, deepest, wanted, pooling_mode):
         calls.append(deepest)
-        return original(self, inputs, deepest, wanted)
+        return original(self, inputs, deepest, wanted, pooling_mode)
 
-    monkeypatch.setattr(FusedLayers, "hidden_states", counting)
+    monkeypatch.setattr(FusedLayers, "pooled", counting)
     return calls
 
 
@@ -116,7 +117,7 @@ def test_passes_that_need_transformers_layers_do_not_run_fused(tmp_path, monkeyp
 
 
 def test_fused_layers_run_only_the_first_k_layers(tmp_path):
-    model = build_tiny_model(tmp_path, "bert", num_layers=4).fuse_layers()
+    model = build_tiny_model(tmp_path, "bert", num_layers=4).fuse_layers(torchscript=False)
     model.encode(TEXTS[:1], layers=1)  # builds them
     counts = [0] * 4
     hooks = [
@@ -129,6 +130,87 @@ def test_fused_layers_run_only_the_first_k_layers(tmp_path):
         for h in hooks:
             h.remove()
     assert counts == [1, 1, 0, 0]
+    model.fuse_layers()  # a TorchScript graph per layer count: the graph of 2 layers calls 2 fused layers
+    model.encode(TEXTS, layers=2)
+    (graph,) = model._fused._passes.values()
+    assert isinstance(graph, torch.jit.ScriptModule)
+    nodes = [node.kind() for node in graph.inlined_graph.nodes()]
+    assert nodes.count("aten::_transformer_encoder_layer_fwd") == 2
+
+
+POOLING_MODES = ["mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+@pytest.mark.parametrize("family, padding_side", [("bert", "right"), ("bert", "left"), ("roberta", "right")])
+def test_torchscript_graphs_give_the_eager_fused_embeddings_at_every_shape(
+    tmp_path, mode, family, padding_side
+):
+    """A graph is traced once per (layers, exits, pooling, inputs) on a 2 x 2 example; it must give what the
+    fused layers called from Python give for every batch size and width it later meets (a size recorded as a
+    constant would break another shape), for every pooling mode, both padding sides, several exits."""
+    graphs = build_tiny_model(tmp_path, family, num_layers=3, pooling_mode=mode).fuse_layers()
+    eager = build_tiny_model(tmp_path, family, num_layers=3, pooling_mode=mode)
+    eager.transformer.load_state_dict(graphs.transformer.state_dict())
+    eager.fuse_layers(torchscript=False)
+    for model in (graphs, eager):
+        model.tokenizer.padding_side = padding_side
+    batches = [TEXTS[:1], TEXTS[-1:], TEXTS[:2], TEXTS, TEXTS[1:4] * 5]
+    with torch.inference_mode():
+        for layers in ([2], [0, 1, 3], [3]):
+            for texts in batches:
+                features = graphs.tokenize(texts)
+                if family == "bert":  # token types as a second segment would give them: another graph
+                    features["token_type_ids"][:, 1::2] = 1
+                got, expected = graphs.forward(features, layers), eager.forward(features, layers)
+                for k in layers:
+                    torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-6)
+            if family == "bert":  # the same pass without token types: its own graph
+                features = {k: v for k, v in graphs.tokenize(TEXTS).items() if k != "token_type_ids"}
+                got, expected = graphs.forward(features, layers), eager.forward(features, layers)
+                for k in layers:
+                    torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-6)
+    passes = graphs._fused._passes
+    assert len(passes) == (6 if family == "bert" else 3)
+    assert all(isinstance(run, torch.jit.ScriptModule) for run in passes.values())
+    assert not any(isinstance(run, torch.jit.ScriptModule) for run in eager._fused._passes.values())
+
+
+def test_a_trace_that_fails_warns_or_differs_is_not_used(tmp_path, monkeypatch):
+    """Where TorchScript cannot trace a pass (an error, a TracerWarning, results unlike the eager pass's),
+    the fused layers run from Python instead, with a warning saying so, and the results stay right."""
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    expected = _reference(model, TEXTS, [2])[2]
+    real_trace = torch.jit.trace
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("tracing is not available here")
+
+    def tracer_warning(module, *args, **kwargs):
+        graph = real_trace(module, *args, **kwargs)
+        warnings.warn("Converting a tensor to a Python integer", torch.jit.TracerWarning, stacklevel=2)
+        return graph
+
+    def shifted(module, *args, **kwargs):
+        return lambda *inputs: tuple(x + 1.0 for x in module(*inputs))
+
+    for fake, message in [
+        (failing, "tracing is not available here"),
+        (tracer_warning, "the trace may depend on its example"),
+        (shifted, "its results differ from the eager pass's"),
+    ]:
+        model.fuse_layers()  # new fused layers, no graph yet
+        monkeypatch.setattr(torch.jit, "trace", fake)
+        with pytest.warns(UserWarning, match=f"without a TorchScript graph .*{message}"):
+            got = model.encode_layers(TEXTS, layers=[2], batch_size=3)[2]
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        assert not any(isinstance(run, torch.jit.ScriptModule) for run in model._fused._passes.values())
+        monkeypatch.setattr(torch.jit, "trace", real_trace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's deprecation notice of torch.jit.trace is not repeated
+        model.fuse_layers()
+        model.encode(TEXTS, layers=2)
+    assert all(isinstance(run, torch.jit.ScriptModule) for run in model._fused._passes.values())
 
 
 def test_fused_layers_follow_weight_changes(tmp_path):
@@ -157,10 +239,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_fused_forward_is_thread_safe(tmp_path):
+def test_fused_forward_is_thread_safe(tmp_path, monkeypatch):
     model = build_tiny_model(tmp_path, "bert", num_layers=4)
     expected = {k: model.encode(TEXTS, layers=k) for k in (1, 2, 4)}  # transformers' layers
-    model.fuse_layers()  # built by the first passes below, from 8 threads at once
+    model.fuse_layers()  # built (and traced) by the first passes below, from 8 threads at once
+    traces = []
+    real_trace = torch.jit.trace
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting)
     errors, start = [], threading.Barrier(8)
 
     def run(i: int) -> None:
@@ -178,6 +268,7 @@ def test_fused_forward_is_thread_safe(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and model._fused is not None
+    assert len(traces) == 3  # one graph per layer count, traced once
 
 
 def _assert_fused_equals_unfused(model, texts=TEXTS, layers=(1, 2, 3)):
@@ -282,3 +373,19 @@ def test_a_replaced_module_is_run_or_fusing_turns_off(tmp_path, monkeypatch):
     fused = model.encode(TEXTS, layers=3)
     assert model.fused_layers and len(calls) == 2
     np.testing.assert_allclose(fused, _unit(_reference(model, TEXTS, [3])[3]), atol=1e-5)
+
+
+def test_warm_up_traces_every_layer_count_asked(tmp_path):
+    """The server warms up before its first request: every allowed layer count's graph (and, for its
+    shared batch mode, a pass of two exits) is traced then, not during a client's request."""
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    model.warm_up([1, 3], exits=True)
+    passes = model._fused._passes
+    assert {(deepest, wanted) for deepest, wanted, *_ in passes} == {(1, (1,)), (3, (3,)), (3, (1, 3))}
+    assert all(isinstance(run, torch.jit.ScriptModule) for run in passes.values())
+    # the graphs hold the model's own weights (and the fused layers' one QKV copy), not copies of their own
+    embedding = model.transformer.embeddings.word_embeddings.weight
+    for graph in passes.values():
+        assert graph.embeddings.word_embeddings.weight.data_ptr() == embedding.data_ptr()
+        qkv = getattr(graph.layers, "0").self_attn.in_proj_weight
+        assert qkv.data_ptr() == model._fused.layers[0].self_attn.in_proj_weight.data_ptr()

@@ -1006,12 +1006,19 @@ def test_minilm_openai_client_matches_offline_encode():
 
 @pytest.mark.parametrize(
     "family, options",
-    [("bert", []), ("mpnet", []), ("bert", ["--no-fused-layers"]), ("bert", ["--runtime", "onnx"])],
+    [
+        ("bert", []),
+        ("mpnet", []),
+        ("bert", ["--no-fused-layers"]),
+        ("bert", ["--runtime", "onnx"]),
+        ("bert", ["--no-torchscript"]),
+    ],
 )
 def test_cli_serve_fuses_the_layers_where_the_model_allows(tiny_model_dirs, family, options):
     """m2d serve runs torch's fused encoder layers by default where the model supports them (BERT), with
     the offline values; a model that does not (MPNet) is served by transformers' layers, and says why;
-    --no-fused-layers and the ONNX runtime leave the layers alone."""
+    --no-fused-layers and the ONNX runtime leave the layers alone; --no-torchscript fuses them without
+    TorchScript graphs."""
     model_dir = tiny_model_dirs[family]
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -1026,14 +1033,16 @@ def test_cli_serve_fuses_the_layers_where_the_model_allows(tiny_model_dirs, fami
         assert response.status_code == 200
         got = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
         expected = EmbeddingModel.load(model_dir).encode(SENTENCES, layers=2, dim=16)  # not fused
-        np.testing.assert_allclose(got, expected, atol=1e-4 if options else 1e-5)  # ONNX: 1e-4
+        np.testing.assert_allclose(got, expected, atol=1e-4 if "onnx" in options else 1e-5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         log = proc.stdout.read()
-        if options:
+        if options == ["--no-torchscript"]:
+            assert "torch layers fused (no TorchScript)" in log
+        elif options:
             assert "torch layers" not in log
         elif family == "bert":
-            assert "torch layers fused" in log
+            assert "torch layers fused (TorchScript graphs)" in log
         else:
             assert "torch layers not fused:" in log and "MPNetModel is not one of" in log
     finally:

@@ -12,14 +12,34 @@ every weight with the model except the query/key/value projections, which the fu
 matrix: those are concatenated into a copy. :meth:`~matryoshka2d.model.EmbeddingModel.fuse_layers` turns
 them on and rebuilds them when the model's weights change, as compiled graphs are. Results equal
 transformers' to float rounding (float32: ~1e-6 on all-MiniLM-L6-v2's pooled embeddings).
+
+**TorchScript graphs.** Even fused, a pass makes a dozen Python-level calls (the embedding layer, each
+layer's argument checks, pooling), and every one of them takes the GIL back from whatever Python another
+thread is running (a server's event loop, the tokenising of the next requests): a thread that waits for the
+GIL waits up to ``sys.getswitchinterval()`` (5 ms) each time, with its core idle. So by default each pass
+(embeddings, the first k fused layers and pooling of the requested exits) is traced once with
+``torch.jit.trace`` into one TorchScript graph per (layer count, exits, pooling mode, inputs) and run as
+one native call that holds no GIL while it runs. A trace is taken on a 2 x 2 padded example and then
+checked against the Python pass on the first real batch (another shape); a trace that fails, warns
+(``TracerWarning``: something shape- or data-dependent became a constant) or disagrees is not used, with a
+warning, and that pass runs from Python. ``torch.jit.trace`` is deprecated since torch 2.10 (it works, and
+the notice is silenced here; ``torch.export`` graphs run from Python, and AOTInductor needs a C++
+toolchain): if a later torch removes it, the passes run from Python as before, slower under concurrency
+only. ``fuse_layers(torchscript=False)`` (``m2d serve --no-torchscript``) turns the graphs off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from matryoshka2d.errors import first_line
+from matryoshka2d.pooling import pool
 
 #: Base model classes whose layers map onto the fused layer (by name: transformers is imported lazily).
 FUSABLE_MODELS = ("BertModel", "RobertaModel", "XLMRobertaModel")
@@ -111,12 +131,14 @@ class FusedLayers:
 
     Args:
         transformer: a model :func:`why_not_fusable` accepts.
+        torchscript: run each pass as a TorchScript graph (default), else as Python calling the fused
+            layers one by one.
 
     Raises:
         ValueError: the model's layers cannot be fused (the message says why).
     """
 
-    def __init__(self, transformer: nn.Module) -> None:
+    def __init__(self, transformer: nn.Module, torchscript: bool = True) -> None:
         reason = why_not_fusable(transformer)
         if reason is not None:
             raise ValueError(f"cannot fuse the layers of {type(transformer).__name__}: {reason}")
@@ -125,6 +147,10 @@ class FusedLayers:
         # every module of the model and its children, listed once (walking the model on every pass costs
         # more): a module replaced or wrapped afterwards shows as a changed child list
         self._structure = [(module, tuple(module._modules.values())) for module in transformer.modules()]
+        self.torchscript = torchscript
+        # one pass (a traced graph or the module) per (layer count, exits, pooling mode, token types)
+        self._passes: dict[tuple, Callable] = {}
+        self._lock = threading.Lock()
 
     def unchanged(self) -> bool:
         """Whether the model's modules are still the ones the fused layers were built from (a module
@@ -140,22 +166,103 @@ class FusedLayers:
                     return True
         return False
 
-    def hidden_states(
-        self, inputs: dict[str, torch.Tensor], deepest: int, wanted: Iterable[int]
+    def pooled(
+        self, inputs: dict[str, torch.Tensor], deepest: int, wanted: Iterable[int], pooling_mode: str
     ) -> dict[int, torch.Tensor]:
-        """``{k: hidden states after layer k}`` for each ``k`` in ``wanted`` (0: the embedding layer's
-        output), running the embeddings and the first ``deepest`` layers. Padded positions hold values that
-        pooling ignores, as in transformers' output. ``inputs`` holds ``input_ids``, ``attention_mask`` and
-        optionally ``token_type_ids`` (:data:`INPUTS`)."""
-        embeddings_inputs = {"input_ids": inputs["input_ids"]}
-        if inputs.get("token_type_ids") is not None:
-            embeddings_inputs["token_type_ids"] = inputs["token_type_ids"]
-        hidden = self.transformer.embeddings(**embeddings_inputs)
-        padding = inputs["attention_mask"] == 0
-        wanted = set(wanted)
-        states = {0: hidden} if 0 in wanted else {}
-        for k in range(1, deepest + 1):
-            hidden = self.layers[k - 1](hidden, src_key_padding_mask=padding)
-            if k in wanted:
-                states[k] = hidden
-        return states
+        """``{k: pooled float32 embeddings after layer k}`` for each ``k`` in ``wanted`` (0: the embedding
+        layer's output), running the embeddings and the first ``deepest`` layers. ``inputs`` holds
+        ``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` (:data:`INPUTS`).
+
+        Each (layer count, exits, pooling, inputs) runs as one TorchScript graph, traced on its first pass
+        (see the module's docstring); where one cannot be traced, the same module runs eagerly."""
+        types = inputs.get("token_type_ids") is not None
+        key = (deepest, tuple(sorted(set(wanted))), pooling_mode, types)
+        run = self._passes.get(key)
+        if run is None:
+            with self._lock:  # one trace per key, even when many threads meet it at once
+                run = self._passes.get(key)
+                if run is None:
+                    run = self._passes[key] = self._build(key, inputs)
+        args = [inputs["input_ids"], inputs["attention_mask"]]
+        if types:
+            args.append(inputs["token_type_ids"])
+        return dict(zip(key[1], run(*args)))
+
+    def _build(self, key: tuple, inputs: dict[str, torch.Tensor]) -> Callable:
+        """The pass for ``key``: its module traced (when ``torchscript``), else the module itself."""
+        deepest, wanted, pooling_mode, types = key
+        module = _FusedPass(self.transformer.embeddings, self.layers[:deepest], wanted, pooling_mode)
+        if not self.torchscript:
+            return module
+        try:
+            return _traced(module, inputs, types)
+        except Exception as e:  # noqa: BLE001 - any failure: run the module eagerly, as before tracing
+            warnings.warn(
+                f"fused layers run without a TorchScript graph ({first_line(e)}): same results, slower "
+                "under concurrency",
+                stacklevel=4,
+            )
+            return module
+
+
+class _FusedPass(nn.Module):
+    """The embedding layer, fused layers and pooling of the requested exits, as one module to trace.
+
+    ``forward(input_ids, attention_mask[, token_type_ids])`` returns the pooled float32 embeddings of every
+    exit in ``wanted`` (in that order). Padded positions hold values that pooling ignores, as in
+    transformers' output."""
+
+    def __init__(
+        self, embeddings: nn.Module, layers: list[nn.Module], wanted: tuple[int, ...], pooling_mode: str
+    ) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.layers = nn.ModuleList(layers)
+        self.wanted = wanted
+        self.pooling_mode = pooling_mode
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        if token_type_ids is None:
+            hidden = self.embeddings(input_ids=input_ids)
+        else:
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        padding = attention_mask == 0
+        states = {0: hidden}
+        for k, layer in enumerate(self.layers, start=1):
+            hidden = layer(hidden, src_key_padding_mask=padding)
+            states[k] = hidden
+        return tuple(pool(states[k].float(), attention_mask, self.pooling_mode) for k in self.wanted)
+
+
+#: The deprecation notice torch.jit.trace gives since torch 2.10 (it still works; see the module docstring).
+_TRACE_DEPRECATION = re.compile(r"`torch\.jit\.trace(_method)?` is deprecated")
+
+
+def _traced(module: _FusedPass, inputs: dict[str, torch.Tensor], types: bool) -> Callable:
+    """``module`` traced with TorchScript on a small padded batch made from ``inputs`` and checked against
+    ``module`` itself on ``inputs`` (another shape): a trace that recorded anything shape- or
+    data-dependent as a constant fails that check or warns (TracerWarning), and is not used."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    row = ids[:1, :2] if ids.shape[1] >= 2 else ids[:1].repeat(1, 2)
+    example = [row.repeat(2, 1), torch.ones_like(row).repeat(2, 1)]
+    example[1][1, 1] = 0  # the second row padded: the trace must keep the masking
+    if types:
+        example.append(torch.zeros_like(example[0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = torch.jit.trace(module, tuple(example), check_trace=False)
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            raise ValueError(f"the trace may depend on its example: {w.message}")
+        if not _TRACE_DEPRECATION.search(str(w.message)):  # others reach the user as they would have
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    args = [ids, mask] + ([inputs["token_type_ids"]] if types else [])
+    for got, expected in zip(graph(*args), module(*args)):
+        if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
+            raise ValueError("its results differ from the eager pass's")
+    return graph

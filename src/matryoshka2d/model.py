@@ -321,8 +321,9 @@ class EmbeddingModel(nn.Module, Encoder):
         self._compiled: dict[int, Callable] = {}
         self._compiled_weights: tuple = ()
         self._compile_lock = threading.Lock()
-        # fuse_layers: on or off, the fused layers and the weights they were built from (under _compile_lock)
-        self._fuse = False
+        # fuse_layers: on or off (as TorchScript graphs or not), the fused layers and the weights they were
+        # built from (under _compile_lock)
+        self._fuse, self._fused_torchscript = False, True
         self._fused: FusedLayers | None = None
         self._fused_weights: tuple = ()
 
@@ -608,7 +609,7 @@ class EmbeddingModel(nn.Module, Encoder):
         return runner
 
     # ------------------------------------------------------------------ fused layers
-    def fuse_layers(self, enabled: bool = True) -> EmbeddingModel:
+    def fuse_layers(self, enabled: bool = True, torchscript: bool = True) -> EmbeddingModel:
         """Run inference through torch's fused encoder layers (:mod:`matryoshka2d.fused_layers`).
 
         Every forward pass without gradients, in eval mode and not compiled (``encode``, the server,
@@ -631,6 +632,9 @@ class EmbeddingModel(nn.Module, Encoder):
 
         Args:
             enabled: False turns it off again.
+            torchscript: run each pass (embeddings, the fused layers and pooling) as one TorchScript graph
+                per layer count, traced on its first use (default), else as Python calling the fused
+                layers one by one (see :mod:`matryoshka2d.fused_layers`).
 
         Returns:
             the model itself.
@@ -642,11 +646,12 @@ class EmbeddingModel(nn.Module, Encoder):
         fused, weights = None, ()
         if enabled:
             try:  # built now: a model that cannot be fused is refused here, not on its first pass
-                fused, weights = FusedLayers(self.transformer), _weights_state(self.transformer)
+                fused = FusedLayers(self.transformer, torchscript)
+                weights = _weights_state(self.transformer)
             except ValueError as e:
                 raise InvalidInputError(f"{self.name_or_path}: {e}") from None
         with self._compile_lock:
-            self._fuse = bool(enabled)
+            self._fuse, self._fused_torchscript = bool(enabled), bool(torchscript)
             self._fused, self._fused_weights = fused, weights
         return self
 
@@ -673,7 +678,7 @@ class EmbeddingModel(nn.Module, Encoder):
             fused = self._fused
             if fused is None or not _same_weights(weights, self._fused_weights) or not fused.unchanged():
                 try:
-                    fused = FusedLayers(self.transformer)
+                    fused = FusedLayers(self.transformer, self._fused_torchscript)
                 except ValueError as e:  # a module replaced by one the fused layer does not compute
                     warnings.warn(f"fused layers turned off: {e}", stacklevel=3)
                     self._fuse, self._fused, self._fused_weights = False, None, ()
@@ -683,19 +688,21 @@ class EmbeddingModel(nn.Module, Encoder):
 
     def warm_up(self, layers: Iterable[int] | None = None, exits: bool = False) -> EmbeddingModel:
         """Run every layer count in ``layers`` (default: all) once now, with one text and with two, so
-        that compiled graphs (:meth:`compile_for_inference`) are built before the first real request.
+        that compiled graphs (:meth:`compile_for_inference`) and TorchScript graphs of fused layers
+        (:meth:`fuse_layers`) are built before the first real request.
 
         Args:
             layers: layer counts to run.
-            exits: when compiled, also the passes that return several exits at once (a graph of their
-                own; the server's ``shared`` batch mode runs them). Eager, they need nothing built.
+            exits: when compiled or fused, also the passes that return two exits at once, the first layer's
+                and the deepest (graphs of their own; the server's ``shared`` batch mode runs such passes).
+                Eager, they need nothing built.
         """
         texts = [["warm up", "a second, longer text to warm up with"], ["warm up"]]
         for k in sorted(set(layers if layers is not None else range(1, self.num_layers + 1))):
             check_layers(k, self.num_layers)
             for batch in texts:
                 self.encode(batch, layers=k)
-                if exits and k > 1 and self._compile:
+                if exits and k > 1 and (self._compile or self._fuse):
                     self.encode_layers(batch, layers=[1, k])
         return self
 
@@ -807,16 +814,14 @@ class EmbeddingModel(nn.Module, Encoder):
         need_all = wanted != [deepest]
         mask = features["attention_mask"]
         fused = self._fused_runner(inputs)
-        if fused is not None:  # the same hidden states from torch's fused layers (fuse_layers)
-            states = fused.hidden_states(inputs, deepest, wanted)
-        else:
-            # shares every weight (self is not changed); BERT's pooler head is left out: nothing uses it
-            transformer = layer_view(self.transformer, deepest, drop_pooler=True)
-            out = self._runner(transformer, deepest)(
-                **inputs, output_hidden_states=need_all, return_dict=True
-            )
-            # each exit as a model cut there returns it
-            states = exit_states(transformer, out, wanted) if need_all else {deepest: out.last_hidden_state}
+        if fused is not None:  # the same embeddings from torch's fused layers (fuse_layers), pooled there
+            pooled = fused.pooled(inputs, deepest, wanted, self.pooling_mode)
+            return {k: self._rotate(k, pooled[k]) for k in wanted}
+        # shares every weight (self is not changed); BERT's pooler head is left out: nothing uses it
+        transformer = layer_view(self.transformer, deepest, drop_pooler=True)
+        out = self._runner(transformer, deepest)(**inputs, output_hidden_states=need_all, return_dict=True)
+        # each exit as a model cut there returns it
+        states = exit_states(transformer, out, wanted) if need_all else {deepest: out.last_hidden_state}
         # Pooling in float32 whatever the layers ran in (.float() is a no-op for a float32 model).
         return {k: self._rotate(k, pool(states[k].float(), mask, self.pooling_mode)) for k in wanted}
 

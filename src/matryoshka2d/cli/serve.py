@@ -70,8 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         if args.fused_layers and args.runtime == "torch" and not args.compile:
             try:
-                encoder.fuse_layers()  # the server never changes the weights: nothing to rebuild
-                log.info("torch layers fused")
+                # the server never changes the weights: nothing to rebuild
+                encoder.fuse_layers(torchscript=args.torchscript)
+                log.info(
+                    "torch layers fused (%s)", "TorchScript graphs" if args.torchscript else "no TorchScript"
+                )
             except InvalidInputError as e:  # a model whose layers cannot be fused runs them unfused
                 log.info("torch layers not fused: %s", e)
         return encoder
@@ -192,6 +195,13 @@ def register(sub) -> None:
         help="torch runtime: run each transformer layer as torch's fused encoder layer, one native call "
         "(BERT, RoBERTa, XLM-R; ~1.05-1.1x the throughput; default on where the model supports it, "
         "not with --compile)",
+    )
+    p.add_argument(
+        "--torchscript",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with fused layers: run each forward pass (embeddings, layers, pooling) as one TorchScript "
+        "graph per layer count, traced at start-up, which runs without holding Python's GIL (default on)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     p.add_argument(
