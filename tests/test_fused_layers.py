@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SENTENCES, build_tiny_model
 
-from matryoshka2d import InvalidInputError
+from matryoshka2d import EmbeddingModel, InvalidInputError
 from matryoshka2d.fused_layers import FusedLayers, why_not_fusable
 
 TEXTS = SENTENCES + ["a much longer sentence than the others so that the batch has padding in it"]
@@ -132,7 +132,7 @@ def test_fused_layers_run_only_the_first_k_layers(tmp_path):
     assert counts == [1, 1, 0, 0]
     model.fuse_layers()  # a TorchScript graph per layer count: the graph of 2 layers calls 2 fused layers
     model.encode(TEXTS, layers=2)
-    (graph,) = model._fused._passes.values()
+    ((_, graph),) = model._fused._passes.values()
     assert isinstance(graph, torch.jit.ScriptModule)
     nodes = [node.kind() for node in graph.inlined_graph.nodes()]
     assert nodes.count("aten::_transformer_encoder_layer_fwd") == 2
@@ -147,8 +147,8 @@ def test_torchscript_graphs_give_the_eager_fused_embeddings_at_every_shape(
     tmp_path, mode, family, padding_side
 ):
     """A graph is traced once per (layers, exits, pooling, inputs) on a 2 x 2 example; it must give what the
-    fused layers called from Python give for every batch size and width it later meets (a size recorded as a
-    constant would break another shape), for every pooling mode, both padding sides, several exits."""
+    fused layers called from Python give at the other batch sizes and widths it later meets (a size recorded
+    as a constant would break another shape), for every pooling mode, both padding sides, several exits."""
     graphs = build_tiny_model(tmp_path, family, num_layers=3, pooling_mode=mode).fuse_layers()
     eager = build_tiny_model(tmp_path, family, num_layers=3, pooling_mode=mode)
     eager.transformer.load_state_dict(graphs.transformer.state_dict())
@@ -170,14 +170,14 @@ def test_torchscript_graphs_give_the_eager_fused_embeddings_at_every_shape(
                 got, expected = graphs.forward(features, layers), eager.forward(features, layers)
                 for k in layers:
                     torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-6)
-    passes = graphs._fused._passes
+    passes = graphs._fused._passes  # layers 2 and 3 (the last exit), 3 (every exit); without token types
     assert len(passes) == (6 if family == "bert" else 3)
-    assert all(isinstance(run, torch.jit.ScriptModule) for run in passes.values())
-    assert not any(isinstance(run, torch.jit.ScriptModule) for run in eager._fused._passes.values())
+    assert all(isinstance(graph, torch.jit.ScriptModule) for _, graph in passes.values())
+    assert all(graph is None for _, graph in eager._fused._passes.values())
 
 
-def test_a_trace_that_fails_warns_or_differs_is_not_used(tmp_path, monkeypatch):
-    """Where TorchScript cannot trace a pass (an error, a TracerWarning, results unlike the eager pass's),
+def test_a_trace_that_fails_or_differs_is_not_used(tmp_path, monkeypatch):
+    """Where TorchScript cannot trace a pass (an error, results unlike the Python pass's on another shape),
     the fused layers run from Python instead, with a warning saying so, and the results stay right."""
     model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
     expected = _reference(model, TEXTS, [2])[2]
@@ -186,31 +186,93 @@ def test_a_trace_that_fails_warns_or_differs_is_not_used(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("tracing is not available here")
 
-    def tracer_warning(module, *args, **kwargs):
-        graph = real_trace(module, *args, **kwargs)
-        warnings.warn("Converting a tensor to a Python integer", torch.jit.TracerWarning, stacklevel=2)
-        return graph
-
     def shifted(module, *args, **kwargs):
         return lambda *inputs: tuple(x + 1.0 for x in module(*inputs))
 
+    def only_its_example(module, example, **kwargs):  # as a trace with the example's sizes as constants
+        shape = example[0].shape
+        return lambda *inputs: module(*inputs) if inputs[0].shape == shape else module(*example)
+
     for fake, message in [
         (failing, "tracing is not available here"),
-        (tracer_warning, "the trace may depend on its example"),
-        (shifted, "its results differ from the eager pass's"),
+        (shifted, r"its results on a batch of 3x\d+ differ from the Python pass's"),  # the first real batch
+        (only_its_example, r"its results on a batch of 3x\d+ differ"),
     ]:
         model.fuse_layers()  # new fused layers, no graph yet
         monkeypatch.setattr(torch.jit, "trace", fake)
         with pytest.warns(UserWarning, match=f"without a TorchScript graph .*{message}"):
             got = model.encode_layers(TEXTS, layers=[2], batch_size=3)[2]
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
-        assert not any(isinstance(run, torch.jit.ScriptModule) for run in model._fused._passes.values())
+        assert all(graph is None for _, graph in model._fused._passes.values())
         monkeypatch.setattr(torch.jit, "trace", real_trace)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch's deprecation notice of torch.jit.trace is not repeated
-        model.fuse_layers()
-        model.encode(TEXTS, layers=2)
-    assert all(isinstance(run, torch.jit.ScriptModule) for run in model._fused._passes.values())
+    # a first real batch of the example's own shape (2 x 2) cannot tell: the 3 x 5 check does
+    model.fuse_layers()
+    monkeypatch.setattr(torch.jit, "trace", only_its_example)
+    features = {key: value[:2, :2] for key, value in model.tokenize(TEXTS).items()}
+    features["attention_mask"][1, 1] = 0
+    with torch.inference_mode(), pytest.warns(UserWarning, match="on a batch of 3x5 differ"):
+        model.forward(features, 2)
+    monkeypatch.setattr(torch.jit, "trace", real_trace)
+    model.fuse_layers()
+    model.encode(TEXTS, layers=2)
+    assert all(isinstance(graph, torch.jit.ScriptModule) for _, graph in model._fused._passes.values())
+
+
+def test_a_bad_first_batch_raises_and_leaves_the_graph_to_the_next(tmp_path):
+    """An input the pass refuses (a token id past the embeddings) raises as it would from Python, and does
+    not count as a failed trace: the next batch is traced."""
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    features = model.tokenize(TEXTS)
+    bad = {**features, "input_ids": features["input_ids"].clone()}
+    bad["input_ids"][0, 1] = 10_000
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "without a TorchScript graph"
+        with pytest.raises(IndexError):
+            model.forward(bad, 2)
+        assert model._fused._passes == {}
+        model.forward(features, 2)
+    ((_, graph),) = model._fused._passes.values()
+    assert isinstance(graph, torch.jit.ScriptModule)
+
+
+def test_autocast_passes_run_from_python_in_the_autocast_precision(tmp_path):
+    """A graph keeps the precision it was traced in: under autocast the pass runs from Python (reduced
+    precision), and a graph is neither traced there nor used there."""
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    features = model.tokenize(TEXTS)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = model.forward(features, 2)[2]
+        assert model._fused._passes == {}  # nothing traced under autocast
+        full = model.forward(features, 2)[2]
+        assert isinstance(model._fused._passes[(2, False, "mean", True)][1], torch.jit.ScriptModule)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            again = model.forward(features, 2)[2]
+        model.fuse_layers(False)
+        expected = model.forward(features, 2)[2]
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, reduced)
+    assert (reduced - full).abs().max() > 1e-4  # bfloat16 really ran under autocast
+
+
+def test_fused_layers_rebuilt_after_a_weight_change_are_not_traced_again(tmp_path, monkeypatch):
+    """TorchScript never frees a trace's memory: fused layers rebuilt after a change of the weights run from
+    Python (still right), until fuse_layers() is called again."""
+    model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
+    plain = EmbeddingModel(model.transformer, model.tokenizer)  # the same modules, not fused
+    traces = []
+    real_trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: traces.append(1) or real_trace(*a, **k))
+    model.encode(TEXTS, layers=3)
+    assert len(traces) == 1 and model._fused.traced
+    for _ in range(3):
+        with torch.no_grad():
+            model.transformer.encoder.layer[0].attention.self.value.weight.mul_(1.5)
+        np.testing.assert_allclose(model.encode(TEXTS, layers=3), plain.encode(TEXTS, layers=3), atol=1e-5)
+        assert len(traces) == 1 and not model._fused.torchscript
+    model.fuse_layers()
+    model.encode(TEXTS, layers=3)
+    assert len(traces) == 2 and model._fused.traced
 
 
 def test_fused_layers_follow_weight_changes(tmp_path):
@@ -381,11 +443,15 @@ def test_warm_up_traces_every_layer_count_asked(tmp_path):
     model = build_tiny_model(tmp_path, "bert", num_layers=3).fuse_layers()
     model.warm_up([1, 3], exits=True)
     passes = model._fused._passes
-    assert {(deepest, wanted) for deepest, wanted, *_ in passes} == {(1, (1,)), (3, (3,)), (3, (1, 3))}
-    assert all(isinstance(run, torch.jit.ScriptModule) for run in passes.values())
+    assert {(deepest, every_exit) for deepest, every_exit, *_ in passes} == {
+        (1, False),
+        (3, False),
+        (3, True),
+    }
+    assert all(isinstance(graph, torch.jit.ScriptModule) for _, graph in passes.values())
     # the graphs hold the model's own weights (and the fused layers' one QKV copy), not copies of their own
     embedding = model.transformer.embeddings.word_embeddings.weight
-    for graph in passes.values():
+    for _, graph in passes.values():
         assert graph.embeddings.word_embeddings.weight.data_ptr() == embedding.data_ptr()
         qkv = getattr(graph.layers, "0").self_attn.in_proj_weight
         assert qkv.data_ptr() == model._fused.layers[0].self_attn.in_proj_weight.data_ptr()

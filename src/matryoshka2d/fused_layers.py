@@ -17,20 +17,23 @@ transformers' to float rounding (float32: ~1e-6 on all-MiniLM-L6-v2's pooled emb
 layer's argument checks, pooling), and every one of them takes the GIL back from whatever Python another
 thread is running (a server's event loop, the tokenising of the next requests): a thread that waits for the
 GIL waits up to ``sys.getswitchinterval()`` (5 ms) each time, with its core idle. So by default each pass
-(embeddings, the first k fused layers and pooling of the requested exits) is traced once with
-``torch.jit.trace`` into one TorchScript graph per (layer count, exits, pooling mode, inputs) and run as
-one native call that holds no GIL while it runs. A trace is taken on a 2 x 2 padded example and then
-checked against the Python pass on the first real batch (another shape); a trace that fails, warns
-(``TracerWarning``: something shape- or data-dependent became a constant) or disagrees is not used, with a
-warning, and that pass runs from Python. ``torch.jit.trace`` is deprecated since torch 2.10 (it works, and
-the notice is silenced here; ``torch.export`` graphs run from Python, and AOTInductor needs a C++
-toolchain): if a later torch removes it, the passes run from Python as before, slower under concurrency
-only. ``fuse_layers(torchscript=False)`` (``m2d serve --no-torchscript``) turns the graphs off.
+(embeddings, the first k fused layers and pooling) is traced once with ``torch.jit.trace`` into a
+TorchScript graph, run as one native call that holds no GIL while it runs: per layer count, pooling mode
+and inputs (with or without token types), one graph returning the last exit and, for passes that ask for
+several exits, one returning them all. A trace is taken on a 2 x 2 padded example and checked against
+the Python pass on two other shapes (the first real batch and a 3 x 5 one): a trace that fails or
+disagrees (a size or value of the example recorded as a constant) is not used, with a warning, and that
+pass runs from Python. Under autocast the Python pass runs (a graph keeps the precision it was traced
+in). ``torch.jit.trace`` is deprecated since torch 2.10 (a ``DeprecationWarning``, hidden by Python's
+default filters); ``torch.export`` graphs run from Python and AOTInductor needs a C++ toolchain: if a
+later torch removes tracing, the passes run from Python as before, slower under concurrency only.
+TorchScript never frees a trace's memory (~3 MB), so fused layers rebuilt after a change of the weights
+are not traced again. ``fuse_layers(torchscript=False)`` (``m2d serve --no-torchscript``) turns the graphs
+off.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 
 from matryoshka2d.errors import first_line
+from matryoshka2d.persistence import PROCESS_STATE_LOCK
 from matryoshka2d.pooling import pool
 
 #: Base model classes whose layers map onto the fused layer (by name: transformers is imported lazily).
@@ -148,8 +152,9 @@ class FusedLayers:
         # more): a module replaced or wrapped afterwards shows as a changed child list
         self._structure = [(module, tuple(module._modules.values())) for module in transformer.modules()]
         self.torchscript = torchscript
-        # one pass (a traced graph or the module) per (layer count, exits, pooling mode, token types)
-        self._passes: dict[tuple, Callable] = {}
+        # (the module, its TorchScript graph or None) per (layer count, all exits or the last, pooling mode,
+        # token types)
+        self._passes: dict[tuple, tuple[_FusedPass, Callable | None]] = {}
         self._lock = threading.Lock()
 
     def unchanged(self) -> bool:
@@ -166,6 +171,11 @@ class FusedLayers:
                     return True
         return False
 
+    @property
+    def traced(self) -> bool:
+        """Whether any pass of these fused layers runs as a TorchScript graph."""
+        return any(graph is not None for _, graph in self._passes.values())
+
     def pooled(
         self, inputs: dict[str, torch.Tensor], deepest: int, wanted: Iterable[int], pooling_mode: str
     ) -> dict[int, torch.Tensor]:
@@ -173,52 +183,72 @@ class FusedLayers:
         layer's output), running the embeddings and the first ``deepest`` layers. ``inputs`` holds
         ``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` (:data:`INPUTS`).
 
-        Each (layer count, exits, pooling, inputs) runs as one TorchScript graph, traced on its first pass
-        (see the module's docstring); where one cannot be traced, the same module runs eagerly."""
+        A pass returns either the last exit only or every exit from 0 to ``deepest`` (of which ``wanted``
+        are kept), so a layer count has at most two passes per pooling mode and inputs; each runs as a
+        TorchScript graph traced on its first use (see the module's docstring), except under autocast
+        (a graph keeps the precision it was traced in) or where it could not be traced."""
+        wanted = sorted(set(wanted))
         types = inputs.get("token_type_ids") is not None
-        key = (deepest, tuple(sorted(set(wanted))), pooling_mode, types)
-        run = self._passes.get(key)
-        if run is None:
-            with self._lock:  # one trace per key, even when many threads meet it at once
-                run = self._passes.get(key)
-                if run is None:
-                    run = self._passes[key] = self._build(key, inputs)
+        key = (deepest, wanted != [deepest], pooling_mode, types)
         args = [inputs["input_ids"], inputs["attention_mask"]]
         if types:
             args.append(inputs["token_type_ids"])
-        return dict(zip(key[1], run(*args)))
+        found = self._passes.get(key)
+        if torch.is_autocast_enabled(args[0].device.type):  # a graph keeps the precision it was traced in
+            module = found[0] if found is not None else self._module(key)
+            return {k: pooled for k, pooled in zip(module.exits, module(*args)) if k in wanted}
+        if found is None:
+            with self._lock:  # one trace per key, even when many threads meet it at once
+                found = self._passes.get(key)
+                if found is None:
+                    found, pooled = self._build(key, args)
+                    self._passes[key] = found
+                    return {k: pooled[k] for k in wanted}
+        module, graph = found
+        return {
+            k: pooled
+            for k, pooled in zip(module.exits, (module if graph is None else graph)(*args))
+            if k in wanted
+        }
 
-    def _build(self, key: tuple, inputs: dict[str, torch.Tensor]) -> Callable:
-        """The pass for ``key``: its module traced (when ``torchscript``), else the module itself."""
-        deepest, wanted, pooling_mode, types = key
-        module = _FusedPass(self.transformer.embeddings, self.layers[:deepest], wanted, pooling_mode)
-        if not self.torchscript:
-            return module
-        try:
-            return _traced(module, inputs, types)
-        except Exception as e:  # noqa: BLE001 - any failure: run the module eagerly, as before tracing
-            warnings.warn(
-                f"fused layers run without a TorchScript graph ({first_line(e)}): same results, slower "
-                "under concurrency",
-                stacklevel=4,
-            )
-            return module
+    def _module(self, key: tuple) -> _FusedPass:
+        """The pass for ``key`` as a module (run from Python)."""
+        deepest, all_exits, pooling_mode, _ = key
+        exits = tuple(range(deepest + 1)) if all_exits else (deepest,)
+        return _FusedPass(self.transformer.embeddings, self.layers[:deepest], exits, pooling_mode)
+
+    def _build(self, key: tuple, args: list[torch.Tensor]) -> tuple[tuple, dict[int, torch.Tensor]]:
+        """The pass for ``key`` as (module, its TorchScript graph or None), and its results on ``args``
+        (from the module: an input it refuses raises here, and nothing is kept for ``key``)."""
+        module = self._module(key)
+        expected = module(*args)
+        graph = None
+        if self.torchscript:
+            try:
+                graph = _traced(module, args, expected)
+            except Exception as e:  # noqa: BLE001 - any failure: this pass runs from Python, as untraced
+                warnings.warn(
+                    f"fused layers run without a TorchScript graph ({first_line(e)}): the same results, "
+                    "slower under concurrency",
+                    stacklevel=5,
+                )
+        return (module, graph), dict(zip(module.exits, expected))
 
 
 class _FusedPass(nn.Module):
     """The embedding layer, fused layers and pooling of the requested exits, as one module to trace.
 
     ``forward(input_ids, attention_mask[, token_type_ids])`` returns the pooled float32 embeddings of every
-    exit in ``wanted`` (in that order). Padded positions hold values that pooling ignores, as in
+    exit in ``exits`` (in that order). Padded positions hold values that pooling ignores, as in
     transformers' output."""
 
     def __init__(
-        self, embeddings: nn.Module, layers: list[nn.Module], wanted: tuple[int, ...], pooling_mode: str
+        self, embeddings: nn.Module, layers: list[nn.Module], exits: tuple[int, ...], pooling_mode: str
     ) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.layers = nn.ModuleList(layers)
-        self.wanted = wanted
+        self.exits = exits
         self.pooling_mode = pooling_mode
 
     def forward(
@@ -236,33 +266,37 @@ class _FusedPass(nn.Module):
         for k, layer in enumerate(self.layers, start=1):
             hidden = layer(hidden, src_key_padding_mask=padding)
             states[k] = hidden
-        return tuple(pool(states[k].float(), attention_mask, self.pooling_mode) for k in self.wanted)
+        return tuple(pool(states[k].float(), attention_mask, self.pooling_mode) for k in self.exits)
 
 
-#: The deprecation notice torch.jit.trace gives since torch 2.10 (it still works; see the module docstring).
-_TRACE_DEPRECATION = re.compile(r"`torch\.jit\.trace(_method)?` is deprecated")
+def _example(args: list[torch.Tensor], rows: int, width: int) -> list[torch.Tensor]:
+    """A ``rows x width`` batch made of the first text's tokens, row r with r padded positions at its end,
+    in the dtypes of ``args`` (input ids, attention mask, token types if present)."""
+    ids, mask = args[0], args[1]
+    row = ids[0].repeat(-(-width // ids.shape[1]))[:width]
+    example_mask = torch.ones(rows, width, dtype=mask.dtype, device=mask.device)
+    for r in range(1, rows):
+        example_mask[r, width - r :] = 0
+    example = [row.expand(rows, width).clone(), example_mask]
+    if len(args) > 2:
+        example.append(torch.zeros(rows, width, dtype=args[2].dtype, device=args[2].device))
+    return example
 
 
-def _traced(module: _FusedPass, inputs: dict[str, torch.Tensor], types: bool) -> Callable:
-    """``module`` traced with TorchScript on a small padded batch made from ``inputs`` and checked against
-    ``module`` itself on ``inputs`` (another shape): a trace that recorded anything shape- or
-    data-dependent as a constant fails that check or warns (TracerWarning), and is not used."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    row = ids[:1, :2] if ids.shape[1] >= 2 else ids[:1].repeat(1, 2)
-    example = [row.repeat(2, 1), torch.ones_like(row).repeat(2, 1)]
-    example[1][1, 1] = 0  # the second row padded: the trace must keep the masking
-    if types:
-        example.append(torch.zeros_like(example[0]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        graph = torch.jit.trace(module, tuple(example), check_trace=False)
-    for w in caught:
-        if issubclass(w.category, torch.jit.TracerWarning):
-            raise ValueError(f"the trace may depend on its example: {w.message}")
-        if not _TRACE_DEPRECATION.search(str(w.message)):  # others reach the user as they would have
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    args = [ids, mask] + ([inputs["token_type_ids"]] if types else [])
-    for got, expected in zip(graph(*args), module(*args)):
-        if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):
-            raise ValueError("its results differ from the eager pass's")
+def _traced(module: _FusedPass, args: list[torch.Tensor], expected: tuple[torch.Tensor, ...]) -> Callable:
+    """``module`` traced with TorchScript on a 2 x 2 padded batch, then checked against ``module`` on two
+    other shapes, ``args`` (whose results are ``expected``) and a 3 x 5 batch: a trace that recorded a size
+    or a value of its example as a constant gives other results there, and is refused (ValueError)."""
+    with PROCESS_STATE_LOCK:  # torch's tracer keeps process-wide state: never two traces at once
+        graph = torch.jit.trace(module, tuple(_example(args, 2, 2)), check_trace=False)
+    checks = [(args, expected)]
+    other = _example(args, 3, 5)
+    checks.append((other, module(*other)))
+    for inputs, want in checks:
+        for got, exit_expected in zip(graph(*inputs), want):
+            if got.shape != exit_expected.shape or not torch.allclose(
+                got, exit_expected, rtol=1e-3, atol=1e-4
+            ):
+                shape = "x".join(map(str, inputs[0].shape))
+                raise ValueError(f"its results on a batch of {shape} differ from the Python pass's")
     return graph

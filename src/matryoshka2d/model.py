@@ -633,8 +633,11 @@ class EmbeddingModel(nn.Module, Encoder):
         Args:
             enabled: False turns it off again.
             torchscript: run each pass (embeddings, the fused layers and pooling) as one TorchScript graph
-                per layer count, traced on its first use (default), else as Python calling the fused
-                layers one by one (see :mod:`matryoshka2d.fused_layers`).
+                per layer count (two where passes ask for several exits), traced on its first use
+                (default), else as Python calling the fused layers one by one (see
+                :mod:`matryoshka2d.fused_layers`). After a change of the weights that rebuilds traced
+                fused layers, passes run from Python (TorchScript never frees a trace's memory, ~3 MB):
+                call ``fuse_layers()`` again to trace anew.
 
         Returns:
             the model itself.
@@ -677,8 +680,13 @@ class EmbeddingModel(nn.Module, Encoder):
         with self._compile_lock:
             fused = self._fused
             if fused is None or not _same_weights(weights, self._fused_weights) or not fused.unchanged():
+                # A set of fused layers that traced graphs is not traced again after a change of the
+                # weights: TorchScript keeps every trace's memory for good (~3 MB each).
+                torchscript = self._fused_torchscript and (
+                    fused is None or fused.torchscript and not fused.traced
+                )
                 try:
-                    fused = FusedLayers(self.transformer, self._fused_torchscript)
+                    fused = FusedLayers(self.transformer, torchscript)
                 except ValueError as e:  # a module replaced by one the fused layer does not compute
                     warnings.warn(f"fused layers turned off: {e}", stacklevel=3)
                     self._fuse, self._fused, self._fused_weights = False, None, ()

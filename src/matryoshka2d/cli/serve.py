@@ -201,7 +201,8 @@ def register(sub) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="with fused layers: run each forward pass (embeddings, layers, pooling) as one TorchScript "
-        "graph per layer count, traced at start-up, which runs without holding Python's GIL (default on)",
+        "graph, traced for every allowed layer count at start-up, which runs without holding Python's GIL "
+        "(default on)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     p.add_argument(
