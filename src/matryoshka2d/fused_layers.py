@@ -205,11 +205,11 @@ class FusedLayers:
                     self._passes[key] = found
                     return {k: pooled[k] for k in wanted}
         module, graph = found
-        return {
-            k: pooled
-            for k, pooled in zip(module.exits, (module if graph is None else graph)(*args))
-            if k in wanted
-        }
+        try:
+            out = (module if graph is None else graph)(*args)
+        except RuntimeError:  # the Python pass raises its own error for an input it refuses (IndexError for
+            out = module(*args)  # a token id past the embeddings), not the TorchScript interpreter's trace
+        return {k: pooled for k, pooled in zip(module.exits, out) if k in wanted}
 
     def _module(self, key: tuple) -> _FusedPass:
         """The pass for ``key`` as a module (run from Python)."""

@@ -701,17 +701,19 @@ class EmbeddingModel(nn.Module, Encoder):
 
         Args:
             layers: layer counts to run.
-            exits: when compiled or fused, also the passes that return two exits at once, the first layer's
-                and the deepest (graphs of their own; the server's ``shared`` batch mode runs such passes).
-                Eager, they need nothing built.
+            exits: when compiled or fused, also the passes that return several exits at once, for every
+                layer count but the smallest (graphs of their own; the server's ``shared`` batch mode runs a
+                batch of several layer counts as such a pass, to the deepest of them). Eager, they need
+                nothing built.
         """
         texts = [["warm up", "a second, longer text to warm up with"], ["warm up"]]
-        for k in sorted(set(layers if layers is not None else range(1, self.num_layers + 1))):
+        counts = sorted(set(layers if layers is not None else range(1, self.num_layers + 1)))
+        for k in counts:
             check_layers(k, self.num_layers)
             for batch in texts:
                 self.encode(batch, layers=k)
-                if exits and k > 1 and (self._compile or self._fuse):
-                    self.encode_layers(batch, layers=[1, k])
+                if exits and k > counts[0] and (self._compile or self._fuse):
+                    self.encode_layers(batch, layers=[counts[0], k])
         return self
 
     # ------------------------------------------------------------------ properties
