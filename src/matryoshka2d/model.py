@@ -321,9 +321,9 @@ class EmbeddingModel(nn.Module, Encoder):
         self._compiled: dict[int, Callable] = {}
         self._compiled_weights: tuple = ()
         self._compile_lock = threading.Lock()
-        # fuse_layers: on or off (as TorchScript graphs or not), the fused layers and the weights they were
+        # fuse_layers: on or off, the fused layers (which know whether they trace) and the weights they were
         # built from (under _compile_lock)
-        self._fuse, self._fused_torchscript = False, True
+        self._fuse = False
         self._fused: FusedLayers | None = None
         self._fused_weights: tuple = ()
 
@@ -654,7 +654,7 @@ class EmbeddingModel(nn.Module, Encoder):
             except ValueError as e:
                 raise InvalidInputError(f"{self.name_or_path}: {e}") from None
         with self._compile_lock:
-            self._fuse, self._fused_torchscript = bool(enabled), bool(torchscript)
+            self._fuse = bool(enabled)
             self._fused, self._fused_weights = fused, weights
         return self
 
@@ -680,11 +680,9 @@ class EmbeddingModel(nn.Module, Encoder):
         with self._compile_lock:
             fused = self._fused
             if fused is None or not _same_weights(weights, self._fused_weights) or not fused.unchanged():
-                # A set of fused layers that traced graphs is not traced again after a change of the
-                # weights: TorchScript keeps every trace's memory for good (~3 MB each).
-                torchscript = self._fused_torchscript and (
-                    fused is None or fused.torchscript and not fused.traced
-                )
+                # Fused layers built to trace keep doing so until they have traced graphs; after a change of
+                # the weights those are not traced again: TorchScript keeps every trace's memory (~3 MB).
+                torchscript = fused is None or (fused.torchscript and not fused.traced)
                 try:
                     fused = FusedLayers(self.transformer, torchscript)
                 except ValueError as e:  # a module replaced by one the fused layer does not compute

@@ -251,8 +251,9 @@ class EmbeddingServer:
                 mode=self.config.batch_mode,
                 pad_multiple=self.config.pad_multiple,
             ).start()
-            if hasattr(model, "warm_up"):  # every allowed layer count's graphs now (ONNX, compiled torch),
-                # with the several-exit passes of the shared batch mode (their own graphs when compiled)
+            if hasattr(model, "warm_up"):  # every allowed layer count's graphs now (ONNX, compiled torch,
+                # TorchScript of fused layers), with the several-exit passes of the shared batch mode (their
+                # own graphs when compiled or fused)
                 model.warm_up(allowed, exits=self.config.batch_mode == "shared")
             engine.encode(["warm up"], default, model.dim)  # the first pass is slow; keep it off a client
             # batch metrics from here on: the warm-up is not traffic (a worker calls on_batch before it
